@@ -1,0 +1,170 @@
+"""Easel: parse the command line into one `Settings`, build the `ModelManager`, run the chosen front end.
+
+    python app.py [global flags]                  the web UI
+    python app.py [global flags] generate ...     headless generation; prints image paths
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from backend.images import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
+from backend.samplers import SAMPLER_NAMES, SCHEDULE_TYPES
+from backend.settings import PRECISIONS, Settings
+
+logger = logging.getLogger("easel")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="app.py", description="Easel, a Stable Diffusion web UI.")
+    paths = parser.add_argument_group("folders (A1111 layout; point them at an existing install to reuse it)")
+    paths.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parent,
+                       help="base folder holding models/, outputs/ and cache/ (default: this folder)")
+    paths.add_argument("--ckpt-dir", type=Path, help="checkpoints folder (default: <data-dir>/models/Stable-diffusion)")
+    paths.add_argument("--vae-dir", type=Path, help="VAE folder (default: <data-dir>/models/VAE)")
+    paths.add_argument("--lora-dir", type=Path, help="LoRA folder (default: <data-dir>/models/Lora)")
+    paths.add_argument("--embeddings-dir", type=Path, help="embeddings folder (default: <data-dir>/models/embeddings)")
+    paths.add_argument("--outdir", type=Path, help="outputs folder (default: <data-dir>/outputs)")
+    model = parser.add_argument_group("model and device")
+    model.add_argument("--ckpt", help="checkpoint to load first (name, file name or short hash)")
+    model.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
+    model.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="auto: fp16 on GPUs, fp32 on the CPU; full: fp32 everywhere")
+    model.add_argument("--no-half", action="store_true", help="keep the models in fp32 (fixes NaN/black images)")
+    model.add_argument("--no-half-vae", action="store_true", help="keep the VAE in fp32")
+    model.add_argument("--medvram", action="store_true", help="keep only the module in use on the GPU")
+    model.add_argument("--lowvram", action="store_true", help="stream weights to the GPU layer by layer (slow)")
+    model.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a busy machine)")
+    model.add_argument("--checkpoint-cache", type=int, default=1, help="checkpoints kept loaded (default 1)")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    gen = commands.add_parser("generate", help="generate images headless and print their paths")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--checkpoint", help="checkpoint name (default: --ckpt or the first one found)")
+    gen.add_argument("--vae", help="Automatic, None or a file in the VAE folder")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--sampler", help=", ".join(SAMPLER_NAMES))
+    gen.add_argument("--schedule-type", help=", ".join(SCHEDULE_TYPES))
+    gen.add_argument("--cfg-scale", type=float)
+    gen.add_argument("--seed", type=int, help="-1 for random (default)")
+    gen.add_argument("--subseed", type=int, help="variation seed")
+    gen.add_argument("--subseed-strength", type=float, help="variation strength, 0-1")
+    gen.add_argument("--seed-resize-from-w", type=int)
+    gen.add_argument("--seed-resize-from-h", type=int)
+    gen.add_argument("--width", type=int, help="default: the model's native size")
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--batch-size", type=int)
+    gen.add_argument("--batch-count", type=int)
+    gen.add_argument("--clip-skip", type=int)
+    gen.add_argument("--init-image", type=Path, help="img2img: the starting image")
+    gen.add_argument("--denoising-strength", type=float)
+    gen.add_argument("--resize-mode", choices=RESIZE_MODES)
+    gen.add_argument("--mask", type=Path, help="inpaint: white = repaint")
+    gen.add_argument("--mask-blur", type=int)
+    gen.add_argument("--masked-content", choices=MASKED_CONTENT)
+    gen.add_argument("--inpaint-area", choices=INPAINT_AREAS)
+    gen.add_argument("--only-masked-padding", type=int)
+    gen.add_argument("--invert-mask", action="store_true", default=None)
+    gen.add_argument("--no-save", dest="save_images", action="store_false", default=None,
+                     help="do not write files (nothing is printed)")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings(
+        data_dir=args.data_dir,
+        ckpt_dir=args.ckpt_dir,
+        vae_dir=args.vae_dir,
+        lora_dir=args.lora_dir,
+        embeddings_dir=args.embeddings_dir,
+        outputs_dir=args.outdir,
+        device=args.device,
+        precision=args.precision,
+        no_half=args.no_half,
+        no_half_vae=args.no_half_vae,
+        medvram=args.medvram,
+        lowvram=args.lowvram,
+        threads=args.threads,
+        checkpoint_cache_size=args.checkpoint_cache,
+        default_checkpoint=args.ckpt,
+    )
+
+
+_REQUEST_ARGS = (
+    "prompt", "negative_prompt", "checkpoint", "vae", "steps", "sampler", "schedule_type", "cfg_scale", "seed",
+    "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "width", "height", "batch_size",
+    "batch_count", "clip_skip", "denoising_strength", "resize_mode", "mask_blur", "masked_content",
+    "inpaint_area", "only_masked_padding", "invert_mask", "save_images",
+)
+
+
+def run_generate(args: argparse.Namespace, settings: Settings) -> int:
+    from PIL import Image
+
+    from backend.generation import generate
+    from backend.model_manager import ModelManager
+    from backend.request import GenerationRequest
+
+    # Only flags the user gave override the request's defaults, the same defaults the UI uses.
+    fields = {name: getattr(args, name) for name in _REQUEST_ARGS if getattr(args, name) is not None}
+    for name in ("init_image", "mask"):
+        path = getattr(args, name)
+        if path is not None:
+            try:
+                fields[name] = Image.open(path)
+                fields[name].load()
+            except OSError as exc:
+                raise SystemExit(f"error: cannot read --{name.replace('_', '-')} {path}: {exc}") from exc
+    request = GenerationRequest(**fields)
+    manager = ModelManager(settings)
+    result = generate(manager, request)
+    for path in result.paths:
+        print(path)
+    return 1 if result.interrupted else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    from backend import devices
+
+    devices.set_threads(settings.threads)
+    if args.command == "generate":
+        return _run_reporting_errors(run_generate, args, settings)
+    parser.print_help(sys.stderr)
+    print("\nThe web UI is not part of this build yet; use `python app.py generate --prompt ...`.",
+          file=sys.stderr)
+    return 2
+
+
+def _run_reporting_errors(command, args, settings) -> int:
+    """Expected failures (bad input, missing or broken models) end in one clear line, not a traceback."""
+    from backend.checkpoints import CheckpointLoadError
+    from backend.generation import NonFiniteOutputError
+    from backend.model_detection import CheckpointFormatError
+    from backend.model_index import ModelNotFoundError
+    from backend.request import RequestError
+    from backend.samplers import SamplerError
+
+    expected = (CheckpointLoadError, CheckpointFormatError, ModelNotFoundError, RequestError, SamplerError,
+                NonFiniteOutputError)
+    try:
+        return command(args, settings)
+    except expected as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

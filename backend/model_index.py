@@ -1,0 +1,182 @@
+"""Model files on disk: which folder holds each kind, listing, resolving names, and A1111's hashes.
+
+Hashes (sha256 of the whole file, shown as its first 10 hex digits) are cached by path, size and
+mtime, so a multi-GB file is hashed once, not at every start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+
+
+class ModelNotFoundError(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One checkpoint or VAE the user can pick: a file, or a diffusers folder."""
+
+    name: str  # path relative to its root folder, without the suffix: "anime/model-v2"
+    path: Path
+
+    @property
+    def filename(self) -> str:
+        return self.path.name
+
+    @property
+    def is_diffusers_folder(self) -> bool:
+        return self.path.is_dir()
+
+
+class HashCache:
+    """sha256 of files, remembered on disk by (path, size, mtime)."""
+
+    def __init__(self, cache_file: Path):
+        self.cache_file = Path(cache_file)
+        self._lock = threading.Lock()
+        self._entries: dict | None = None
+
+    def _load(self) -> dict:
+        if self._entries is None:
+            try:
+                self._entries = json.loads(self.cache_file.read_text())
+            except (OSError, ValueError):
+                self._entries = {}
+        return self._entries
+
+    def _save(self) -> None:
+        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache_file.parent, suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(self._entries, handle, indent=1)
+        os.replace(tmp, self.cache_file)
+
+    def sha256(self, path: Path) -> str:
+        path = Path(path).resolve()
+        stat = path.stat()
+        key = str(path)
+        with self._lock:
+            entry = self._load().get(key)
+            if entry and entry["size"] == stat.st_size and entry["mtime"] == stat.st_mtime:
+                return entry["sha256"]
+        logger.info("Calculating sha256 for %s", path.name)
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        value = digest.hexdigest()
+        with self._lock:
+            self._load()[key] = {"size": stat.st_size, "mtime": stat.st_mtime, "sha256": value}
+            self._save()
+        return value
+
+    def short_hash(self, path: Path) -> str:
+        """A1111's "Model hash": the first 10 hex digits of the file's sha256."""
+        return self.sha256(path)[:10]
+
+
+def _is_diffusers_folder(path: Path) -> bool:
+    return (path / "model_index.json").is_file() and (path / "unet").is_dir()
+
+
+def scan(root: Path, suffixes: tuple[str, ...], folders: bool = False) -> list[ModelFile]:
+    """Model files under `root` (recursively), sorted by name; diffusers folders when `folders`."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        if folders and here != root and _is_diffusers_folder(here):
+            found.append(ModelFile(here.relative_to(root).as_posix(), here))
+            dirnames.clear()
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for filename in filenames:
+            path = here / filename
+            if path.suffix.lower() in suffixes and not filename.startswith("."):
+                found.append(ModelFile(path.relative_to(root).with_suffix("").as_posix(), path))
+    return sorted(found, key=lambda f: f.name.lower())
+
+
+def _is_vae_sidecar(file: ModelFile) -> bool:
+    return file.name.endswith(".vae")
+
+
+class ModelIndex:
+    """Lists and resolves checkpoints and VAEs in the configured folders; `refresh()` rescans."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.hashes = HashCache(settings.cache_dir / "hashes.json")
+        self._checkpoints: list[ModelFile] = []
+        self._vaes: list[ModelFile] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        checkpoints = scan(self.settings.model_dir("checkpoints"), CHECKPOINT_SUFFIXES, folders=True)
+        self._checkpoints = [c for c in checkpoints if not _is_vae_sidecar(c)]
+        self._vaes = scan(self.settings.model_dir("vae"), VAE_SUFFIXES)
+
+    @property
+    def checkpoints(self) -> list[ModelFile]:
+        return list(self._checkpoints)
+
+    @property
+    def vaes(self) -> list[ModelFile]:
+        return list(self._vaes)
+
+    def _resolve(self, name: str, files: list[ModelFile], what: str, folder: Path) -> ModelFile:
+        name = name.strip()
+        # Accept A1111's titles ("name.safetensors [hash]"), bare names, file names and short hashes.
+        bare = name.split(" [")[0].strip()
+        for file in files:
+            if bare in (file.name, file.filename, file.path.name, str(file.path)):
+                return file
+        stem_matches = [f for f in files if Path(f.name).name == Path(bare).stem or Path(f.name).name == bare]
+        if len(stem_matches) == 1:
+            return stem_matches[0]
+        if len(bare) == 10 and all(c in "0123456789abcdef" for c in bare.lower()):
+            for file in files:
+                if file.path.is_file() and self.hashes.short_hash(file.path) == bare.lower():
+                    return file
+        available = ", ".join(f.filename for f in files) or "none"
+        raise ModelNotFoundError(f"{what} '{name}' not found in {folder}; available: {available}")
+
+    def resolve_checkpoint(self, name: str) -> ModelFile:
+        return self._resolve(name, self._checkpoints, "checkpoint", self.settings.model_dir("checkpoints"))
+
+    def resolve_vae(self, name: str) -> ModelFile:
+        return self._resolve(name, self._vaes, "VAE", self.settings.model_dir("vae"))
+
+    def sidecar_vae(self, checkpoint: ModelFile) -> ModelFile | None:
+        """A1111's "Automatic" VAE: `<checkpoint>.vae.*` beside the checkpoint or in the VAE folder."""
+        stem = Path(checkpoint.name).name
+        candidates = [checkpoint.path.with_name(stem + ".vae" + s) for s in VAE_SUFFIXES]
+        candidates += [self.settings.model_dir("vae") / (stem + s) for s in VAE_SUFFIXES]
+        candidates += [self.settings.model_dir("vae") / (stem + ".vae" + s) for s in VAE_SUFFIXES]
+        for path in candidates:
+            if path.is_file():
+                return ModelFile(path.stem, path)
+        return None
+
+    def title(self, file: ModelFile) -> str:
+        """A1111's checkpoint title: "name.safetensors [shorthash]"."""
+        if file.is_diffusers_folder:
+            return file.name
+        return f"{file.name}{file.path.suffix} [{self.hashes.short_hash(file.path)}]"

@@ -1,0 +1,183 @@
+"""`ModelManager`: the one owner of loaded weights. Activates checkpoints by name, keeps a small LRU
+of loaded ones, frees evicted ones for real, and applies the VAE choice.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+from backend import checkpoints, devices
+from backend.checkpoints import CheckpointLoadError, Components
+from backend.model_detection import CheckpointFormatError
+from backend.model_index import ModelFile, ModelIndex, ModelNotFoundError
+from backend.sd_model import StableDiffusionModel
+from backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+VAE_AUTOMATIC = "Automatic"
+VAE_NONE = "None"
+
+Loader = Callable[[ModelFile, Path, object], Components]
+
+
+def load_components(file: ModelFile, cache_dir: Path, dtype) -> Components:
+    if file.is_diffusers_folder:
+        return checkpoints.load_diffusers_folder(file.path, cache_dir, dtype)
+    return checkpoints.load_single_file(file.path, cache_dir, dtype)
+
+
+class NoCheckpointError(ModelNotFoundError):
+    pass
+
+
+class ModelManager:
+    """Thread-safe: one lock serialises loads, switches and generation's use of the active model."""
+
+    def __init__(self, settings: Settings, index: ModelIndex | None = None, loader: Loader = load_components):
+        self.settings = settings
+        self.index = index or ModelIndex(settings)
+        self.placement = devices.placement(settings)
+        self._loader = loader
+        self._cache: OrderedDict[Path, StableDiffusionModel] = OrderedDict()
+        self._active: StableDiffusionModel | None = None
+        self._vae_choice = VAE_AUTOMATIC
+        self.lock = threading.RLock()
+        self.load_count = 0
+
+    # -- queries ---------------------------------------------------------------------------------
+    @property
+    def active(self) -> StableDiffusionModel | None:
+        return self._active
+
+    @property
+    def loaded(self) -> list[str]:
+        return [model.name for model in self._cache.values()]
+
+    @property
+    def vae_choice(self) -> str:
+        return self._vae_choice
+
+    def vae_options(self) -> list[str]:
+        return [VAE_AUTOMATIC, VAE_NONE] + [vae.filename for vae in self.index.vaes]
+
+    def refresh(self) -> None:
+        """Rescan the model folders (new files appear without a restart)."""
+        self.index.refresh()
+
+    # -- activation ------------------------------------------------------------------------------
+    def default_checkpoint(self) -> ModelFile:
+        if self.settings.default_checkpoint:
+            return self.index.resolve_checkpoint(self.settings.default_checkpoint)
+        files = self.index.checkpoints
+        if not files:
+            folder = self.settings.model_dir("checkpoints")
+            raise NoCheckpointError(
+                f"no checkpoints found in {folder}; put a .safetensors or .ckpt Stable Diffusion model there "
+                "(or point --ckpt-dir at an existing models/Stable-diffusion folder)"
+            )
+        return files[0]
+
+    def activate(self, name: str | None = None, vae: str | None = None) -> StableDiffusionModel:
+        """Make `name` (default: the active or first checkpoint) the active model; idempotent.
+
+        On a failed load the error names the file and the previously active model stays usable.
+        """
+        with self.lock:
+            if name is None and self._active is not None:
+                file = self._active.file
+            else:
+                file = self.index.resolve_checkpoint(name) if name else self.default_checkpoint()
+            model = self._cache.get(file.path)
+            if model is None:
+                model = self._load(file)
+            self._cache.move_to_end(file.path)
+            self._active = model
+            if vae is not None:
+                self._vae_choice = vae
+            self._apply_vae(model, self._vae_choice)
+            return model
+
+    def _load(self, file: ModelFile) -> StableDiffusionModel:
+        if not file.is_diffusers_folder and file.path.suffix.lower() == ".safetensors":
+            # Refuse a broken or foreign file before evicting anything for it.
+            from backend import model_detection
+
+            try:
+                model_detection.detect(checkpoints.read_shapes(file.path))
+            except (CheckpointFormatError, KeyError) as exc:
+                raise CheckpointFormatError(f"{file.filename}: {exc}") from exc
+        previous = self._active.file if self._active is not None else None
+        while len(self._cache) >= self.settings.checkpoint_cache_size:
+            self._evict(next(iter(self._cache)))
+        logger.info("Loading %s", file.path)
+        try:
+            components = self._loader(file, self.settings.cache_dir, self.placement.dtype)
+        except (CheckpointLoadError, CheckpointFormatError):
+            self._restore(previous)
+            raise
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            self._restore(previous)
+            raise CheckpointLoadError(f"could not load {file.filename}: {exc}") from exc
+        self.load_count += 1
+        model_hash = None if file.is_diffusers_folder else self.index.hashes.short_hash(file.path)
+        model = StableDiffusionModel(file=file, model_hash=model_hash, components=components, placement=self.placement)
+        self._cache[file.path] = model
+        return model
+
+    def _restore(self, previous: ModelFile | None) -> None:
+        """After a failed load: keep (or reload) the model that was active before."""
+        if previous is None:
+            self._active = None
+            return
+        if previous.path in self._cache:
+            self._active = self._cache[previous.path]
+            return
+        logger.warning("Reloading %s after the failed switch", previous.name)
+        self._active = self._load(previous)
+        self._apply_vae(self._active, self._vae_choice)
+
+    def _evict(self, key: Path) -> None:
+        model = self._cache.pop(key)
+        if model is self._active:
+            self._active = None
+        logger.info("Unloading %s", model.name)
+        del model
+        gc.collect()
+        devices.empty_cache()
+
+    def unload(self) -> None:
+        """Free every loaded checkpoint (A1111's unload-checkpoint)."""
+        with self.lock:
+            for key in list(self._cache):
+                self._evict(key)
+
+    # -- VAE ------------------------------------------------------------------------------------
+    def set_vae(self, choice: str) -> None:
+        with self.lock:
+            if choice not in (VAE_AUTOMATIC, VAE_NONE):
+                self.index.resolve_vae(choice)  # fail early with the list of VAEs
+            self._vae_choice = choice
+            if self._active is not None:
+                self._apply_vae(self._active, choice)
+
+    def _apply_vae(self, model: StableDiffusionModel, choice: str) -> None:
+        if choice == VAE_NONE:
+            file = None
+        elif choice == VAE_AUTOMATIC:
+            file = self.index.sidecar_vae(model.file)
+        else:
+            file = self.index.resolve_vae(choice)
+        if file is None:
+            if model.vae_name is not None:
+                model.set_vae(None, None, None)
+            return
+        if model.vae_name == file.name:
+            return
+        vae = checkpoints.load_vae_file(file.path, model.family, model.placement.vae_dtype)
+        model.set_vae(vae, file.name, self.index.hashes.short_hash(file.path))

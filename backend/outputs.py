@@ -1,0 +1,81 @@
+"""Saving images: `outputs/<kind>-images/YYYY-MM-DD/NNNNN-SEED.png`, numbered so nothing is ever
+overwritten, with the infotext in a `parameters` PNG text chunk, written to a temporary file first.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+_NUMBERED = re.compile(r"^(\d+)-")
+
+
+def next_number(folder: Path) -> int:
+    """One past the highest NNNNN- prefix in the folder (0 for an empty or missing one)."""
+    if not folder.is_dir():
+        return 0
+    numbers = [int(m.group(1)) for name in os.listdir(folder) if (m := _NUMBERED.match(name))]
+    return max(numbers, default=-1) + 1
+
+
+def png_info(infotext: str | None) -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    if infotext:
+        info.add_text("parameters", infotext)
+    return info
+
+
+def save_image(
+    image: Image.Image,
+    folder: Path,
+    seed: int,
+    infotext: str | None,
+    now: dt.datetime | None = None,
+) -> Path:
+    """Write `image` as the next numbered PNG in `folder/<date>/` and return its path.
+
+    The PNG is written to a temporary file and then hard-linked to its final name, which fails
+    instead of replacing a file that appeared meanwhile; a failed write leaves no partial file.
+    """
+    day = (now or dt.datetime.now()).strftime("%Y-%m-%d")
+    target_dir = Path(folder) / day
+    target_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target_dir, prefix=".saving-", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format="PNG", pnginfo=png_info(infotext))
+        number = next_number(target_dir)
+        while True:
+            path = target_dir / f"{number:05d}-{seed}.png"
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                number += 1
+            except OSError:  # file systems without hard links
+                if path.exists():
+                    number += 1
+                    continue
+                os.replace(tmp, path)
+                return path
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_infotext(image: Image.Image) -> str | None:
+    """The infotext of an image: the PNG `parameters` chunk, or EXIF UserComment (JPEG/WebP)."""
+    text = image.info.get("parameters")
+    if text:
+        return text
+    exif = image.getexif().get_ifd(0x8769).get(0x9286)  # Exif IFD -> UserComment
+    if isinstance(exif, bytes):
+        if exif.startswith(b"UNICODE\0"):
+            return exif[8:].decode("utf-16-be", errors="ignore")
+        return exif.split(b"\0", 1)[-1].decode("utf-8", errors="ignore")
+    return exif or None

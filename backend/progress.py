@@ -1,0 +1,61 @@
+"""Progress reporting and job control for one generation: interrupt (stop now, keep finished images)
+and skip (abandon the current batch, go on with the next)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int  # steps done in the current batch
+    steps: int  # steps per batch
+    batch: int  # current batch index (batch count)
+    batches: int
+    preview: Image.Image | None = None
+
+    @property
+    def fraction(self) -> float:
+        return (self.batch * self.steps + self.step) / max(1, self.batches * self.steps)
+
+
+class JobControl:
+    """Handed to `generate`; another thread may call `interrupt()` or `skip()` at any time."""
+
+    def __init__(self, on_progress: Callable[[Progress], None] | None = None, preview_every: int = 0):
+        self.on_progress = on_progress
+        self.preview_every = preview_every
+        self._interrupted = threading.Event()
+        self._skipped = threading.Event()
+
+    def interrupt(self) -> None:
+        self._interrupted.set()
+
+    def skip(self) -> None:
+        self._skipped.set()
+
+    @property
+    def interrupted(self) -> bool:
+        return self._interrupted.is_set()
+
+    def take_skip(self) -> bool:
+        """True once per skip() call; the loop that honours it clears it."""
+        if self._skipped.is_set():
+            self._skipped.clear()
+            return True
+        return False
+
+    @property
+    def should_stop_batch(self) -> bool:
+        return self._interrupted.is_set() or self._skipped.is_set()
+
+    def wants_preview(self, step: int) -> bool:
+        return self.on_progress is not None and self.preview_every > 0 and step % self.preview_every == 0
+
+    def report(self, progress: Progress) -> None:
+        if self.on_progress is not None:
+            self.on_progress(progress)

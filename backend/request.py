@@ -1,0 +1,121 @@
+"""`GenerationRequest`, the one request type for txt2img, img2img and inpainting, and its result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from PIL import Image
+
+from backend.images import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
+
+MIN_SIZE, MAX_SIZE = 64, 4096
+MAX_STEPS = 1000
+MAX_BATCH_SIZE = 64
+MAX_BATCH_COUNT = 1000
+
+
+class RequestError(ValueError):
+    """Invalid request; the message says which field and what is accepted."""
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str = "DPM++ 2M"
+    schedule_type: str = "Automatic"
+    cfg_scale: float = 7.0
+    width: int | None = None  # None: the model's native size
+    height: int | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_w: int = 0
+    seed_resize_from_h: int = 0
+    batch_size: int = 1
+    batch_count: int = 1
+    clip_skip: int = 1
+    checkpoint: str | None = None  # None: the active model
+    vae: str | None = None  # None: the current VAE choice
+    # img2img and inpainting
+    init_image: Image.Image | None = None
+    denoising_strength: float = 0.75
+    resize_mode: str = "Just resize"
+    mask: Image.Image | None = None
+    mask_blur: int = 4
+    masked_content: str = "original"
+    inpaint_area: str = "Whole picture"
+    only_masked_padding: int = 32
+    invert_mask: bool = False
+    # outputs
+    save_images: bool = True
+    output_dir: Path | None = None
+
+    @property
+    def mode(self) -> str:
+        return "img2img" if self.init_image is not None else "txt2img"
+
+    def with_changes(self, **changes) -> "GenerationRequest":
+        return replace(self, **changes)
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise RequestError(message)
+
+        need(1 <= self.steps <= MAX_STEPS, f"steps must be between 1 and {MAX_STEPS}, not {self.steps}")
+        need(self.cfg_scale >= 0, f"CFG scale must be 0 or more, not {self.cfg_scale}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None:
+                check_dimension(name, value)
+        need(1 <= self.batch_size <= MAX_BATCH_SIZE, f"batch size must be between 1 and {MAX_BATCH_SIZE}")
+        need(1 <= self.batch_count <= MAX_BATCH_COUNT, f"batch count must be between 1 and {MAX_BATCH_COUNT}")
+        need(1 <= self.clip_skip <= 12, f"clip skip must be between 1 and 12, not {self.clip_skip}")
+        need(0 <= self.subseed_strength <= 1, "variation strength must be between 0 and 1")
+        need(0 <= self.denoising_strength <= 1, "denoising strength must be between 0 and 1")
+        need(self.resize_mode in RESIZE_MODES, f"resize mode must be one of: {', '.join(RESIZE_MODES)}")
+        need(self.masked_content in MASKED_CONTENT, f"masked content must be one of: {', '.join(MASKED_CONTENT)}")
+        need(self.inpaint_area in INPAINT_AREAS, f"inpaint area must be one of: {', '.join(INPAINT_AREAS)}")
+        need(self.mask_blur >= 0 and self.only_masked_padding >= 0, "mask blur and padding must be 0 or more")
+        need(self.mask is None or self.init_image is not None, "a mask needs an init image to inpaint")
+        for name in ("seed_resize_from_w", "seed_resize_from_h"):
+            value = getattr(self, name)
+            need(value <= 0 or value % 8 == 0, f"{name} must be a multiple of 8 (or 0 to turn it off)")
+
+
+def check_dimension(name: str, value: int) -> None:
+    if not isinstance(value, int) or value % 8 or not MIN_SIZE <= value <= MAX_SIZE:
+        nearest = min(MAX_SIZE, max(MIN_SIZE, round(value / 8) * 8)) if isinstance(value, (int, float)) else 512
+        raise RequestError(
+            f"{name} must be a multiple of 8 between {MIN_SIZE} and {MAX_SIZE}, not {value}; try {nearest}"
+        )
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    subseed: int
+    prompt: str
+    negative_prompt: str
+    infotext: str
+    path: Path | None = None
+
+
+@dataclass
+class GenerationResult:
+    request: GenerationRequest  # as run: seeds resolved, sizes filled in
+    images: list[GeneratedImage] = field(default_factory=list)
+    interrupted: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [image.seed for image in self.images]
+
+    @property
+    def paths(self) -> list[Path]:
+        return [image.path for image in self.images if image.path is not None]

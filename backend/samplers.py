@@ -1,0 +1,116 @@
+"""A1111's sampler names and schedule types, backed by diffusers schedulers.
+
+`resolve(sampler, schedule_type)` validates a pair (legacy names such as "DPM++ 2M Karras" split by
+their suffix) and `make_scheduler` builds the diffusers scheduler for a model's noise schedule.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import diffusers
+
+AUTOMATIC = "Automatic"
+# Schedule type label -> scheduler options. "Uniform" spaces timesteps evenly in t, as k-diffusion does.
+SCHEDULE_OPTIONS = {
+    "Uniform": {},
+    "Karras": {"use_karras_sigmas": True},
+    "Exponential": {"use_exponential_sigmas": True},
+    "SGM Uniform": {"timestep_spacing": "trailing"},
+}
+SCHEDULE_TYPES = (AUTOMATIC, *SCHEDULE_OPTIONS)
+
+
+class SamplerError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Sampler:
+    name: str
+    scheduler: str
+    options: dict = field(default_factory=dict)
+    default_schedule: str = "Uniform"
+    aliases: tuple[str, ...] = ()
+    # k-diffusion style samplers space timesteps with linspace; DDIM/PLMS/LCM keep "leading" as in A1111.
+    timestep_spacing: str = "linspace"
+
+
+SAMPLERS = (
+    Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2},
+            "Karras", ("k_dpmpp_2m",)),
+    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", {}, "Karras", ("k_dpmpp_sde",)),
+    Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler",
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, "Karras", ("k_dpmpp_2m_sde",)),
+    Sampler("DPM++ 2S a", "DPMSolverSinglestepScheduler",
+            {"algorithm_type": "dpmsolver++", "solver_order": 2, "lower_order_final": True},
+            "Karras", ("k_dpmpp_2s_a",)),
+    Sampler("DPM++ 3M SDE", "DPMSolverMultistepScheduler",
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, "Exponential", ("k_dpmpp_3m_sde",)),
+    Sampler("Euler a", "EulerAncestralDiscreteScheduler", {}, "Uniform", ("k_euler_a", "euler_ancestral")),
+    Sampler("Euler", "EulerDiscreteScheduler", {}, "Uniform", ("k_euler",)),
+    Sampler("LMS", "LMSDiscreteScheduler", {}, "Uniform", ("k_lms",)),
+    Sampler("Heun", "HeunDiscreteScheduler", {}, "Uniform", ("k_heun",)),
+    Sampler("DPM2", "KDPM2DiscreteScheduler", {}, "Karras", ("k_dpm_2",)),
+    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, "Karras", ("k_dpm_2_a",)),
+    Sampler("DDIM", "DDIMScheduler", {"set_alpha_to_one": False}, "Uniform", ("ddim",), "leading"),
+    Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, "Uniform", ("plms", "pndm"), "leading"),
+    Sampler("UniPC", "UniPCMultistepScheduler", {}, "Uniform", ("unipc",)),
+    Sampler("LCM", "LCMScheduler", {}, "Uniform", ("lcm",), "leading"),
+)
+SAMPLER_NAMES = tuple(s.name for s in SAMPLERS)
+_BY_NAME = {key.lower(): s for s in SAMPLERS for key in (s.name, *s.aliases)}
+
+
+def _scheduler_parameters(sampler: Sampler) -> set[str]:
+    return set(inspect.signature(getattr(diffusers, sampler.scheduler).__init__).parameters)
+
+
+def supported_schedules(sampler: Sampler) -> list[str]:
+    params = _scheduler_parameters(sampler)
+    return [label for label, options in SCHEDULE_OPTIONS.items() if set(options) <= params]
+
+
+def resolve(sampler_name: str, schedule_type: str = AUTOMATIC) -> tuple[Sampler, str]:
+    """(sampler, concrete schedule type) for A1111 names; raises `SamplerError` listing valid ones."""
+    name = (sampler_name or "").strip()
+    schedule = (schedule_type or AUTOMATIC).strip()
+    sampler = _BY_NAME.get(name.lower())
+    if sampler is None:
+        # Legacy infotexts join the two: "DPM++ 2M Karras", "Euler a SGM Uniform".
+        for label in sorted(SCHEDULE_OPTIONS, key=len, reverse=True):
+            if name.lower().endswith(" " + label.lower()):
+                sampler = _BY_NAME.get(name[: -len(label) - 1].strip().lower())
+                if sampler is not None:
+                    if schedule == AUTOMATIC:
+                        schedule = label
+                    break
+    if sampler is None:
+        raise SamplerError(f"unknown sampler '{sampler_name}'; available: {', '.join(SAMPLER_NAMES)}")
+    labels = {label.lower(): label for label in SCHEDULE_TYPES}
+    if schedule.lower() not in labels:
+        raise SamplerError(f"unknown schedule type '{schedule_type}'; available: {', '.join(SCHEDULE_TYPES)}")
+    schedule = labels[schedule.lower()]
+    if schedule == AUTOMATIC:
+        schedule = sampler.default_schedule
+    supported = supported_schedules(sampler)
+    if schedule not in supported:
+        raise SamplerError(
+            f"sampler {sampler.name} does not support the {schedule} schedule; use Automatic or one of: "
+            + ", ".join(supported)
+        )
+    return sampler, schedule
+
+
+def make_scheduler(sampler: Sampler, schedule: str, model_scheduler_config: dict, seed: int | None = None):
+    """A fresh diffusers scheduler (they hold per-run state: one per image keeps batches reproducible)."""
+    cls = getattr(diffusers, sampler.scheduler)
+    options = {"timestep_spacing": sampler.timestep_spacing, **sampler.options, **SCHEDULE_OPTIONS[schedule]}
+    if sampler.scheduler == "DPMSolverSDEScheduler" and seed is not None:
+        options["noise_sampler_seed"] = seed
+    params = _scheduler_parameters(sampler)
+    config = {k: v for k, v in model_scheduler_config.items() if k in params}
+    if config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in params:
+        raise SamplerError(f"sampler {sampler.name} does not support this zero-terminal-SNR model; use Euler or DDIM")
+    return cls.from_config({**config, **options})

@@ -1,0 +1,140 @@
+"""`StableDiffusionModel`: one loaded checkpoint's modules, placed on a device, with its VAE choice."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from backend.checkpoints import Components
+from backend.devices import Placement
+from backend.model_index import ModelFile
+
+
+@dataclass
+class StableDiffusionModel:
+    file: ModelFile
+    model_hash: str | None
+    components: Components
+    placement: Placement
+    vae_name: str | None = None  # None: the checkpoint's own VAE
+    vae_hash: str | None = None
+    _baked_vae: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self._baked_vae = self.components.vae
+        self._place()
+
+    # -- identity --------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.file.name
+
+    @property
+    def family(self) -> str:
+        return self.components.spec.family
+
+    @property
+    def label(self) -> str:
+        return self.components.spec.label
+
+    @property
+    def native_size(self) -> int:
+        spec = self.components.spec
+        if spec.family == "sd2" and self.prediction_type == "v_prediction":
+            return 768
+        return spec.native_size
+
+    # -- modules ---------------------------------------------------------------------------------
+    @property
+    def unet(self):
+        return self.components.unet
+
+    @property
+    def vae(self):
+        return self.components.vae
+
+    @property
+    def text_encoders(self) -> list:
+        return self.components.text_encoders
+
+    @property
+    def tokenizers(self) -> list:
+        return self.components.tokenizers
+
+    @property
+    def scheduler_config(self) -> dict:
+        return self.components.scheduler_config
+
+    @property
+    def prediction_type(self) -> str:
+        return self.components.prediction_type
+
+    @property
+    def is_inpainting(self) -> bool:
+        return self.unet.config.in_channels == 9
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.placement.dtype
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        if self.placement.vae_dtype == torch.float16 and self.vae.config.get("force_upcast", False):
+            return torch.float32
+        return self.placement.vae_dtype
+
+    def _place(self) -> None:
+        for module in (self.unet, *self.text_encoders):
+            self._place_module(module, self.dtype)
+        self._place_module(self.vae, self.vae_dtype)
+
+    def _place_module(self, module, dtype: torch.dtype) -> None:
+        storage = torch.device("cpu") if self.placement.offload != "none" else self.device
+        current = next(module.parameters())
+        if current.dtype != dtype:
+            module.to(dtype=dtype)
+        if current.device != storage:
+            module.to(storage)
+        if self.placement.offload == "sequential":
+            from accelerate import cpu_offload
+
+            cpu_offload(module, execution_device=self.device)
+
+    @contextlib.contextmanager
+    def use(self, *modules):
+        """Bring modules to the compute device for a block (--medvram moves them back afterwards)."""
+        if self.placement.offload != "model":
+            yield
+            return
+        for module in modules:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def set_vae(self, vae, name: str | None, vae_hash: str | None) -> None:
+        """Use another VAE (None: back to the checkpoint's own one, which was kept)."""
+        self.components.vae = vae if vae is not None else self._baked_vae
+        self.vae_name, self.vae_hash = (name, vae_hash) if vae is not None else (None, None)
+        if vae is not None:
+            self._place_module(vae, self.vae_dtype)
+
+    def upcast_vae(self) -> None:
+        """Move the VAE to fp32 after it produced NaNs in half precision."""
+        self.placement = Placement(self.placement.device, self.placement.dtype, torch.float32, self.placement.offload)
+        self.vae.to(dtype=torch.float32)

@@ -1,0 +1,72 @@
+"""The one frozen `Settings` object: paths, device, precision, cache sizes and generation defaults.
+
+`app.py` builds it from the command line; nothing reads flags or environment anywhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+# A1111's folder names, so an existing install's models folder can be reused as it is.
+MODEL_FOLDERS = {
+    "checkpoints": "Stable-diffusion",
+    "vae": "VAE",
+    "lora": "Lora",
+    "esrgan": "ESRGAN",
+    "realesrgan": "RealESRGAN",
+    "gfpgan": "GFPGAN",
+    "codeformer": "Codeformer",
+    "embeddings": "embeddings",
+}
+
+PRECISIONS = ("auto", "full", "half", "bf16")
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = field(default_factory=Path.cwd)
+    ckpt_dir: Path | None = None
+    vae_dir: Path | None = None
+    lora_dir: Path | None = None
+    embeddings_dir: Path | None = None
+    outputs_dir: Path | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    no_half: bool = False
+    no_half_vae: bool = False
+    medvram: bool = False
+    lowvram: bool = False
+    threads: int | None = None
+    checkpoint_cache_size: int = 1
+    default_checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.checkpoint_cache_size < 1:
+            raise ValueError("checkpoint_cache_size must be at least 1")
+
+    @property
+    def models_dir(self) -> Path:
+        return Path(self.data_dir) / "models"
+
+    def model_dir(self, kind: str) -> Path:
+        override = {
+            "checkpoints": self.ckpt_dir,
+            "vae": self.vae_dir,
+            "lora": self.lora_dir,
+            "embeddings": self.embeddings_dir,
+        }.get(kind)
+        return Path(override) if override else self.models_dir / MODEL_FOLDERS[kind]
+
+    @property
+    def output_root(self) -> Path:
+        return Path(self.outputs_dir) if self.outputs_dir else Path(self.data_dir) / "outputs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.data_dir) / "cache"
+
+    def with_changes(self, **changes) -> "Settings":
+        return replace(self, **changes)
