@@ -290,10 +290,17 @@ def load_single_file(path: Path, cache_dir: Path, dtype=torch.float32) -> Compon
     )
 
 
-def _family_from_configs(unet_config: dict) -> str:
+def _family_from_folder(folder: Path, unet_config: dict) -> str:
+    """SDXL has added time conditioning; SD 1.x's OpenAI CLIP uses quick_gelu, SD 2.x's OpenCLIP gelu."""
+    import json
+
     if unet_config.get("addition_embed_type") == "text_time":
         return "sdxl"
-    return "sd1" if unet_config["cross_attention_dim"] == 768 else "sd2"
+    try:
+        text_config = json.loads((folder / "text_encoder" / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointLoadError(f"{folder.name}/text_encoder/config.json is missing or unreadable: {exc}") from exc
+    return "sd1" if text_config.get("hidden_act") == "quick_gelu" else "sd2"
 
 
 def load_diffusers_folder(folder: Path, cache_dir: Path, dtype=torch.float32) -> Components:
@@ -302,7 +309,9 @@ def load_diffusers_folder(folder: Path, cache_dir: Path, dtype=torch.float32) ->
 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()
     folder = Path(folder)
     try:
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, local_files_only=True)
@@ -310,7 +319,7 @@ def load_diffusers_folder(folder: Path, cache_dir: Path, dtype=torch.float32) ->
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointLoadError(f"could not load the diffusers folder {folder.name}: {exc}") from exc
-    family = _family_from_configs(dict(unet.config))
+    family = _family_from_folder(folder, dict(unet.config))
     template = model_detection.family_config(family)
     encoders, tokenizers, encoder_configs = [], [], []
     for index, config in enumerate(template["text_encoders"]):
