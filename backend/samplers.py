@@ -111,6 +111,6 @@ def make_scheduler(sampler: Sampler, schedule: str, model_scheduler_config: dict
         options["noise_sampler_seed"] = seed
     params = _scheduler_parameters(sampler)
     config = {k: v for k, v in model_scheduler_config.items() if k in params}
-    if config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in params:
+    if model_scheduler_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in params:
         raise SamplerError(f"sampler {sampler.name} does not support this zero-terminal-SNR model; use Euler or DDIM")
     return cls.from_config({**config, **options})

@@ -1,0 +1,66 @@
+"""`python app.py generate`: headless generation that prints the image paths, with the UI's defaults."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+import app
+from backend.infotext import parse_infotext
+from backend.request import GenerationRequest
+from tests.conftest import install
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generate_prints_one_path_per_image(settings, model_files, capsys):
+    install(settings, model_files["sd1"])
+    code = app.main(["--data-dir", str(settings.data_dir), "generate", "--prompt", "a red star", "--width", "64",
+                     "--height", "64", "--steps", "3", "--seed", "11", "--batch-size", "2"])
+    out = capsys.readouterr().out.split()
+    assert code == 0 and [Path(p).name for p in out] == ["00000-11.png", "00001-12.png"]
+    parsed = parse_infotext(Image.open(out[0]).info["parameters"])
+    defaults = GenerationRequest()
+    assert parsed["Sampler"] == defaults.sampler and parsed["CFG scale"] == "7" and parsed["Steps"] == "3"
+
+
+def test_img2img_from_the_command_line(settings, model_files, capsys, tmp_path):
+    install(settings, model_files["sd1"])
+    init = tmp_path / "in.png"
+    Image.new("RGB", (80, 64), (200, 10, 10)).save(init)
+    code = app.main(["--data-dir", str(settings.data_dir), "--outdir", str(tmp_path / "out"), "generate",
+                     "--prompt", "x", "--init-image", str(init), "--denoising-strength", "0.3", "--width", "64",
+                     "--height", "64", "--steps", "4", "--seed", "1"])
+    path = Path(capsys.readouterr().out.strip())
+    assert code == 0 and path.parent.parent == tmp_path / "out" / "img2img-images"
+    assert parse_infotext(Image.open(path).info["parameters"])["Denoising strength"] == "0.3"
+
+
+def test_errors_are_one_clear_line(settings, model_files, capsys):
+    install(settings, model_files["sd1"])
+    code = app.main(["--data-dir", str(settings.data_dir), "generate", "--prompt", "x", "--checkpoint", "nope"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and err.startswith("error: checkpoint 'nope' not found") and "tiny-sd1.safetensors" in err
+
+
+def test_ckpt_dir_points_at_another_install(settings, model_files, tmp_path, capsys):
+    other = tmp_path / "a1111" / "models" / "Stable-diffusion"
+    other.mkdir(parents=True)
+    (other / "elsewhere.safetensors").write_bytes(model_files["sd1"].read_bytes())
+    code = app.main(["--data-dir", str(settings.data_dir), "--ckpt-dir", str(other), "generate", "--prompt", "x",
+                     "--width", "64", "--height", "64", "--steps", "2", "--seed", "3"])
+    path = Path(capsys.readouterr().out.strip())
+    assert code == 0 and parse_infotext(Image.open(path).info["parameters"])["Model"] == "elsewhere"
+
+
+def test_help_lists_every_flag():
+    result = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    for flag in ("--data-dir", "--ckpt-dir", "--vae-dir", "--lora-dir", "--embeddings-dir", "--device",
+                 "--no-half", "--precision", "--medvram", "--lowvram", "--threads", "generate"):
+        assert flag in result.stdout
+    gen = subprocess.run([sys.executable, "app.py", "generate", "--help"], cwd=ROOT, capture_output=True, text=True)
+    for flag in ("--prompt", "--negative-prompt", "--checkpoint", "--steps", "--sampler", "--schedule-type",
+                 "--cfg-scale", "--seed", "--width", "--height", "--batch-size", "--init-image",
+                 "--denoising-strength", "--mask"):
+        assert flag in gen.stdout

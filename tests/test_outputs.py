@@ -1,0 +1,63 @@
+"""Output files: A1111's folder and name pattern, numbering that never overwrites, atomic writes."""
+
+import datetime as dt
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend import outputs
+
+NOW = dt.datetime(2026, 11, 23, 10, 0)
+
+
+def test_numbered_names_by_date_and_seed(tmp_path):
+    image = Image.new("RGB", (8, 8), (10, 20, 30))
+    first = outputs.save_image(image, tmp_path / "txt2img-images", 1234, "a cat\nSteps: 1", NOW)
+    second = outputs.save_image(image, tmp_path / "txt2img-images", 1235, None, NOW)
+    assert first == tmp_path / "txt2img-images" / "2026-11-23" / "00000-1234.png"
+    assert second.name == "00001-1235.png"
+    assert Image.open(first).info["parameters"] == "a cat\nSteps: 1"
+    assert "parameters" not in Image.open(second).info
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(image))
+
+
+def test_numbering_continues_after_the_highest_existing_number(tmp_path):
+    folder = tmp_path / "2026-11-23"
+    folder.mkdir()
+    (folder / "00041-7.png").write_bytes(b"old")
+    (folder / "notes.txt").write_text("x")
+    path = outputs.save_image(Image.new("RGB", (4, 4)), tmp_path, 9, None, NOW)
+    assert path.name == "00042-9.png"
+    assert (folder / "00041-7.png").read_bytes() == b"old"
+
+
+def test_an_existing_name_is_never_overwritten(tmp_path, monkeypatch):
+    folder = tmp_path / "2026-11-23"
+    folder.mkdir()
+    (folder / "00000-5.png").write_bytes(b"keep me")
+    monkeypatch.setattr(outputs, "next_number", lambda _folder: 0)  # as if another writer raced us
+    path = outputs.save_image(Image.new("RGB", (4, 4)), tmp_path, 5, None, NOW)
+    assert path.name == "00001-5.png"
+    assert (folder / "00000-5.png").read_bytes() == b"keep me"
+
+
+def test_a_failed_write_leaves_no_file(tmp_path):
+    class Broken:
+        def save(self, *args, **kwargs):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        outputs.save_image(Broken(), tmp_path, 1, None, NOW)
+    assert list((tmp_path / "2026-11-23").iterdir()) == []
+
+
+def test_read_infotext_from_png_and_jpeg_exif(tmp_path):
+    png = tmp_path / "a.png"
+    Image.new("RGB", (4, 4)).save(png, pnginfo=outputs.png_info("hello\nSteps: 3"))
+    assert outputs.read_infotext(Image.open(png)) == "hello\nSteps: 3"
+    jpeg = tmp_path / "a.jpg"
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + "prompt\nSteps: 5".encode("utf-16-be")
+    Image.new("RGB", (4, 4)).save(jpeg, exif=exif)
+    assert outputs.read_infotext(Image.open(jpeg)) == "prompt\nSteps: 5"
