@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_reporting_errors(command, args, settings) -> int:
     """Expected failures (bad input, missing or broken models) end in one clear line, not a traceback."""
     from backend.checkpoints import CheckpointLoadError
-    from backend.generation import NonFiniteOutputError
+    from backend.vae_codec import NonFiniteOutputError
     from backend.model_detection import CheckpointFormatError
     from backend.model_index import ModelNotFoundError
     from backend.request import RequestError

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from backend import generation, images, samplers
-from backend.generation import NonFiniteOutputError, generate
+from backend import images, samplers, vae_codec
+from backend.generation import generate
+from backend.vae_codec import NonFiniteOutputError
 from backend.infotext import parse_infotext
 from backend.progress import JobControl
 from backend.request import GenerationRequest, RequestError
@@ -99,10 +100,10 @@ def test_img2img_runs_the_strength_share_of_steps_and_stays_near_the_input(sd1_m
     """Measured in latent space: the tiny model's random VAE amplifies any latent change in pixels."""
     source = make_input()
     model = sd1_manager.activate()
-    init = generation.encode_image(model, images.to_tensor(source)[None])
+    init = vae_codec.encode(model, images.to_tensor(source)[None])
     final, calls = {}, []
-    decode = generation.decode_latents
-    monkeypatch.setattr(generation, "decode_latents", lambda m, latents: final.update(x=latents) or decode(m, latents))
+    decode = vae_codec.decode
+    monkeypatch.setattr(vae_codec, "decode", lambda m, latents: final.update(x=latents) or decode(m, latents))
     hook = model.unet.register_forward_hook(lambda *args: calls.append(1))
     deviation = {}
     for strength in (0.1, 0.3, 1.0):

@@ -1,0 +1,172 @@
+"""One batch through the sampler: initial latents (noise, or a noised init image), the guided
+denoising loop, and inpainting's blending, with progress, previews, interrupt and skip.
+
+Each image has its own CPU generator and its own scheduler instance; only the UNet runs batched.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from backend import images, init_image, noise, preview, samplers, vae_codec
+from backend.conditioning import PromptEmbedding
+from backend.init_image import InitSource
+from backend.progress import JobControl, Progress
+from backend.request import GenerationRequest
+from backend.sd_model import StableDiffusionModel
+
+
+@dataclass
+class BatchInputs:
+    run: GenerationRequest  # seeds resolved, sizes filled in
+    sampler: samplers.Sampler
+    schedule: str
+    cond: PromptEmbedding
+    uncond: PromptEmbedding
+    source: InitSource | None
+    seeds: list[tuple[int, int]]  # (seed, variation seed) per image
+
+
+def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobControl, batch: int) -> torch.Tensor | None:
+    """Final latents of one batch, or None when the batch was skipped or interrupted."""
+    run, n = inputs.run, len(inputs.seeds)
+    f = model.vae_scale_factor
+    latent_hw = (run.height // f, run.width // f)
+    # 1. Initial noise, one CPU generator per image; one scheduler per image
+    start_noise, generators = noise.batch_noise(_noise_specs(inputs, f), (model.vae.config.latent_channels, *latent_hw))
+    start_noise = start_noise.to(model.device, model.dtype)
+    schedulers = [
+        samplers.make_scheduler(inputs.sampler, inputs.schedule, model.scheduler_config, seed)
+        for seed, _ in inputs.seeds
+    ]
+    for scheduler in schedulers:
+        scheduler.set_timesteps(run.steps, device=model.device)
+    timesteps = schedulers[0].timesteps
+    # 2. Starting latents: pure noise, or the init image noised to where img2img starts
+    init_latents = mask = None
+    if inputs.source is None:
+        latents = start_noise * schedulers[0].init_noise_sigma
+    else:
+        init_latents = vae_codec.encode(model, images.to_tensor(inputs.source.image)[None]).expand(n, -1, -1, -1)
+        if inputs.source.mask is not None:
+            mask = init_image.latent_mask(inputs.source.mask, latent_hw, model.device, model.dtype)
+            init_latents = _masked_content(run.masked_content, init_latents, start_noise, mask)
+        timesteps = _skip_to_strength(schedulers, timesteps, run)
+        latents = _each(schedulers, lambda i, s: s.add_noise(init_latents[i : i + 1], start_noise[i : i + 1],
+                                                              timesteps[:1]))
+    extra_channels = _inpaint_conditioning(model, inputs.source, n, latent_hw) if model.is_inpainting else None
+    blend = mask is not None and not model.is_inpainting
+    context, added = _context(inputs.cond, inputs.uncond, n, run), _added_conditioning(model, inputs, n)
+    # 3. Denoising loop
+    with torch.no_grad(), model.use(model.unet):
+        for step, t in enumerate(timesteps):
+            if control.should_stop_batch:
+                return None
+            model_input = _each(schedulers, lambda i, s: s.scale_model_input(latents[i : i + 1], t))
+            if extra_channels is not None:
+                model_input = torch.cat([model_input, extra_channels], dim=1)
+            prediction = _guided_prediction(model, model_input, t, context, added, run.cfg_scale)
+            outputs = [
+                s.step(prediction[i : i + 1], t, latents[i : i + 1], **_step_kwargs(s, generators[i]))
+                for i, s in enumerate(schedulers)
+            ]
+            latents = torch.cat([out.prev_sample for out in outputs])
+            if blend and step + 1 < len(timesteps):
+                known = _each(schedulers, lambda i, s: s.add_noise(
+                    init_latents[i : i + 1], start_noise[i : i + 1], timesteps[step + 1 : step + 2]))
+                latents = known * (1 - mask) + latents * mask
+            _report(model, control, outputs[0], latents, step, len(timesteps), batch, run.batch_count)
+    if blend:
+        latents = init_latents * (1 - mask) + latents * mask
+    return latents
+
+
+def _each(schedulers, fn) -> torch.Tensor:
+    return torch.cat([fn(i, s) for i, s in enumerate(schedulers)])
+
+
+def _noise_specs(inputs: BatchInputs, f: int) -> list[noise.NoiseSpec]:
+    run = inputs.run
+    resize_from = None
+    if run.seed_resize_from_w > 0 and run.seed_resize_from_h > 0:
+        resize_from = (run.seed_resize_from_h // f, run.seed_resize_from_w // f)
+    return [noise.NoiseSpec(seed, sub, run.subseed_strength, resize_from) for seed, sub in inputs.seeds]
+
+
+def _skip_to_strength(schedulers, timesteps, run: GenerationRequest):
+    """img2img runs the last `strength` share of the schedule (at least one step), as A1111 does."""
+    steps_to_run = max(1, min(run.steps, int(run.steps * run.denoising_strength)))
+    begin = (run.steps - steps_to_run) * schedulers[0].order
+    for scheduler in schedulers:
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(begin)
+    return timesteps[begin:]
+
+
+def _step_kwargs(scheduler, generator) -> dict:
+    """Ancestral and SDE steps draw noise from the image's own generator (the Brownian-tree SDE
+    sampler is seeded per image instead)."""
+    return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+
+
+def _masked_content(kind: str, init_latents, start_noise, mask):
+    """A1111's "latent noise" and "latent nothing" replace the masked latents before sampling."""
+    if kind == "latent noise":
+        return init_latents * (1 - mask) + start_noise * mask
+    if kind == "latent nothing":
+        return init_latents * (1 - mask)
+    return init_latents
+
+
+def _inpaint_conditioning(model, source: InitSource | None, n: int, latent_hw) -> torch.Tensor:
+    """Inpainting models (9 input channels) also see the mask and the latents of the masked image;
+    without a mask everything is to be painted (A1111's conditioning for txt2img)."""
+    device, dtype, f = model.device, model.dtype, model.vae_scale_factor
+    if source is None or source.mask is None:
+        mask = torch.ones((1, 1, *latent_hw), device=device, dtype=dtype)
+        masked = torch.zeros((1, 3, latent_hw[0] * f, latent_hw[1] * f))
+    else:
+        mask = init_image.latent_mask(source.mask, latent_hw, device, dtype).round()
+        full_mask = torch.from_numpy(np.array(source.mask.convert("L"), dtype=np.float32) / 255.0)
+        masked = images.to_tensor(source.image)[None] * (full_mask[None, None] < 0.5)
+    return torch.cat([mask, vae_codec.encode(model, masked)], dim=1).expand(n, -1, -1, -1)
+
+
+def _context(cond: PromptEmbedding, uncond: PromptEmbedding, n: int, run: GenerationRequest) -> torch.Tensor:
+    positive = cond.context[None].expand(n, -1, -1)
+    if run.cfg_scale == 1:  # no guidance: the unconditional pass is skipped
+        return positive
+    return torch.cat([uncond.context[None].expand(n, -1, -1), positive])
+
+
+def _added_conditioning(model, inputs: BatchInputs, n: int) -> dict | None:
+    if model.family != "sdxl":
+        return None
+    run = inputs.run
+    # SDXL's micro-conditioning: original size, crop offset, target size.
+    time_ids = torch.tensor([[run.height, run.width, 0, 0, run.height, run.width]], device=model.device)
+    pooled = inputs.cond.pooled[None].expand(n, -1)
+    if run.cfg_scale != 1:
+        pooled = torch.cat([inputs.uncond.pooled[None].expand(n, -1), pooled])
+    return {"text_embeds": pooled, "time_ids": time_ids.to(model.dtype).expand(pooled.shape[0], -1)}
+
+
+def _guided_prediction(model, model_input, t, context, added, cfg_scale: float) -> torch.Tensor:
+    batch = model_input if cfg_scale == 1 else torch.cat([model_input, model_input])
+    out = model.unet(batch, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+    if cfg_scale == 1:
+        return out
+    uncond, cond = out.chunk(2)
+    return uncond + cfg_scale * (cond - uncond)
+
+
+def _report(model, control: JobControl, output, latents, step: int, steps: int, batch: int, batches: int) -> None:
+    image = None
+    if control.wants_preview(step + 1):
+        denoised = getattr(output, "pred_original_sample", None)
+        image = preview.cheap_preview((denoised if denoised is not None else latents[:1])[0], model.family)
+    control.report(Progress(step + 1, steps, batch, batches, image))
