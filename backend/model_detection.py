@@ -200,6 +200,9 @@ def detect(shapes: Shapes) -> ModelSpec:
     family = detect_family(shapes)
     template = family_config(family)
     unet = _unet_config(shapes, template["unet"])
+    if unet["in_channels"] not in (4, 9):
+        kind = "an instruct-pix2pix model" if unet["in_channels"] == 8 else f"a {unet['in_channels']}-channel UNet"
+        raise CheckpointFormatError(f"{kind} is not supported yet; use a standard or an inpainting checkpoint")
     if not any(k.startswith(VAE_PREFIX) for k in shapes):
         raise CheckpointFormatError("the checkpoint has no VAE weights (first_stage_model.*); it cannot be used alone")
     vae = _vae_config(shapes, VAE_PREFIX, template["vae"])

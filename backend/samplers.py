@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import diffusers
 
+from backend.ancestral_scheduler import DPMSolverSinglestepAncestralScheduler
+
 AUTOMATIC = "Automatic"
 # Schedule type label -> scheduler options. "Uniform" spaces timesteps evenly in t, as k-diffusion does.
 SCHEDULE_OPTIONS = {
@@ -43,9 +45,7 @@ SAMPLERS = (
     Sampler("DPM++ SDE", "DPMSolverSDEScheduler", {}, "Karras", ("k_dpmpp_sde",)),
     Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler",
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, "Karras", ("k_dpmpp_2m_sde",)),
-    Sampler("DPM++ 2S a", "DPMSolverSinglestepScheduler",
-            {"algorithm_type": "dpmsolver++", "solver_order": 2, "lower_order_final": True},
-            "Karras", ("k_dpmpp_2s_a",)),
+    Sampler("DPM++ 2S a", "DPMSolverSinglestepAncestralScheduler", {}, "Karras", ("k_dpmpp_2s_a",)),
     Sampler("DPM++ 3M SDE", "DPMSolverMultistepScheduler",
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, "Exponential", ("k_dpmpp_3m_sde",)),
     Sampler("Euler a", "EulerAncestralDiscreteScheduler", {}, "Uniform", ("k_euler_a", "euler_ancestral")),
@@ -63,8 +63,14 @@ SAMPLER_NAMES = tuple(s.name for s in SAMPLERS)
 _BY_NAME = {key.lower(): s for s in SAMPLERS for key in (s.name, *s.aliases)}
 
 
+def scheduler_class(sampler: Sampler) -> type:
+    if sampler.scheduler == DPMSolverSinglestepAncestralScheduler.__name__:
+        return DPMSolverSinglestepAncestralScheduler
+    return getattr(diffusers, sampler.scheduler)
+
+
 def _scheduler_parameters(sampler: Sampler) -> set[str]:
-    return set(inspect.signature(getattr(diffusers, sampler.scheduler).__init__).parameters)
+    return set(inspect.signature(scheduler_class(sampler).__init__).parameters)
 
 
 def supported_schedules(sampler: Sampler) -> list[str]:
@@ -105,7 +111,7 @@ def resolve(sampler_name: str, schedule_type: str = AUTOMATIC) -> tuple[Sampler,
 
 def make_scheduler(sampler: Sampler, schedule: str, model_scheduler_config: dict, seed: int | None = None):
     """A fresh diffusers scheduler (they hold per-run state: one per image keeps batches reproducible)."""
-    cls = getattr(diffusers, sampler.scheduler)
+    cls = scheduler_class(sampler)
     options = {"timestep_spacing": sampler.timestep_spacing, **sampler.options, **SCHEDULE_OPTIONS[schedule]}
     if sampler.scheduler == "DPMSolverSDEScheduler" and seed is not None:
         options["noise_sampler_seed"] = seed

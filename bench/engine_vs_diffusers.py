@@ -124,10 +124,11 @@ def main() -> None:
     for _ in range(args.repeats):
         ours.append(time_easel(manager, args))
         theirs.append(time_diffusers(pipe, args))
-    del pipe
+    del pipe, model
 
     # 3. RSS over switches that really reload (cache of one, as A1111's default)
     manager.unload()
+    gc.collect()
     single = ModelManager(settings.with_changes(checkpoint_cache_size=1))
     single.activate("sd15-random-a")
     gc.collect()

@@ -107,3 +107,10 @@ def test_tiny_configs_round_trip(tiny_models):
             assert spec.unet["transformer_layers_per_block"] == [1, 2]
             assert spec.unet["addition_time_embed_dim"] == 8
     assert torch.is_tensor(sd["model.diffusion_model.out.2.weight"])
+
+
+def test_instruct_pix2pix_is_refused_with_a_reason():
+    shapes = full_size_shapes("sd1")
+    shapes["model.diffusion_model.input_blocks.0.0.weight"] = (320, 8, 3, 3)
+    with pytest.raises(CheckpointFormatError, match="instruct-pix2pix"):
+        model_detection.detect(shapes)

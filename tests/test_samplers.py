@@ -1,6 +1,7 @@
 """A1111 sampler names and schedule types -> diffusers schedulers."""
 
 import diffusers
+import torch
 import pytest
 
 from backend import model_detection, samplers
@@ -62,3 +63,30 @@ def test_v_prediction_and_zero_snr_reach_the_scheduler():
 def test_errors_list_the_choices(name, schedule, message):
     with pytest.raises(SamplerError, match=message):
         samplers.resolve(name, schedule)
+
+
+def test_dpmpp_2s_ancestral_follows_k_diffusion():
+    """One step of our DPM++ 2S a against k-diffusion's formulas, written out here with a toy denoiser."""
+    from backend.ancestral_scheduler import DPMSolverSinglestepAncestralScheduler
+
+    config = model_detection.family_config("sd1")["scheduler"]
+    scheduler = samplers.make_scheduler(*samplers.resolve("DPM++ 2S a"), config)
+    assert isinstance(scheduler, DPMSolverSinglestepAncestralScheduler)
+    scheduler.set_timesteps(5)
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    eps = lambda sample, sigma: 0.3 * sample / (sigma**2 + 1) ** 0.5  # noqa: E731  a toy epsilon model
+    sigma, sigma_mid = scheduler.sigmas[0], scheduler.sigmas_interpol[0]
+    sigma_up, sigma_down = scheduler.sigmas_up[0], scheduler.sigmas_down[0]
+    generator = torch.Generator().manual_seed(7)
+    t0, t_mid = scheduler.timesteps[0], scheduler.timesteps[1]
+    x_mid = scheduler.step(eps(x, sigma), t0, x, generator=generator).prev_sample
+    out = scheduler.step(eps(x_mid, sigma_mid), t_mid, x_mid, generator=generator).prev_sample
+    # k-diffusion, by hand: t = -log(sigma), h = t_next - t, s = t + h/2
+    denoised = x - sigma * eps(x, sigma)
+    expected_mid = (sigma_mid / sigma) * x - torch.expm1(-(torch.log(sigma / sigma_down)) / 2) * denoised
+    assert torch.allclose(x_mid, expected_mid, atol=1e-5)
+    denoised_2 = x_mid - sigma_mid * eps(x_mid, sigma_mid)
+    h = torch.log(sigma / sigma_down)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
+    expected = (sigma_down / sigma) * x - torch.expm1(-h) * denoised_2 + noise * sigma_up
+    assert torch.allclose(out, expected, atol=1e-5)
