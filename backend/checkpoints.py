@@ -20,9 +20,6 @@ from backend.model_detection import CheckpointFormatError, ModelSpec
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-
-
 class CheckpointLoadError(RuntimeError):
     """A checkpoint could not be loaded; the message names the file and the fix."""
 
@@ -48,17 +45,19 @@ _SAFE_GLOBALS = [
 
 
 def _numpy_safe_globals() -> list:
-    import numpy as np
+    """numpy scalars and small arrays (epochs, scores) that training code pickled beside the weights.
 
-    found = [np.dtype, np.ndarray]
-    for dotted in ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"):
-        module, _, name = dotted.rpartition(".")
-        try:
-            found.append((getattr(__import__(module, fromlist=[name]), name), dotted))
-        except (ImportError, AttributeError):
-            continue
-    found.extend(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32"))
-    found.append(np.core.multiarray._reconstruct if hasattr(np, "core") else np._core.multiarray._reconstruct)
+    Files written with numpy 1.x name `numpy.core.multiarray`, numpy 2 renamed it `numpy._core`;
+    both names are allow-listed for the same functions.
+    """
+    import numpy as np
+    from numpy._core import multiarray
+
+    found: list = [np.dtype, np.ndarray]
+    found.extend(type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "bool"))
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        found.append((multiarray.scalar, f"{module}.scalar"))
+        found.append((multiarray._reconstruct, f"{module}._reconstruct"))
     return found
 
 
@@ -154,13 +153,13 @@ def _adopt(model, state_dict: dict[str, torch.Tensor], what: str, name: str, dty
     return model.eval().requires_grad_(False)
 
 
-def _text_encoder_class(config: dict):
+def text_encoder_class(config: dict):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     return CLIPTextModelWithProjection if config["architectures"][0] == "CLIPTextModelWithProjection" else CLIPTextModel
 
 
-def _text_config(config: dict):
+def text_config(config: dict):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(**{k: v for k, v in config.items() if k not in ("pad_token", "model_type")})
@@ -180,8 +179,8 @@ def _fit_text_keys(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torc
 
 
 def build_text_encoder(config: dict, state_dict: dict[str, torch.Tensor], name: str, dtype):
-    cls = _text_encoder_class(config)
-    model = _empty(lambda: cls(_text_config(config)))
+    cls = text_encoder_class(config)
+    model = _empty(lambda: cls(text_config(config)))
     return _adopt(model, _fit_text_keys(model, state_dict), "text encoder", name, dtype)
 
 
@@ -324,7 +323,7 @@ def load_diffusers_folder(folder: Path, cache_dir: Path, dtype=torch.float32) ->
     encoders, tokenizers, encoder_configs = [], [], []
     for index, config in enumerate(template["text_encoders"]):
         suffix = "" if index == 0 else f"_{index + 1}"
-        cls = _text_encoder_class(config)
+        cls = text_encoder_class(config)
         try:
             encoder = cls.from_pretrained(folder / f"text_encoder{suffix}", torch_dtype=dtype, local_files_only=True)
         except (OSError, ValueError) as exc:

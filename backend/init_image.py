@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -39,9 +40,9 @@ def prepare(request: GenerationRequest, width: int, height: int) -> InitSource:
     original = images.resize_image(request.init_image, width, height, request.resize_mode)
     if request.mask is None:
         return InitSource(original, original, None, None, None)
-    mask = images.resize_image(request.mask.convert("RGB"), width, height, request.resize_mode)
-    sharp = images.prepare_mask(mask if request.mask.mode not in ("RGBA", "LA") else request.mask.resize(
-        (width, height)), request.invert_mask, 0)
+    # Read the mask (alpha or grayscale) at its own size, then fit it exactly as the image was fitted.
+    gray = images.prepare_mask(request.mask, request.invert_mask, 0)
+    sharp = images.resize_image(gray.convert("RGB"), width, height, request.resize_mode).convert("L")
     blurred = images.prepare_mask(sharp, False, request.mask_blur)
     crop = None
     image, work_mask = original, blurred
@@ -59,5 +60,5 @@ def latent_mask(mask: Image.Image, latent_shape: tuple[int, int], device, dtype)
     """(1, 1, h, w) mask in [0, 1] at latent resolution, 1 = repaint."""
     h, w = latent_shape
     small = mask.convert("L").resize((w, h), Image.BILINEAR)
-    tensor = torch.from_numpy(__import__("numpy").array(small, dtype="float32") / 255.0)
+    tensor = torch.from_numpy(np.array(small, dtype=np.float32) / 255.0)
     return tensor[None, None].to(device, dtype)

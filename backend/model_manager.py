@@ -11,7 +11,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
-from backend import checkpoints, devices
+from backend import checkpoints, devices, model_detection
 from backend.checkpoints import CheckpointLoadError, Components
 from backend.model_detection import CheckpointFormatError
 from backend.model_index import ModelFile, ModelIndex, ModelNotFoundError
@@ -106,8 +106,6 @@ class ModelManager:
     def _load(self, file: ModelFile) -> StableDiffusionModel:
         if not file.is_diffusers_folder and file.path.suffix.lower() == ".safetensors":
             # Refuse a broken or foreign file before evicting anything for it.
-            from backend import model_detection
-
             try:
                 model_detection.detect(checkpoints.read_shapes(file.path))
             except (CheckpointFormatError, KeyError) as exc:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from backend import ldm_layout, model_detection
-from backend.checkpoints import _text_config, _text_encoder_class
+from backend.checkpoints import text_config, text_encoder_class
 
 TINY_UNET = {
     "sd1": dict(
@@ -74,7 +74,7 @@ def build(family: str, tiny: bool = True, seed: int = 0, in_channels: int = 4) -
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config(config["unet"]).eval()
     vae = AutoencoderKL.from_config(config["vae"]).eval()
-    encoders = [_text_encoder_class(c)(_text_config(c)).eval() for c in config["text_encoders"]]
+    encoders = [text_encoder_class(c)(text_config(c)).eval() for c in config["text_encoders"]]
     with torch.no_grad():
         # Random init leaves some layers at zero (zero-initialised outputs); perturb every tensor so
         # each weight influences the result and a wrong key mapping cannot go unnoticed.

@@ -5,7 +5,7 @@ import torch
 from accelerate import init_empty_weights
 
 from backend import ldm_layout, model_detection, random_models
-from backend.checkpoints import _text_config, _text_encoder_class
+from backend.checkpoints import text_config, text_encoder_class
 from backend.model_detection import CheckpointFormatError
 
 
@@ -19,7 +19,7 @@ def full_size_shapes(family: str) -> dict[str, tuple[int, ...]]:
             "config": config,
             "unet": UNet2DConditionModel.from_config(config["unet"]),
             "vae": AutoencoderKL.from_config(config["vae"]),
-            "text_encoders": [_text_encoder_class(c)(_text_config(c)) for c in config["text_encoders"]],
+            "text_encoders": [text_encoder_class(c)(text_config(c)) for c in config["text_encoders"]],
         }
     sd = ldm_layout.unet_to_ldm(model["unet"].state_dict(), config["unet"]["layers_per_block"])
     sd.update(ldm_layout.vae_to_ldm(model["vae"].state_dict()))
