@@ -115,6 +115,29 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in read_state_dict(path).items()}
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file (empty for other formats)."""
+    if Path(path).suffix.lower() != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def _modelspec(metadata: dict[str, str]) -> tuple[str | None, int | None]:
+    """(prediction type, native size) from Stability's ModelSpec keys, when the file carries them."""
+    prediction = {"v": "v_prediction", "epsilon": "epsilon"}.get(metadata.get("modelspec.prediction_type", ""))
+    size = None
+    resolution = metadata.get("modelspec.resolution", "")
+    if "x" in resolution:
+        try:
+            size = max(int(v) for v in resolution.split("x"))
+        except ValueError:
+            size = None
+    return prediction, size
+
+
 @dataclass
 class Components:
     """The modules of one Stable Diffusion model, before they are placed on a device."""
@@ -126,6 +149,7 @@ class Components:
     tokenizers: list
     scheduler_config: dict
     prediction_type: str
+    native_size: int | None = None  # from the file's metadata; None: the family's
 
 
 def _empty(factory):
@@ -274,7 +298,8 @@ def load_single_file(path: Path, cache_dir: Path, dtype=torch.float32) -> Compon
         for config, weights in zip(spec.text_encoders, _text_encoder_weights(spec, checkpoint))
     ]
     del checkpoint
-    prediction_type = _sidecar_prediction_type(path) or spec.prediction_type
+    spec_prediction, native_size = _modelspec(read_metadata(path))
+    prediction_type = _sidecar_prediction_type(path) or spec_prediction or spec.prediction_type
     if prediction_type is None:
         prediction_type = "v_prediction" if probe_v_prediction(unet) else "epsilon"
     scheduler_config = dict(spec.scheduler, prediction_type=prediction_type)
@@ -286,6 +311,7 @@ def load_single_file(path: Path, cache_dir: Path, dtype=torch.float32) -> Compon
         tokenizers=load_tokenizers(spec.text_encoders, cache_dir),
         scheduler_config=scheduler_config,
         prediction_type=prediction_type,
+        native_size=native_size,
     )
 
 

@@ -10,6 +10,7 @@ import inspect
 from dataclasses import dataclass, field
 
 import diffusers
+import torch
 
 from backend.ancestral_scheduler import DPMSolverSinglestepAncestralScheduler
 
@@ -118,5 +119,23 @@ def make_scheduler(sampler: Sampler, schedule: str, model_scheduler_config: dict
     params = _scheduler_parameters(sampler)
     config = {k: v for k, v in model_scheduler_config.items() if k in params}
     if model_scheduler_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in params:
-        raise SamplerError(f"sampler {sampler.name} does not support this zero-terminal-SNR model; use Euler or DDIM")
+        config["trained_betas"] = zero_terminal_snr_betas(model_scheduler_config).tolist()
     return cls.from_config({**config, **options})
+
+
+def zero_terminal_snr_betas(config: dict) -> torch.Tensor:
+    """The model's betas rescaled to zero terminal SNR, for schedulers without that option.
+
+    The last cumulative alpha is set to 2**-24 instead of 0, as diffusers' own schedulers do, so
+    sigma-based samplers get a large but finite starting sigma.
+    """
+    from diffusers.schedulers.scheduling_euler_discrete import rescale_zero_terminal_snr
+
+    steps = config["num_train_timesteps"]
+    if config.get("beta_schedule", "scaled_linear") == "scaled_linear":
+        betas = torch.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, steps, dtype=torch.float64) ** 2
+    else:
+        betas = torch.linspace(config["beta_start"], config["beta_end"], steps, dtype=torch.float64)
+    alphas_cumprod = torch.cumprod(1 - rescale_zero_terminal_snr(betas), dim=0)
+    alphas_cumprod[-1] = 2**-24
+    return 1 - alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])

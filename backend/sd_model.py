@@ -42,6 +42,8 @@ class StableDiffusionModel:
 
     @property
     def native_size(self) -> int:
+        if self.components.native_size:
+            return self.components.native_size
         spec = self.components.spec
         if spec.family == "sd2" and self.prediction_type == "v_prediction":
             return 768

@@ -51,8 +51,10 @@ def test_v_prediction_and_zero_snr_reach_the_scheduler():
     sampler, schedule = samplers.resolve("Euler")
     scheduler = samplers.make_scheduler(sampler, schedule, config)
     assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.rescale_betas_zero_snr
-    with pytest.raises(SamplerError, match="zero-terminal-SNR"):
-        samplers.make_scheduler(*samplers.resolve("LMS"), config)
+    # Schedulers without the option get the same schedule as explicit betas.
+    lms = samplers.make_scheduler(*samplers.resolve("LMS"), config)
+    assert torch.allclose(lms.alphas_cumprod.double(), scheduler.alphas_cumprod.double(), rtol=1e-4, atol=1e-7)
+    assert lms.alphas_cumprod[-1] > 0
 
 
 @pytest.mark.parametrize("name, schedule, message", [

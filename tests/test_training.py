@@ -1,0 +1,80 @@
+"""The default model's data generator, evaluation measures and training script (smoke, not quality)."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from backend.generation import generate
+from backend.model_manager import ModelManager
+from backend.request import GenerationRequest
+from training import metrics, shapes, train_default_model
+
+
+def test_data_generator_is_deterministic_for_a_seed():
+    a = shapes.sample_batch(random.Random(5), 16, shapes.held_out_triples())
+    b = shapes.sample_batch(random.Random(5), 16, shapes.held_out_triples())
+    c = shapes.sample_batch(random.Random(6), 16, shapes.held_out_triples())
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1]
+    assert not np.array_equal(a[0], c[0])
+    assert a[0].shape == (16, 64, 64, 3) and a[0].dtype == np.uint8
+
+
+def test_held_out_combinations_never_reach_training():
+    held_out = shapes.held_out_triples()
+    assert len(held_out) == 24
+    _, _, scenes = shapes.sample_batch(random.Random(0), 3000, held_out)
+    assert not {(s.shape, s.color, s.background) for s in scenes} & held_out
+    assert all(s.color != s.background for s in scenes)
+
+
+def test_captions_name_every_attribute_and_some_are_empty():
+    rng = random.Random(1)
+    scene = shapes.Scene("star", "red", "blue", "large", "top left")
+    assert scene.caption() == "a large red star on a blue background, top left"
+    captions = [shapes.caption_for(scene, rng) for _ in range(400)]
+    assert 0.05 < captions.count("") / 400 < 0.15
+    assert all("red star" in c for c in captions if c)
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return metrics.Scorer().fit(samples=1500)
+
+
+def test_measures_score_real_renders_near_one(scorer):
+    rng = random.Random(11)
+    scenes = [shapes.random_scene(rng, set()) for _ in range(300)]
+    scores = scorer.score([shapes.render(s, rng) for s in scenes], scenes)
+    assert all(value >= 0.97 for value in scores.values()), scores
+
+
+def test_measures_catch_wrong_attributes(scorer):
+    scene = shapes.Scene("circle", "red", "blue", "small", "top left")
+    wrong = shapes.Scene("square", "green", "white", "large", "bottom right")
+    scores = scorer.score([shapes.render(wrong)], [scene])
+    assert scores == {"color": 0, "background": 0, "shape": 0, "size": 0, "position": 0}
+
+
+def test_training_runs_resumes_and_exports_a_loadable_model(tmp_path, settings):
+    work = tmp_path / "work"
+    tiny = ["--work-dir", str(work), "--vae-steps", "2", "--vae-batch", "2", "--batch", "2", "--log-every", "1",
+            "--save-every", "2", "--unet-steps", "3"]
+    train_default_model.main(tiny)
+    log = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in log] == [("vae", 1), ("vae", 2), ("unet", 1), ("unet", 2), ("unet", 3)]
+    assert all(np.isfinite(r["loss"]) for r in log)
+    train_default_model.main([*tiny[:-1], "5"])  # resumes at step 3
+    log = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["stage"] == "unet"] == [1, 2, 3, 4, 5]
+    target = settings.model_dir("checkpoints") / "shapes.safetensors"
+    train_default_model.main(["--work-dir", str(work), "--export", str(target)])
+    model = ModelManager(settings).activate("shapes")
+    assert (model.family, model.native_size, model.prediction_type) == ("sd1", 64, "v_prediction")
+    assert model.scheduler_config["rescale_betas_zero_snr"] is True
+    assert model.unet.conv_in.weight.dtype == torch.float32
+    result = generate(ModelManager(settings), GenerationRequest(prompt="a red star", steps=2, seed=1,
+                                                                save_images=False))
+    assert result.images[0].image.size == (64, 64)

@@ -1,0 +1,271 @@
+"""Train Easel's embedded default model from scratch on the synthetic shapes dataset.
+
+Real SD 1.x architecture classes (AutoencoderKL, UNet2DConditionModel, CLIPTextModel with CLIP's BPE
+tokenizer), small. Two stages: the VAE, then the UNet and text encoder together on its latents, with
+v-prediction and a zero-terminal-SNR schedule (with SD's schedule the noise at t=999 still carries
+the latent mean on small latents, and the model learns background colour from the noise, not the text).
+
+Resumable: state is saved to --work-dir every --save-every steps; rerunning continues. Runs in the
+background at one torch thread by default. `--export` writes the single-file checkpoint.
+
+    python training/train_default_model.py --minutes 90            # train (resumes if state exists)
+    python training/train_default_model.py --export models/Stable-diffusion/easel-shapes.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backend import clip_tokenizer, model_detection, random_models  # noqa: E402
+from training import shapes  # noqa: E402
+
+NATIVE_SIZE = shapes.SIZE
+
+
+def model_configs(family_config: dict | None = None) -> dict:
+    """The default model's configs: the SD 1.x ones, shrunk."""
+    config = family_config or model_detection.family_config("sd1")
+    config["unet"].update(
+        block_out_channels=[64, 128, 128],
+        layers_per_block=1,
+        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        cross_attention_dim=128,
+        sample_size=NATIVE_SIZE // 4,
+    )
+    config["vae"].update(
+        block_out_channels=[32, 64, 64],
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        layers_per_block=1,
+        sample_size=NATIVE_SIZE,
+    )
+    config["text_encoders"][0].update(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                                      num_attention_heads=2, projection_dim=128)
+    config["scheduler"].update(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                               timestep_spacing="trailing")
+    return config
+
+
+def build_models(config: dict) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from backend.checkpoints import text_config, text_encoder_class
+
+    return {
+        "config": config,
+        "unet": UNet2DConditionModel.from_config(config["unet"]),
+        "vae": AutoencoderKL.from_config(config["vae"]),
+        "text_encoders": [text_encoder_class(c)(text_config(c)) for c in config["text_encoders"]],
+    }
+
+
+def to_pixels(batch) -> torch.Tensor:
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = args
+        self.work = Path(args.work_dir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.exclude = shapes.held_out_triples()
+        self.config = model_configs()
+        self.models = build_models(self.config)
+        self.tokenizer = clip_tokenizer.load_clip_tokenizer(str(self.work / "cache"))
+        self.state = {"vae_step": 0, "unet_step": 0, "seconds": 0.0}
+        self.rng = random.Random(args.seed)
+        self.vae_opt = torch.optim.AdamW(self.models["vae"].parameters(), lr=args.vae_lr)
+        params = list(self.models["unet"].parameters()) + list(self.models["text_encoders"][0].parameters())
+        self.unet_opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+        self._resume()
+
+    # -- persistence -------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.work / "state.pt"
+
+    def _resume(self) -> None:
+        if not self.checkpoint_path.is_file():
+            return
+        saved = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        for name in ("unet", "vae"):
+            self.models[name].load_state_dict(saved[name])
+        self.models["text_encoders"][0].load_state_dict(saved["text_encoder"])
+        self.vae_opt.load_state_dict(saved["vae_opt"])
+        self.unet_opt.load_state_dict(saved["unet_opt"])
+        self.state = saved["state"]
+        self.rng.setstate(saved["rng"])
+        torch.set_rng_state(saved["torch_rng"])
+        print(f"resumed at VAE step {self.state['vae_step']}, UNet step {self.state['unet_step']}", flush=True)
+
+    def save(self) -> None:
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save({
+            "unet": self.models["unet"].state_dict(), "vae": self.models["vae"].state_dict(),
+            "text_encoder": self.models["text_encoders"][0].state_dict(),
+            "vae_opt": self.vae_opt.state_dict(), "unet_opt": self.unet_opt.state_dict(),
+            "state": self.state, "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
+        }, tmp)
+        tmp.replace(self.checkpoint_path)
+
+    def log(self, record: dict) -> None:
+        with open(self.work / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    # -- stage 1: VAE ----------------------------------------------------------------------------
+    def vae_step(self) -> float:
+        vae = self.models["vae"].train()
+        pixels, _, _ = shapes.sample_batch(self.rng, self.args.vae_batch, self.exclude)
+        x = to_pixels(pixels)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        self.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.vae_opt.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def normalise_latents(self) -> float:
+        """Fold a scale into the VAE so that latents * 0.18215 (SD's factor) have unit spread."""
+        vae = self.models["vae"].eval()
+        pixels, _, _ = shapes.sample_batch(random.Random(99), 256, self.exclude)
+        mean = vae.encode(to_pixels(pixels)).latent_dist.mean
+        scale = 1.0 / (mean.std().item() * vae.config.scaling_factor)
+        channels = vae.config.latent_channels
+        vae.quant_conv.weight[:channels] *= scale
+        vae.quant_conv.bias[:channels] *= scale
+        vae.quant_conv.bias[channels:] += 2 * math.log(scale)  # log-variance of the scaled latent
+        vae.post_quant_conv.weight /= scale
+        return scale
+
+    # -- stage 2: UNet + text encoder ------------------------------------------------------------------
+    def tokens(self, captions: list[str]) -> torch.Tensor:
+        return self.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                              return_tensors="pt").input_ids
+
+    def unet_step(self, noise_scheduler) -> float:
+        unet, encoder, vae = self.models["unet"].train(), self.models["text_encoders"][0].train(), self.models["vae"]
+        pixels, captions, _ = shapes.sample_batch(self.rng, self.args.batch, self.exclude)
+        with torch.no_grad():
+            latents = vae.eval().encode(to_pixels(pixels)).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        target = noise_scheduler.get_velocity(latents, noise, t)
+        context = encoder(self.tokens(captions)).last_hidden_state
+        loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=context).sample, target)
+        self.unet_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(encoder.parameters()), 1.0)
+        step = self.state["unet_step"]
+        for group in self.unet_opt.param_groups:  # warmup, then constant
+            group["lr"] = self.args.lr * min(1.0, (step + 1) / 500)
+        self.unet_opt.step()
+        return loss.item()
+
+    def train(self) -> None:
+        from diffusers import DDPMScheduler
+
+        args = self.args
+        deadline = time.time() + args.minutes * 60
+        noise_scheduler = DDPMScheduler.from_config(self.config["scheduler"])
+        running, started = [], time.time()
+        while time.time() < deadline and self.state["unet_step"] < args.unet_steps:
+            tick = time.time()
+            if self.state["vae_step"] < args.vae_steps:
+                loss = self.vae_step()
+                self.state["vae_step"] += 1
+                stage, step = "vae", self.state["vae_step"]
+                if step == args.vae_steps:
+                    self.state["latent_scale"] = self.normalise_latents()
+            else:
+                loss = self.unet_step(noise_scheduler)
+                self.state["unet_step"] += 1
+                stage, step = "unet", self.state["unet_step"]
+            self.state["seconds"] += time.time() - tick
+            running.append(loss)
+            if step % args.log_every == 0:
+                record = {"stage": stage, "step": step, "loss": sum(running) / len(running),
+                          "seconds": round(self.state["seconds"], 1)}
+                self.log(record)
+                print(json.dumps(record), flush=True)
+                running = []
+            if step % args.save_every == 0:
+                self.save()
+        self.save()
+        print(f"stopped after {time.time() - started:.0f} s at {self.state}", flush=True)
+
+
+def export(args) -> Path:
+    """Write the trained model as an original-layout fp16 .safetensors with its metadata."""
+    from safetensors.torch import save_file
+
+    trainer = Trainer(args)
+    sd = random_models.original_state_dict(trainer.models)
+    sd = {k: v.to(torch.float16) for k, v in sd.items()}
+    sd["v_pred"] = torch.tensor([])  # markers Forge and Easel read: v-prediction, zero terminal SNR
+    sd["ztsnr"] = torch.tensor([])
+    metadata = {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1",
+        "modelspec.title": "Easel shapes",
+        "modelspec.description": "A small SD 1.x-architecture model trained from scratch by Easel on "
+                                 "synthetic coloured shapes, for trying Easel without downloading weights.",
+        "modelspec.resolution": f"{NATIVE_SIZE}x{NATIVE_SIZE}",
+        "modelspec.prediction_type": "v",
+        "modelspec.license": "same as Easel",
+        "easel.training": json.dumps({**trainer.state, "hardware": platform.processor() or platform.machine(),
+                                      "threads": torch.get_num_threads()}),
+    }
+    out = Path(args.export)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    save_file(sd, tmp, metadata=metadata)
+    tmp.replace(out)
+    return out
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "easel-training" / "default-model"))
+    parser.add_argument("--minutes", type=float, default=60, help="wall-clock budget of this run")
+    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--unet-steps", type=int, default=100_000)
+    parser.add_argument("--vae-batch", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--vae-lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--export", help="write the model to this .safetensors path instead of training")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.export:
+        print(export(args))
+    else:
+        Trainer(args).train()
+
+
+if __name__ == "__main__":
+    main()
