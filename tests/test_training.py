@@ -78,3 +78,28 @@ def test_training_runs_resumes_and_exports_a_loadable_model(tmp_path, settings):
     result = generate(ModelManager(settings), GenerationRequest(prompt="a red star", steps=2, seed=1,
                                                                 save_images=False))
     assert result.images[0].image.size == (64, 64)
+
+
+def test_demo_lora_training_writes_kohya_format(tmp_path, settings):
+    from safetensors import safe_open
+
+    from training import train_demo_lora
+
+    work = tmp_path / "work"
+    train_default_model.main(["--work-dir", str(work), "--vae-steps", "1", "--vae-batch", "2", "--batch", "2",
+                              "--unet-steps", "1"])
+    base = tmp_path / "base.safetensors"
+    train_default_model.main(["--work-dir", str(work), "--export", str(base)])
+    out = tmp_path / "Lora" / "outlined.safetensors"
+    train_demo_lora.main([str(base), str(out), "--steps", "2", "--batch", "2", "--cache", str(settings.cache_dir)])
+    with safe_open(out, "pt") as handle:
+        keys = set(handle.keys())
+        metadata = handle.metadata()
+        down = handle.get_tensor("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight")
+        alpha = handle.get_tensor("lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_out_0.alpha")
+    modules = {k.rsplit(".", 2)[0] for k in keys}
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert all({f"{m}.lora_down.weight", f"{m}.lora_up.weight", f"{m}.alpha"} <= keys for m in modules)
+    assert len(modules) == 4 * 2 * 7  # q, k, v, out of attn1 and attn2; 7 transformer blocks (2 down, mid, 4 up)
+    assert down.shape == (8, 128) and down.dtype == torch.float16 and float(alpha) == 8.0
+    assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_base_model_version"] == "sd_v1"

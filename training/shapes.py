@@ -97,8 +97,13 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     raise ValueError(shape)
 
 
-def render(scene: Scene, rng: random.Random | None = None, size: int = SIZE) -> Image.Image:
-    """Draw a scene, with a little jitter of position and size when `rng` is given."""
+STYLES = ("solid", "outlined")
+
+
+def render(scene: Scene, rng: random.Random | None = None, size: int = SIZE, style: str = "solid") -> Image.Image:
+    """Draw a scene, with a little jitter of position and size when `rng` is given.
+
+    `style="outlined"` draws only the shape's outline (the demo LoRA's style)."""
     jitter = (lambda spread: rng.uniform(-spread, spread)) if rng else (lambda spread: 0.0)
     scale = 4  # draw large, then downsample: smooth edges
     canvas = Image.new("RGB", (size * scale, size * scale), PALETTE[scene.background])
@@ -109,10 +114,13 @@ def render(scene: Scene, rng: random.Random | None = None, size: int = SIZE) -> 
     cy = (row + 0.5) * cell + jitter(cell * 0.08)
     r = SIZES[scene.size] * size / 2 * 1.0 + jitter(SIZES[scene.size] * size * 0.05)
     cx, cy, r = cx * scale, cy * scale, r * scale
+    fill = PALETTE[scene.color] if style == "solid" else None
+    outline = PALETTE[scene.color] if style == "outlined" else None
+    width = round(2.2 * scale) if style == "outlined" else 1
     if scene.shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=PALETTE[scene.color])
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill, outline=outline, width=width)
     else:
-        draw.polygon(_polygon(scene.shape, cx, cy, r), fill=PALETTE[scene.color])
+        draw.polygon(_polygon(scene.shape, cx, cy, r), fill=fill, outline=outline, width=width)
     return canvas.resize((size, size), Image.LANCZOS)
 
 
@@ -131,8 +139,10 @@ def caption_for(scene: Scene, rng: random.Random) -> str:
     return scene.caption(rng.randrange(len(TEMPLATES)))
 
 
-def sample_batch(rng: random.Random, count: int, exclude: set) -> tuple[np.ndarray, list[str], list[Scene]]:
+def sample_batch(
+    rng: random.Random, count: int, exclude: set, style: str = "solid"
+) -> tuple[np.ndarray, list[str], list[Scene]]:
     """`count` rendered scenes as a (count, 64, 64, 3) uint8 array, their captions and scenes."""
     scenes = [random_scene(rng, exclude) for _ in range(count)]
-    pixels = np.stack([np.asarray(render(scene, rng)) for scene in scenes])
+    pixels = np.stack([np.asarray(render(scene, rng, style=style)) for scene in scenes])
     return pixels, [caption_for(scene, rng) for scene in scenes], scenes
