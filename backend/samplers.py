@@ -7,6 +7,7 @@ their suffix) and `make_scheduler` builds the diffusers scheduler for a model's 
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field
 
 import diffusers
@@ -114,8 +115,11 @@ def make_scheduler(sampler: Sampler, schedule: str, model_scheduler_config: dict
     """A fresh diffusers scheduler (they hold per-run state: one per image keeps batches reproducible)."""
     cls = scheduler_class(sampler)
     options = {"timestep_spacing": sampler.timestep_spacing, **sampler.options, **SCHEDULE_OPTIONS[schedule]}
-    if sampler.scheduler == "DPMSolverSDEScheduler" and seed is not None:
-        options["noise_sampler_seed"] = seed
+    if sampler.scheduler == "DPMSolverSDEScheduler":
+        if seed is not None:
+            options["noise_sampler_seed"] = seed
+        # torchsde complains when float32 rounding puts a query a hair before the interval start.
+        warnings.filterwarnings("ignore", message="Should have ta>=t0", module="torchsde")
     params = _scheduler_parameters(sampler)
     config = {k: v for k, v in model_scheduler_config.items() if k in params}
     if model_scheduler_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in params:

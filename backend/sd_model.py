@@ -92,7 +92,8 @@ class StableDiffusionModel:
 
     @property
     def vae_dtype(self) -> torch.dtype:
-        if self.placement.vae_dtype == torch.float16 and self.vae.config.get("force_upcast", False):
+        # SDXL's original VAE overflows in fp16; other VAEs run in half and fall back to fp32 on NaN.
+        if self.placement.vae_dtype == torch.float16 and self.family == "sdxl":
             return torch.float32
         return self.placement.vae_dtype
 
