@@ -222,6 +222,9 @@ def export(args) -> Path:
     from safetensors.torch import save_file
 
     trainer = Trainer(args)
+    decoder = Path(args.work_dir) / "decoder.pt"
+    if decoder.is_file():  # the sharpened decoder from finetune_decoder.py
+        trainer.models["vae"].load_state_dict(torch.load(decoder, weights_only=False)["weights"], strict=False)
     sd = random_models.original_state_dict(trainer.models)
     sd = {k: v.to(torch.float16) for k, v in sd.items()}
     sd["v_pred"] = torch.tensor([])  # markers Forge and Easel read: v-prediction, zero terminal SNR
