@@ -11,7 +11,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
-from backend import checkpoints, devices, model_detection
+from backend import checkpoints, devices, diffusers_folder, model_detection
 from backend.checkpoints import CheckpointLoadError, Components
 from backend.model_detection import CheckpointFormatError
 from backend.model_index import ModelFile, ModelIndex, ModelNotFoundError
@@ -28,7 +28,7 @@ Loader = Callable[[ModelFile, Path, object], Components]
 
 def load_components(file: ModelFile, cache_dir: Path, dtype) -> Components:
     if file.is_diffusers_folder:
-        return checkpoints.load_diffusers_folder(file.path, cache_dir, dtype)
+        return diffusers_folder.load_diffusers_folder(file.path, cache_dir, dtype)
     return checkpoints.load_single_file(file.path, cache_dir, dtype)
 
 

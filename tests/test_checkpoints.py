@@ -6,7 +6,7 @@ import zipfile
 import pytest
 import torch
 
-from backend import checkpoints
+from backend import checkpoints, diffusers_folder
 from backend.checkpoints import CheckpointLoadError, UnsafeCheckpointError
 from backend.model_detection import CheckpointFormatError
 
@@ -54,7 +54,7 @@ def test_fp16_file_is_loaded_in_the_requested_dtype(model_files, tiny_models, to
 
 
 def test_diffusers_folder_loads(model_files, tiny_models, tokenizer_cache):
-    loaded = checkpoints.load_diffusers_folder(model_files["sd1-diffusers"], tokenizer_cache)
+    loaded = diffusers_folder.load_diffusers_folder(model_files["sd1-diffusers"], tokenizer_cache)
     assert loaded.spec.family == "sd1"
     assert_same_weights(loaded.unet, tiny_models["sd1"]["unet"])
     assert loaded.tokenizers[0]("a cat").input_ids == [49406, 320, 2368, 49407]
