@@ -1,6 +1,6 @@
 """Read checkpoint files safely and build the diffusers/transformers modules they describe.
 
-Single-file `.safetensors` / `.ckpt` in the original layout and diffusers folders, fully offline:
+Single-file `.safetensors` / `.ckpt` in the original layout, fully offline:
 configs come from `model_detection` and the shipped family configs, tokenizers from `clip_tokenizer`.
 """
 
