@@ -39,17 +39,16 @@ def held_out_scenes(per_triple: int = 2) -> list[shapes.Scene]:
     return scenes
 
 
-def contact_sheet(images: list[Image.Image], captions: list[str], columns: int = 8, scale: int = 2) -> Image.Image:
+def contact_sheet(images: list[Image.Image], scenes: list[shapes.Scene], columns: int = 8, scale: int = 2) -> Image.Image:
     cell_w, cell_h = shapes.SIZE * scale, shapes.SIZE * scale + 30
     rows = (len(images) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    for index, (image, caption) in enumerate(zip(images, captions)):
+    for index, (image, scene) in enumerate(zip(images, scenes)):
         x, y = (index % columns) * cell_w, (index // columns) * cell_h
         sheet.paste(image.resize((cell_w, cell_w), Image.NEAREST), (x, y))
-        words = caption.split(", ")
-        draw.text((x + 2, y + cell_w + 1), words[0][:26], fill=(0, 0, 0))
-        draw.text((x + 2, y + cell_w + 14), ", ".join(words[1:])[:26], fill=(80, 80, 80))
+        draw.text((x + 2, y + cell_w + 1), f"{scene.size} {scene.color} {scene.shape}", fill=(0, 0, 0))
+        draw.text((x + 2, y + cell_w + 14), f"on {scene.background}, {scene.position}", fill=(80, 80, 80))
     return sheet
 
 
@@ -77,7 +76,7 @@ def evaluate(model_path: Path, sheet: Path | None = None, steps: int = 20) -> di
     }
     if sheet:
         Path(sheet).parent.mkdir(parents=True, exist_ok=True)
-        contact_sheet(images, captions).save(sheet)
+        contact_sheet(images, scenes).save(sheet)
     return report
 
 
