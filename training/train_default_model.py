@@ -179,16 +179,23 @@ class Trainer:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(encoder.parameters()), 1.0)
         step = self.state["unet_step"]
-        for group in self.unet_opt.param_groups:  # warmup, then constant
-            group["lr"] = self.args.lr * min(1.0, (step + 1) / 500)
+        for group in self.unet_opt.param_groups:  # warmup, constant, then the cooldown
+            group["lr"] = self.args.lr * min(1.0, (step + 1) / 500) * self.cooldown()
         self.unet_opt.step()
         return loss.item()
+
+    def cooldown(self) -> float:
+        """Learning-rate factor: 1, falling linearly to 0.05 over the run's last --cooldown-minutes."""
+        if not self.args.cooldown_minutes:
+            return 1.0
+        remaining = (self.deadline - time.time()) / 60
+        return max(0.05, min(1.0, remaining / self.args.cooldown_minutes))
 
     def train(self) -> None:
         from diffusers import DDPMScheduler
 
         args = self.args
-        deadline = time.time() + args.minutes * 60
+        deadline = self.deadline = time.time() + args.minutes * 60
         noise_scheduler = DDPMScheduler.from_config(self.config["scheduler"])
         running, started = [], time.time()
         while time.time() < deadline and self.state["unet_step"] < args.unet_steps:
@@ -258,6 +265,8 @@ def parse_args(argv=None):
     parser.add_argument("--vae-batch", type=int, default=12)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--cooldown-minutes", type=float, default=0,
+                        help="lower the learning rate linearly over this run's last minutes")
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
