@@ -78,6 +78,12 @@ def test_training_runs_resumes_and_exports_a_loadable_model(tmp_path, settings):
     result = generate(ModelManager(settings), GenerationRequest(prompt="a red star", steps=2, seed=1,
                                                                 save_images=False))
     assert result.images[0].image.size == (64, 64)
+    # A later run without the training state continues from the exported weights.
+    again = tmp_path / "again"
+    train_default_model.main(["--work-dir", str(again), "--init-from", str(target), "--batch", "2",
+                              "--unet-steps", "6", "--log-every", "1"])
+    log = [json.loads(line) for line in (again / "log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in log] == [("unet", 6)]
 
 
 def test_demo_lora_training_writes_kohya_format(tmp_path, settings):

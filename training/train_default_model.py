@@ -85,6 +85,9 @@ class Trainer:
         self.exclude = shapes.held_out_triples()
         self.config = model_configs()
         self.models = build_models(self.config)
+        self.device = torch.device(args.device)
+        for module in (self.models["unet"], self.models["vae"], self.models["text_encoders"][0]):
+            module.to(self.device)
         self.tokenizer = clip_tokenizer.load_clip_tokenizer(str(self.work / "cache"))
         self.state = {"vae_step": 0, "unet_step": 0, "seconds": 0.0}
         self.rng = random.Random(args.seed)
@@ -92,6 +95,8 @@ class Trainer:
         params = list(self.models["unet"].parameters()) + list(self.models["text_encoders"][0].parameters())
         self.unet_opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
         self._resume()
+        if args.init_from and not self.checkpoint_path.is_file():
+            self._init_from(Path(args.init_from))
 
     # -- persistence -------------------------------------------------------------------------------
     @property
@@ -101,7 +106,7 @@ class Trainer:
     def _resume(self) -> None:
         if not self.checkpoint_path.is_file():
             return
-        saved = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        saved = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
         for name in ("unet", "vae"):
             self.models[name].load_state_dict(saved[name])
         self.models["text_encoders"][0].load_state_dict(saved["text_encoder"])
@@ -109,8 +114,22 @@ class Trainer:
         self.unet_opt.load_state_dict(saved["unet_opt"])
         self.state = saved["state"]
         self.rng.setstate(saved["rng"])
-        torch.set_rng_state(saved["torch_rng"])
+        torch.set_rng_state(saved["torch_rng"].cpu())
         print(f"resumed at VAE step {self.state['vae_step']}, UNet step {self.state['unet_step']}", flush=True)
+
+    def _init_from(self, path: Path) -> None:
+        """Continue from an exported checkpoint (e.g. the shipped model) when no training state exists:
+        weights and step counts come back, the optimiser starts afresh."""
+        from backend import checkpoints
+
+        loaded = checkpoints.load_single_file(path, self.work / "cache")
+        self.models["unet"].load_state_dict(loaded.unet.state_dict())
+        self.models["vae"].load_state_dict(loaded.vae.state_dict())
+        self.models["text_encoders"][0].load_state_dict(loaded.text_encoders[0].state_dict())
+        saved = json.loads(checkpoints.read_metadata(path).get("easel.training", "{}"))
+        self.state = {"vae_step": max(saved.get("vae_step", 0), self.args.vae_steps),
+                      "unet_step": saved.get("unet_step", 0), "seconds": saved.get("seconds", 0.0)}
+        print(f"initialised from {path} at UNet step {self.state['unet_step']}", flush=True)
 
     def save(self) -> None:
         tmp = self.checkpoint_path.with_suffix(".tmp")
@@ -130,10 +149,11 @@ class Trainer:
     def vae_step(self) -> float:
         vae = self.models["vae"].train()
         pixels, _, _ = shapes.sample_batch(self.rng, self.args.vae_batch, self.exclude)
-        x = to_pixels(pixels)
+        x = to_pixels(pixels).to(self.device)
         # The object covers a few percent of the image: weight its pixels up, or the VAE settles for
         # clean backgrounds and smudged shapes.
         weight = 1 + 8 * torch.from_numpy(np.stack([metrics.object_mask(p)[0] for p in pixels]))[:, None].float()
+        weight = weight.to(self.device)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         error = (recon - x).abs() + (recon - x) ** 2
@@ -150,7 +170,7 @@ class Trainer:
         """Fold a scale into the VAE so that latents * 0.18215 (SD's factor) have unit spread."""
         vae = self.models["vae"].eval()
         pixels, _, _ = shapes.sample_batch(random.Random(99), 256, self.exclude)
-        mean = vae.encode(to_pixels(pixels)).latent_dist.mean
+        mean = vae.encode(to_pixels(pixels).to(self.device)).latent_dist.mean
         scale = 1.0 / (mean.std().item() * vae.config.scaling_factor)
         channels = vae.config.latent_channels
         vae.quant_conv.weight[:channels] *= scale
@@ -162,15 +182,16 @@ class Trainer:
     # -- stage 2: UNet + text encoder ------------------------------------------------------------------
     def tokens(self, captions: list[str]) -> torch.Tensor:
         return self.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
-                              return_tensors="pt").input_ids
+                              return_tensors="pt").input_ids.to(self.device)
 
     def unet_step(self, noise_scheduler) -> float:
         unet, encoder, vae = self.models["unet"].train(), self.models["text_encoders"][0].train(), self.models["vae"]
         pixels, captions, _ = shapes.sample_batch(self.rng, self.args.batch, self.exclude)
         with torch.no_grad():
-            latents = vae.eval().encode(to_pixels(pixels)).latent_dist.sample() * vae.config.scaling_factor
+            x = to_pixels(pixels).to(self.device)
+            latents = vae.eval().encode(x).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],))
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         target = noise_scheduler.get_velocity(latents, noise, t)
         context = encoder(self.tokens(captions)).last_hidden_state
@@ -232,7 +253,9 @@ def export(args) -> Path:
     decoder = Path(args.work_dir) / "decoder.pt"
     if decoder.is_file():  # the sharpened decoder from finetune_decoder.py
         trainer.models["vae"].load_state_dict(torch.load(decoder, weights_only=False)["weights"], strict=False)
-    sd = random_models.original_state_dict(trainer.models)
+    sd = random_models.original_state_dict({**trainer.models, "unet": trainer.models["unet"].cpu(),
+                                            "vae": trainer.models["vae"].cpu(),
+                                            "text_encoders": [trainer.models["text_encoders"][0].cpu()]})
     sd = {k: v.to(torch.float16) for k, v in sd.items()}
     sd["v_pred"] = torch.tensor([])  # markers Forge and Easel read: v-prediction, zero terminal SNR
     sd["ztsnr"] = torch.tensor([])
@@ -270,6 +293,8 @@ def parse_args(argv=None):
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (much faster)")
+    parser.add_argument("--init-from", help="start from an exported .safetensors when --work-dir has no state")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--export", help="write the model to this .safetensors path instead of training")
