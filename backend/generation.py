@@ -86,7 +86,7 @@ def infotext_parameters(model, run, sampler, schedule, seed, subseed) -> dict:
         "Model hash": model.model_hash,
         "Model": Path(model.name).name,
         "VAE hash": model.vae_hash,
-        "VAE": Path(model.vae_name).name if model.vae_name else None,
+        "VAE": model.vae_name,  # the file name with its extension, as A1111 writes it
         "Variation seed": subseed if run.subseed_strength > 0 else None,
         "Variation seed strength": run.subseed_strength if run.subseed_strength > 0 else None,
         "Seed resize from": (

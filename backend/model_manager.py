@@ -175,7 +175,7 @@ class ModelManager:
             if model.vae_name is not None:
                 model.set_vae(None, None, None)
             return
-        if model.vae_name == file.name:
+        if model.vae_name == file.filename:
             return
         vae = checkpoints.load_vae_file(file.path, model.family, model.placement.vae_dtype)
-        model.set_vae(vae, file.name, self.index.hashes.short_hash(file.path))
+        model.set_vae(vae, file.filename, self.index.hashes.short_hash(file.path))

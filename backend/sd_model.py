@@ -19,7 +19,7 @@ class StableDiffusionModel:
     model_hash: str | None
     components: Components
     placement: Placement
-    vae_name: str | None = None  # None: the checkpoint's own VAE
+    vae_name: str | None = None  # file name of the VAE in use; None: the checkpoint's own
     vae_hash: str | None = None
     _baked_vae: Any = field(default=None, repr=False)
 

@@ -259,3 +259,21 @@ def test_saved_png_carries_the_infotext(sd1_manager):
     assert (parsed["Size-1"], parsed["Model hash"], parsed["Model"]) == ("64", model.model_hash, "tiny-sd1")
     assert parsed["Clip skip"] == "2"
     assert torch.is_tensor(model.unet.conv_in.weight)
+
+
+def test_vae_file_is_named_in_the_infotext_as_a1111_does(settings, model_files, tiny_models):
+    from safetensors.torch import save_file
+
+    from backend import ldm_layout
+    from backend.model_manager import ModelManager
+
+    install(settings, model_files["sd1"])
+    vae_dir = settings.model_dir("vae")
+    vae_dir.mkdir(parents=True)
+    state = ldm_layout.vae_to_ldm(tiny_models["sd1"]["vae"].state_dict(), prefix="")
+    save_file({k: v.contiguous() for k, v in state.items()}, vae_dir / "vae-ft-mse.safetensors")
+    manager = ModelManager(settings)
+    result = txt2img(manager, seed=1, vae="vae-ft-mse.safetensors")
+    parsed = parse_infotext(result.images[0].infotext)
+    assert parsed["VAE"] == "vae-ft-mse.safetensors" and parsed["VAE hash"] == manager.active.vae_hash
+    assert "VAE" not in parse_infotext(txt2img(manager, seed=1, vae="None").images[0].infotext)

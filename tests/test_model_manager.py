@@ -157,7 +157,7 @@ def test_vae_choice_automatic_none_and_file(settings, model_files, tiny_models):
     manager.refresh()
     assert manager.vae_options() == ["Automatic", "None", "better.safetensors"]
     manager.set_vae("better.safetensors")
-    assert model.vae is not baked and model.vae_name == "better" and len(model.vae_hash) == 10
+    assert model.vae is not baked and model.vae_name == "better.safetensors" and len(model.vae_hash) == 10
     assert torch.allclose(model.vae.encoder.conv_in.weight, baked.encoder.conv_in.weight + 0.01)
     manager.set_vae("None")
     assert model.vae is baked and model.vae_name is None
@@ -165,7 +165,7 @@ def test_vae_choice_automatic_none_and_file(settings, model_files, tiny_models):
     shutil.copy(vae_dir / "better.safetensors", settings.model_dir("checkpoints") / "tiny-sd1.vae.safetensors")
     manager.refresh()
     manager.set_vae("Automatic")
-    assert model.vae_name == "tiny-sd1.vae"
+    assert model.vae_name == "tiny-sd1.vae.safetensors"
     assert [f.name for f in manager.index.checkpoints] == ["tiny-sd1"]  # the sidecar is not a checkpoint
     with pytest.raises(ModelNotFoundError, match="VAE 'missing' not found.*available: better.safetensors"):
         manager.set_vae("missing")
