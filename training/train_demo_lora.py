@@ -78,6 +78,15 @@ def train(args) -> Path:
     unet, encoder, vae = base.unet, base.text_encoders[0], base.vae
     unet.requires_grad_(False)
     wrapped = attach(unet, args.rank, args.alpha)
+    if args.init_from:  # continue from an earlier LoRA file (e.g. after the base model trained further)
+        from safetensors.torch import load_file
+
+        saved = load_file(args.init_from)
+        with torch.no_grad():
+            for path, lora in wrapped.items():
+                key = "lora_unet_" + path.replace(".", "_")
+                lora.down.weight.copy_(saved[f"{key}.lora_down.weight"].float())
+                lora.up.weight.copy_(saved[f"{key}.lora_up.weight"].float())
     params = [p for lora in wrapped.values() for p in (lora.down.weight, lora.up.weight)]
     optimizer = torch.optim.AdamW(params, lr=args.lr)
     noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
@@ -134,6 +143,7 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--init-from", type=Path, help="start from the weights of an earlier LoRA file")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "easel-training" / "cache"))
     print(train(parser.parse_args(argv)))
 
