@@ -61,6 +61,7 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
     extra_channels = _inpaint_conditioning(model, inputs.source, n, latent_hw) if model.is_inpainting else None
     blend = mask is not None and not model.is_inpainting
     context, added = _context(inputs.cond, inputs.uncond, n, run), _added_conditioning(model, inputs, n)
+    step_kwargs = [_step_kwargs(s, g) for s, g in zip(schedulers, generators)]
     # 3. Denoising loop
     with torch.no_grad(), model.use(model.unet):
         for step, t in enumerate(timesteps):
@@ -71,7 +72,7 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
                 model_input = torch.cat([model_input, extra_channels], dim=1)
             prediction = _guided_prediction(model, model_input, t, context, added, run.cfg_scale)
             outputs = [
-                s.step(prediction[i : i + 1], t, latents[i : i + 1], **_step_kwargs(s, generators[i]))
+                s.step(prediction[i : i + 1], t, latents[i : i + 1], **step_kwargs[i])
                 for i, s in enumerate(schedulers)
             ]
             latents = torch.cat([out.prev_sample for out in outputs])
