@@ -14,6 +14,7 @@ import argparse
 import json
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,7 +54,9 @@ def contact_sheet(images: list[Image.Image], scenes: list[shapes.Scene], columns
 
 
 def evaluate(model_path: Path, sheet: Path | None = None, steps: int = 20) -> dict:
-    settings = Settings(data_dir=Path(model_path).resolve().parent, ckpt_dir=Path(model_path).resolve().parent)
+    # A scratch data folder: hashes and the tokenizer cache stay out of the models folder.
+    scratch = Path(tempfile.mkdtemp(prefix="easel-eval-"))
+    settings = Settings(data_dir=scratch, ckpt_dir=Path(model_path).resolve().parent)
     manager = ModelManager(settings)
     scenes = held_out_scenes()
     captions = [scene.caption() for scene in scenes]

@@ -1,0 +1,53 @@
+"""The shipped default model: it loads offline through the normal engine path, with its native size,
+and follows colour prompts (object colour measured on the image)."""
+
+from pathlib import Path
+
+import pytest
+
+from backend.generation import generate
+from backend.model_manager import ModelManager
+from backend.request import GenerationRequest
+from backend.settings import Settings
+from training import metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = ROOT / "models" / "Stable-diffusion" / "easel-shapes.safetensors"
+
+# (prompt, seed): the object colour is the first colour word of the prompt.
+PROMPTS = [
+    ("a large red circle on a white background, center", 1),
+    ("a large blue square on a yellow background, center", 2),
+    ("a large green triangle on a black background, center", 3),
+    ("a large yellow star on a purple background, center", 4),
+    ("a large white diamond on a blue background, center", 5),
+    ("a large orange cross on a green background, center", 6),
+]
+
+
+@pytest.fixture(scope="module")
+def manager(tmp_path_factory) -> ModelManager:
+    data = tmp_path_factory.mktemp("default-model")
+    return ModelManager(Settings(data_dir=data, ckpt_dir=DEFAULT_MODEL.parent))
+
+
+def test_default_model_is_shipped_small_and_loads_with_its_metadata(manager):
+    assert DEFAULT_MODEL.stat().st_size < 30 * 2**20
+    model = manager.activate("easel-shapes")
+    assert (model.family, model.native_size, model.prediction_type) == ("sd1", 64, "v_prediction")
+    assert model.scheduler_config["rescale_betas_zero_snr"] is True
+    assert model.tokenizers[0]("a red star").input_ids == [49406, 320, 736, 1565, 49407]
+
+
+def test_default_model_follows_colour_prompts(manager):
+    scorer = metrics.Scorer().fit(samples=600)
+    colours = []
+    for prompt, seed in PROMPTS:
+        result = generate(manager, GenerationRequest(prompt=prompt, checkpoint="easel-shapes", steps=20,
+                                                     sampler="DPM++ 2M", cfg_scale=6, seed=seed, save_images=False))
+        image = result.images[0].image
+        assert image.size == (64, 64)  # the model's native size is the default
+        colours.append(scorer.read(image).color)
+    expected = [prompt.split()[2] for prompt, _ in PROMPTS]
+    matches = sum(got == want for got, want in zip(colours, expected))
+    assert matches >= len(PROMPTS) - 1, list(zip(expected, colours))
