@@ -51,7 +51,9 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
     if inputs.source is None:
         latents = start_noise * schedulers[0].init_noise_sigma
     else:
-        init_latents = vae_codec.encode(model, images.to_tensor(inputs.source.image)[None]).expand(n, -1, -1, -1)
+        if inputs.source.latents is None:
+            inputs.source.latents = vae_codec.encode(model, images.to_tensor(inputs.source.image)[None])
+        init_latents = inputs.source.latents.expand(n, -1, -1, -1)
         if inputs.source.mask is not None:
             mask = init_image.latent_mask(inputs.source.mask, latent_hw, model.device, model.dtype)
             init_latents = _masked_content(run.masked_content, init_latents, start_noise, mask)

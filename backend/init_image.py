@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ class InitSource:
     mask: Image.Image | None  # blurred, at width x height; white = repaint
     overlay_mask: Image.Image | None  # blurred, at the original's size, for pasting back
     crop: tuple[int, int, int, int] | None  # "Only masked": the region of `original` that was generated
+    latents: torch.Tensor | None = field(default=None, repr=False)  # `image` encoded, once for all batches
 
     def restore(self, generated: Image.Image) -> Image.Image:
         """Put a generated image back: paste the crop, keep everything outside the mask as it was."""
