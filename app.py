@@ -1,6 +1,6 @@
 """Easel: parse the command line into one `Settings`, build the `ModelManager`, run the chosen front end.
 
-    python app.py [global flags]                  the web UI
+    python app.py [global flags] [server flags]   the web UI (http://127.0.0.1:7860)
     python app.py [global flags] generate ...     headless generation; prints image paths
 """
 
@@ -40,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a busy machine)")
     model.add_argument("--checkpoint-cache", type=int, default=1, help="checkpoints kept loaded (default 1)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    server = parser.add_argument_group("web UI server")
+    server.add_argument("--listen", action="store_true", help="serve on 0.0.0.0 (reachable from the network)")
+    server.add_argument("--port", type=int, help="port (default 7860, or the next free one)")
+    server.add_argument("--share", action="store_true", help="a public gradio.live link (needs the network)")
+    server.add_argument("--gradio-auth", metavar="USER:PASS[,USER2:PASS2]", help="require a login")
+    server.add_argument("--gradio-auth-path", type=Path, metavar="FILE", help="file with user:password lines")
+    server.add_argument("--insecure", action="store_true",
+                        help="allow --listen/--share without --gradio-auth (anyone can use the server)")
 
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     gen = commands.add_parser("generate", help="generate images headless and print their paths")
@@ -142,10 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     devices.set_threads(settings.threads)
     if args.command == "generate":
         return _run_reporting_errors(run_generate, args, settings)
-    parser.print_help(sys.stderr)
-    print("\nThe web UI is not part of this build yet; use `python app.py generate --prompt ...`.",
-          file=sys.stderr)
-    return 2
+    return run_webui(args, settings)
+
+
+def run_webui(args: argparse.Namespace, settings: Settings) -> int:
+    from ui.launch import LaunchError, ServerOptions, launch
+
+    server = ServerOptions(listen=args.listen, port=args.port, share=args.share, auth=args.gradio_auth,
+                           auth_path=args.gradio_auth_path, insecure=args.insecure)
+    try:
+        launch(settings, server)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _run_reporting_errors(command, args, settings) -> int:

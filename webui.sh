@@ -15,4 +15,6 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -r "$REQUIREMENTS" >&2
   touch "$stamp"
 fi
+# No calls home from gradio (analytics, version checks).
+export GRADIO_ANALYTICS_ENABLED=False
 exec .venv/bin/python app.py "$@"

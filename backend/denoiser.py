@@ -45,6 +45,11 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
     ]
     for scheduler in schedulers:
         scheduler.set_timesteps(run.steps, device=model.device)
+        # Step by position, not by looking the timestep up: with zero-terminal-SNR models, Karras and
+        # exponential sigmas above the top training sigma all round to timestep 999, and a lookup
+        # would land on the wrong repeat and run off the end of the schedule.
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
     timesteps = schedulers[0].timesteps
     # 2. Starting latents: pure noise, or the init image noised to where img2img starts
     init_latents = mask = None

@@ -149,6 +149,17 @@ class ModelManager:
         gc.collect()
         devices.empty_cache()
 
+    def set_cache_size(self, size: int) -> None:
+        """Keep up to `size` checkpoints loaded from now on; extra ones (least recently used first,
+        never the active one) are freed at once."""
+        with self.lock:
+            self.settings = self.settings.with_changes(checkpoint_cache_size=size)
+            for key in list(self._cache):
+                if len(self._cache) <= size:
+                    break
+                if self._cache[key] is not self._active:
+                    self._evict(key)
+
     def unload(self) -> None:
         """Free every loaded checkpoint (A1111's unload-checkpoint)."""
         with self.lock:

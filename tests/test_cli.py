@@ -57,7 +57,8 @@ def test_ckpt_dir_points_at_another_install(settings, model_files, tmp_path, cap
 def test_help_lists_every_flag():
     result = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     for flag in ("--data-dir", "--ckpt-dir", "--vae-dir", "--lora-dir", "--embeddings-dir", "--device",
-                 "--no-half", "--precision", "--medvram", "--lowvram", "--threads", "generate"):
+                 "--no-half", "--precision", "--medvram", "--lowvram", "--threads", "generate", "--listen", "--port",
+                 "--share", "--gradio-auth", "--gradio-auth-path", "--insecure"):
         assert flag in result.stdout
     gen = subprocess.run([sys.executable, "app.py", "generate", "--help"], cwd=ROOT, capture_output=True, text=True)
     for flag in ("--prompt", "--negative-prompt", "--checkpoint", "--steps", "--sampler", "--schedule-type",

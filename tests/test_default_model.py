@@ -3,6 +3,8 @@ and follows colour prompts (object colour measured on the image)."""
 
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 
 from backend.generation import generate
@@ -51,3 +53,15 @@ def test_default_model_follows_colour_prompts(manager):
     expected = [prompt.split()[2] for prompt, _ in PROMPTS]
     matches = sum(got == want for got, want in zip(colours, expected))
     assert matches >= len(PROMPTS) - 1, list(zip(expected, colours))
+
+
+@pytest.mark.parametrize("sampler, schedule", [("DPM++ 2M", "Karras"), ("DPM++ 2M SDE", "Karras"),
+                                               ("DPM2", "Karras"), ("Euler", "Exponential")])
+def test_long_karras_schedules_run_on_a_zero_terminal_snr_model(manager, sampler, schedule):
+    """Above the top training sigma, Karras/exponential sigmas all round to timestep 999; stepping
+    by timestep lookup used to run off the schedule (IndexError) or produce NaN at 50+ steps."""
+    result = generate(manager, GenerationRequest(prompt="a large red circle on a white background, center",
+                                                 checkpoint="easel-shapes", steps=60, sampler=sampler,
+                                                 schedule_type=schedule, seed=9, save_images=False))
+    pixels = np.asarray(result.images[0].image, dtype=np.float32)
+    assert pixels.std() > 10  # an image, not a flat (NaN-replaced) field

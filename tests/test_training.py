@@ -61,11 +61,13 @@ def test_measures_catch_wrong_attributes(scorer):
 def test_training_runs_resumes_and_exports_a_loadable_model(tmp_path, settings):
     work = tmp_path / "work"
     tiny = ["--work-dir", str(work), "--vae-steps", "2", "--vae-batch", "2", "--batch", "2", "--log-every", "1",
-            "--save-every", "2", "--unet-steps", "3"]
+            "--save-every", "2", "--probe-every", "2", "--unet-steps", "3"]
     train_default_model.main(tiny)
     log = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["step"]) for r in log] == [("vae", 1), ("vae", 2), ("unet", 1), ("unet", 2), ("unet", 3)]
-    assert all(np.isfinite(r["loss"]) for r in log)
+    assert [(r["stage"], r["step"]) for r in log] == [("vae", 1), ("vae", 2), ("unet", 1), ("unet", 2), ("probe", 2),
+                                                      ("unet", 3)]
+    assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
+    assert log[4]["position_from_noise"] in {k / 18 for k in range(19)}
     train_default_model.main([*tiny[:-1], "5"])  # resumes at step 3
     log = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["stage"] == "unet"] == [1, 2, 3, 4, 5]

@@ -94,11 +94,35 @@ class Trainer:
         self.vae_opt = torch.optim.AdamW(self.models["vae"].parameters(), lr=args.vae_lr)
         params = list(self.models["unet"].parameters()) + list(self.models["text_encoders"][0].parameters())
         self.unet_opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+        # Exponential moving averages of the UNet and text encoder: what gets exported.
+        self.ema = {name: {k: v.detach().clone() for k, v in self._trained(name).state_dict().items()}
+                    for name in ("unet", "text_encoder")}
         self._resume()
         if args.init_from and not self.checkpoint_path.is_file():
             self._init_from(Path(args.init_from))
 
     # -- persistence -------------------------------------------------------------------------------
+    def _trained(self, name: str) -> torch.nn.Module:
+        return self.models["unet"] if name == "unet" else self.models["text_encoders"][0]
+
+    def restart_ema(self) -> None:
+        """Start the averages from the current weights (after loading weights saved without them)."""
+        self.state["ema_start"] = self.state["unet_step"]
+        for name, averages in self.ema.items():
+            averages.update({k: v.detach().clone() for k, v in self._trained(name).state_dict().items()})
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        # Warm up the decay as in diffusers' EMAModel, so early averages are not dominated by the init.
+        step = self.state["unet_step"] - self.state.get("ema_start", 0)
+        decay = min(self.args.ema_decay, (1 + step) / (10 + step))
+        for name, averages in self.ema.items():
+            for key, value in self._trained(name).state_dict().items():
+                if value.dtype.is_floating_point:
+                    averages[key].lerp_(value, 1 - decay)
+                else:
+                    averages[key].copy_(value)
+
     @property
     def checkpoint_path(self) -> Path:
         return self.work / "state.pt"
@@ -113,6 +137,10 @@ class Trainer:
         self.vae_opt.load_state_dict(saved["vae_opt"])
         self.unet_opt.load_state_dict(saved["unet_opt"])
         self.state = saved["state"]
+        if "ema" in saved:
+            self.ema = saved["ema"]
+        else:  # a state saved before averaging was added: start the averages here
+            self.restart_ema()
         self.rng.setstate(saved["rng"])
         torch.set_rng_state(saved["torch_rng"].cpu())
         print(f"resumed at VAE step {self.state['vae_step']}, UNet step {self.state['unet_step']}", flush=True)
@@ -129,6 +157,7 @@ class Trainer:
         saved = json.loads(checkpoints.read_metadata(path).get("easel.training", "{}"))
         self.state = {"vae_step": max(saved.get("vae_step", 0), self.args.vae_steps),
                       "unet_step": saved.get("unet_step", 0), "seconds": saved.get("seconds", 0.0)}
+        self.restart_ema()
         print(f"initialised from {path} at UNet step {self.state['unet_step']}", flush=True)
 
     def save(self) -> None:
@@ -137,7 +166,7 @@ class Trainer:
             "unet": self.models["unet"].state_dict(), "vae": self.models["vae"].state_dict(),
             "text_encoder": self.models["text_encoders"][0].state_dict(),
             "vae_opt": self.vae_opt.state_dict(), "unet_opt": self.unet_opt.state_dict(),
-            "state": self.state, "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
+            "ema": self.ema, "state": self.state, "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(),
         }, tmp)
         tmp.replace(self.checkpoint_path)
 
@@ -191,7 +220,7 @@ class Trainer:
             x = to_pixels(pixels).to(self.device)
             latents = vae.eval().encode(x).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=self.device)
+        t = self.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         target = noise_scheduler.get_velocity(latents, noise, t)
         context = encoder(self.tokens(captions)).last_hidden_state
@@ -204,6 +233,45 @@ class Trainer:
             group["lr"] = self.args.lr * min(1.0, (step + 1) / 500) * self.cooldown()
         self.unet_opt.step()
         return loss.item()
+
+    def sample_timesteps(self, count: int, total: int) -> torch.Tensor:
+        """Uniform timesteps, with a share (--high-noise-share) drawn from the noisier half instead:
+        that is where layout, colour and shape are decided from the text; the quieter half only
+        refines edges, which the model learns quickly."""
+        t = torch.randint(0, total, (count,))
+        noisy = torch.rand(count) < self.args.high_noise_share
+        t[noisy] = torch.randint(total // 2, total, (int(noisy.sum()),))
+        return t.to(self.device)
+
+    @torch.no_grad()
+    def position_probe(self, noise_scheduler) -> float:
+        """Share of the nine positions the model's clean-image guess from pure noise (t=T) puts the
+        object in, for two fixed captions each: a cheap signal of whether the text steers layout."""
+        unet, encoder, vae = self.models["unet"].eval(), self.models["text_encoders"][0].eval(), self.models["vae"].eval()
+        scenes = [shapes.Scene(shape, color, background, "large", position)
+                  for shape, color, background in (("circle", "red", "blue"), ("square", "yellow", "purple"))
+                  for position in shapes.POSITIONS]
+        context = encoder(self.tokens([scene.caption() for scene in scenes])).last_hidden_state
+        last = noise_scheduler.config.num_train_timesteps - 1
+        noise = torch.randn(len(scenes), *self._latent_shape, generator=torch.Generator().manual_seed(0)).to(self.device)
+        v = unet(noise, torch.full((len(scenes),), last, device=self.device), encoder_hidden_states=context).sample
+        alpha = noise_scheduler.alphas_cumprod[last].to(self.device)
+        x0 = alpha.sqrt() * noise - (1 - alpha).sqrt() * v
+        images = ((vae.decode(x0 / vae.config.scaling_factor).sample.clamp(-1, 1) + 1) * 127.5).round()
+        images = images.permute(0, 2, 3, 1).byte().cpu().numpy()
+        hits = 0
+        for image, scene in zip(images, scenes):
+            mask, _ = metrics.object_mask(image)
+            ys, xs = np.nonzero(mask)
+            if len(ys):
+                hits += (min(2, int(ys.mean() * 3 / image.shape[0])), min(2, int(xs.mean() * 3 / image.shape[1]))) == scene.cell
+        unet.train(), encoder.train()
+        return hits / len(scenes)
+
+    @property
+    def _latent_shape(self) -> tuple[int, int, int]:
+        side = self.config["unet"]["sample_size"]
+        return self.config["unet"]["in_channels"], side, side
 
     def cooldown(self) -> float:
         """Learning-rate factor: 1, falling linearly to 0.05 over the run's last --cooldown-minutes."""
@@ -230,6 +298,7 @@ class Trainer:
             else:
                 loss = self.unet_step(noise_scheduler)
                 self.state["unet_step"] += 1
+                self.update_ema()
                 stage, step = "unet", self.state["unet_step"]
             self.state["seconds"] += time.time() - tick
             running.append(loss)
@@ -239,6 +308,10 @@ class Trainer:
                 self.log(record)
                 print(json.dumps(record), flush=True)
                 running = []
+            if stage == "unet" and step % args.probe_every == 0:
+                record = {"stage": "probe", "step": step, "position_from_noise": self.position_probe(noise_scheduler)}
+                self.log(record)
+                print(json.dumps(record), flush=True)
             if step % args.save_every == 0:
                 self.save()
         self.save()
@@ -250,6 +323,8 @@ def export(args) -> Path:
     from safetensors.torch import save_file
 
     trainer = Trainer(args)
+    for name, averages in trainer.ema.items():  # export the averaged weights
+        trainer._trained(name).load_state_dict(averages)
     decoder = Path(args.work_dir) / "decoder.pt"
     if decoder.is_file():  # the sharpened decoder from finetune_decoder.py
         trainer.models["vae"].load_state_dict(torch.load(decoder, weights_only=False)["weights"], strict=False)
@@ -291,6 +366,10 @@ def parse_args(argv=None):
     parser.add_argument("--cooldown-minutes", type=float, default=0,
                         help="lower the learning rate linearly over this run's last minutes")
     parser.add_argument("--vae-lr", type=float, default=2e-3)
+    parser.add_argument("--high-noise-share", type=float, default=0.5,
+                        help="share of timesteps drawn from the noisier half of the schedule")
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--probe-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (much faster)")

@@ -1,0 +1,282 @@
+"""The web UI in a real browser: Debian's Chromium driven by Playwright, against the app serving the
+shipped default model. Screenshots of each tab land in test-artifacts/screenshots (for people to look
+at; nothing compares them).
+
+Skipped when Playwright or Chromium is missing (`run_tests.sh` installs both where it can).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+from backend.settings import Settings
+
+playwright = pytest.importorskip("playwright.sync_api")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+DEFAULT_MODEL = ROOT / "models" / "Stable-diffusion" / "easel-shapes.safetensors"
+ARTIFACTS = Path(os.environ.get("EASEL_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "screenshots"
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"]
+TIMEOUT_MS = 120_000
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed "
+                                "(apt-get install chromium)")
+
+
+def start_server(data_dir: Path, tokenizer_cache: Path, **server_options):
+    from ui.launch import ServerOptions, launch
+
+    ckpt = data_dir / "models" / "Stable-diffusion"
+    ckpt.mkdir(parents=True)
+    shutil.copy(DEFAULT_MODEL, ckpt / DEFAULT_MODEL.name)
+    shutil.copytree(tokenizer_cache, data_dir / "cache", dirs_exist_ok=True)
+    settings = Settings(data_dir=data_dir, default_checkpoint="easel-shapes")
+    demo, url, _ = launch(settings, ServerOptions(**server_options), block=False)
+    return demo, url, settings
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tokenizer_cache):
+    data_dir = tmp_path_factory.mktemp("ui-data")
+    ckpt = data_dir / "models" / "Stable-diffusion"
+    demo, url, settings = start_server(data_dir, tokenizer_cache)
+    # A second copy to switch to, and a broken file that must not take the app down.
+    shutil.copy(DEFAULT_MODEL, ckpt / "second-copy.safetensors")
+    (ckpt / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    yield url, settings
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    url, _ = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1200})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.wait_for_selector("#txt2img_prompt textarea")
+    yield page
+    page.close()
+
+
+def screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def set_number(page, selector: str, value) -> None:
+    field = page.locator(selector).first
+    field.fill(str(value))
+    field.press("Tab")
+
+
+def wait_for_text(page, selector: str, text: str) -> None:
+    page.wait_for_function(
+        "([sel, text]) => { const e = document.querySelector(sel); return e && e.innerText.includes(text); }",
+        arg=[selector, text], timeout=TIMEOUT_MS,
+    )
+
+
+def generate(page, tab: str = "txt2img") -> None:
+    """Click Generate and wait until this job's final status (images or an error) is shown."""
+    page.evaluate(
+        """tab => {
+            window.easelStatuses = [];
+            const target = document.querySelector(`#${tab}_progress`);
+            new MutationObserver(() => window.easelStatuses.push(target.innerText))
+                .observe(target, {childList: true, subtree: true, characterData: true});
+        }""", tab)
+    page.click(f"#{tab}_generate")
+    page.wait_for_function(
+        "() => window.easelStatuses.some(t => /image|⚠/.test(t) && !/ETA|Step/.test(t))", timeout=TIMEOUT_MS)
+    page.locator(f"#{tab}_generate").wait_for(state="visible")
+
+
+def gallery_images(page, tab: str = "txt2img") -> list[Image.Image]:
+    images = []
+    for src in page.eval_on_selector_all(f"#{tab}_gallery .thumbnail-item img, #{tab}_gallery button img",
+                                         "els => [...new Set(els.map(e => e.src))]"):
+        response = page.request.get(src)
+        assert response.ok, src
+        images.append(Image.open(io.BytesIO(response.body())))
+    return images
+
+
+def test_txt2img_shows_the_image_and_its_infotext_and_saves_the_same(page, server):
+    _, settings = server
+    page.fill("#txt2img_prompt textarea", "a large red circle on a blue background, center")
+    wait_for_text(page, ".easel-tokens", "/75")
+    set_number(page, "#txt2img_seed input", 77)
+    generate(page)
+    images = gallery_images(page)
+    assert len(images) == 1 and images[0].size == (64, 64)
+    shown = page.inner_text("#txt2img_infotext")
+    assert "a large red circle on a blue background, center" in shown and "Seed: 77" in shown
+    assert "Size: 64x64" in shown and "Model: easel-shapes" in shown
+    saved = sorted((settings.output_root / "txt2img-images").rglob("*-77.png"))
+    assert saved, "the image was not saved"
+    with Image.open(saved[-1]) as png:
+        assert png.info["parameters"].replace("\n", " ") == shown.replace("\n", " ").strip()
+        assert np.array_equal(np.asarray(png.convert("RGB")), np.asarray(images[0].convert("RGB")))
+    assert images[0].info.get("parameters") == png.info["parameters"]  # downloads keep the infotext
+    screenshot(page, "txt2img")
+
+
+def test_same_seed_twice_is_identical_and_send_to_img2img_carries_image_and_prompt(page):
+    prompt = "a small yellow square on a purple background, bottom right"
+    page.fill("#txt2img_prompt textarea", prompt)
+    set_number(page, "#txt2img_seed input", 4242)
+    generate(page)
+    first = np.asarray(gallery_images(page)[0].convert("RGB"))
+    generate(page)
+    second = np.asarray(gallery_images(page)[0].convert("RGB"))
+    assert np.array_equal(first, second)
+    page.click("#txt2img_send_to_img2img")
+    page.wait_for_selector("#img2img_image img")
+    assert page.input_value("#img2img_prompt textarea") == prompt
+    assert page.input_value("#img2img_seed input") == "4242"
+    src = page.get_attribute("#img2img_image img", "src")
+    sent = np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB"))
+    assert np.array_equal(sent, first)
+    screenshot(page, "img2img")
+
+
+def test_interrupt_returns_to_ready_with_the_finished_images(page):
+    page.fill("#txt2img_prompt textarea", "a large green star on a white background, top left")
+    set_number(page, "#txt2img_steps input[type=number]", 150)
+    set_number(page, "#txt2img_seed input", 5)
+    set_number(page, "#txt2img_batch_count input[type=number]", 6)
+    page.click("#txt2img_generate")
+    wait_for_text(page, "#txt2img_progress", "batch 2/6")
+    page.click("#txt2img_interrupt")
+    wait_for_text(page, "#txt2img_progress", "Interrupted")
+    page.locator("#txt2img_generate").wait_for(state="visible")
+    assert not page.locator("#txt2img_interrupt").is_visible()
+    assert 1 <= len(gallery_images(page)) < 6
+
+
+def test_inpaint_upload_changes_only_the_masked_area(page, tmp_path):
+    source = Image.new("RGB", (64, 64), (40, 80, 220))
+    source.paste((240, 220, 40), (8, 8, 24, 24))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (32, 32, 64, 64))
+    source.save(tmp_path / "source.png")
+    mask.save(tmp_path / "mask.png")
+    page.click("button[role=tab]:has-text('img2img')")
+    page.click("#img2img_modes button[role=tab]:has-text('Inpaint upload')")
+    page.set_input_files("#img2img_upload_image input[type=file]", str(tmp_path / "source.png"))
+    page.set_input_files("#img2img_upload_mask input[type=file]", str(tmp_path / "mask.png"))
+    page.wait_for_selector("#img2img_upload_mask img")
+    page.fill("#img2img_prompt textarea", "a large red circle on a blue background, bottom right")
+    page.click("text=Inpaint settings")
+    set_number(page, "#img2img_mask_blur input[type=number]", 0)
+    set_number(page, "#img2img_denoising_strength input[type=number]", 1)
+    set_number(page, "#img2img_seed input", 3)
+    generate(page, "img2img")
+    result = np.asarray(gallery_images(page, "img2img")[0].convert("RGB")).astype(int)
+    original = np.asarray(source).astype(int)
+    keep = np.asarray(mask) == 0
+    assert np.array_equal(result[keep], original[keep])
+    assert np.abs(result[~keep] - original[~keep]).mean() > 5  # the masked corner was repainted
+    screenshot(page, "inpaint")
+
+
+def test_png_info_fills_txt2img_from_an_a1111_infotext(page, tmp_path):
+    text = ("a cat in a hat, (masterpiece:1.2)\nNegative prompt: blurry, lowres\n"
+            "Steps: 33, Sampler: Euler a, Schedule type: Karras, CFG scale: 5.5, Seed: 424242, Size: 64x128, "
+            "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, Version: v1.10.1")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    Image.new("RGB", (64, 128), (10, 20, 30)).save(tmp_path / "a1111.png", pnginfo=info)
+    page.click("button[role=tab]:has-text('PNG Info')")
+    page.set_input_files("#pnginfo_image input[type=file]", str(tmp_path / "a1111.png"))
+    wait_for_text(page, "#pnginfo_html", "424242")
+    screenshot(page, "png-info")
+    page.click("#pnginfo_send_to_txt2img")
+    page.wait_for_selector("#txt2img_prompt textarea")
+    wait_for_text(page, "body", "txt2img")
+    page.wait_for_function("document.querySelector('#txt2img_prompt textarea').value.includes('cat')")
+    assert page.input_value("#txt2img_prompt textarea") == "a cat in a hat, (masterpiece:1.2)"
+    assert page.input_value("#txt2img_neg_prompt textarea") == "blurry, lowres"
+    assert page.input_value("#txt2img_seed input") == "424242"
+    assert page.input_value("#txt2img_steps input[type=number]") == "33"
+    assert page.input_value("#txt2img_cfg_scale input[type=number]") == "5.5"
+    assert page.input_value("#txt2img_width input[type=number]") == "64"
+    assert page.input_value("#txt2img_height input[type=number]") == "128"
+    assert page.input_value("#txt2img_sampler input") == "Euler a"
+
+
+def choose_checkpoint(page, name: str) -> None:
+    page.click("#setting_sd_model_checkpoint input")
+    page.click(f"ul[role=listbox] li:has-text('{name}')")
+
+
+def test_switching_checkpoints_and_a_broken_file_keeps_the_previous_model(page):
+    page.click("#refresh_checkpoints")
+    choose_checkpoint(page, "second-copy.safetensors")
+    wait_for_text(page, "#model_status", "Model: second-copy")
+    assert page.input_value("#setting_sd_model_checkpoint input") == "second-copy.safetensors"
+    choose_checkpoint(page, "broken.safetensors")
+    wait_for_text(page, "#model_status", "Cannot load broken.safetensors")
+    screenshot(page, "broken-checkpoint")
+    page.wait_for_function(
+        "document.querySelector('#setting_sd_model_checkpoint input').value == 'second-copy.safetensors'")
+    page.fill("#txt2img_prompt textarea", "a large white diamond on a black background, center")
+    generate(page)
+    assert "Model: second-copy" in page.inner_text("#txt2img_infotext")
+    assert len(gallery_images(page)) == 1
+
+
+def test_settings_tab_saves_config_json(page, server):
+    _, settings = server
+    page.click("button[role=tab]:has-text('Settings')")
+    steps = page.get_by_label("Default steps").first
+    steps.fill("12")
+    steps.press("Tab")
+    page.click("#settings_submit")
+    wait_for_text(page, "#settings_result", "applied")
+    screenshot(page, "settings")
+    import json
+
+    stored = json.loads((Path(settings.data_dir) / "config.json").read_text())
+    assert stored["default_steps"] == 12
+    page.reload()
+    page.wait_for_selector("#txt2img_steps input[type=number]")
+    page.wait_for_function("document.querySelector('#txt2img_steps input[type=number]').value == '12'")
+
+
+def test_a_server_with_auth_rejects_a_wrong_password(browser, tmp_path, tokenizer_cache):
+    demo, url, _ = start_server(tmp_path, tokenizer_cache, auth="alice:s3cret")
+    try:
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        page.fill("input[type=text]", "alice")
+        page.fill("input[type=password]", "wrong")
+        page.keyboard.press("Enter")
+        wait_for_text(page, "body", "Incorrect")
+        assert page.locator("#txt2img_prompt").count() == 0
+        screenshot(page, "login-rejected")
+        page.fill("input[type=text]", "alice")
+        page.fill("input[type=password]", "s3cret")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#txt2img_prompt textarea")
+        page.close()
+    finally:
+        demo.close()

@@ -1,0 +1,149 @@
+"""The web UI's parts that need no browser: options file, styles, auth and the public-server rule,
+per-session jobs, the token counter and masks from the image editor."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from PIL import Image
+
+import app
+from backend.progress import Progress
+from ui import jobs
+from ui.launch import LaunchError, ServerOptions, check_public, credentials, parse_auth
+from ui.options import Options, load_options, save_options
+from ui.styles import Style, StyleDatabase, merge_prompt
+from ui.webui import fields_from_infotext, mask_from_editor, token_counter
+
+
+# -- options ---------------------------------------------------------------------------------------
+def test_options_round_trip_and_bad_entries_fall_back_field_by_field(tmp_path):
+    path = tmp_path / "config.json"
+    save_options(Options(default_steps=12, default_sampler="Euler a", live_preview_every=0), path)
+    assert load_options(path) == Options(default_steps=12, default_sampler="Euler a", live_preview_every=0)
+    path.write_text(json.dumps({"default_steps": "many", "default_sampler": "Nope", "checkpoint_cache": 3,
+                                "default_cfg_scale": 5}))
+    loaded = load_options(path)
+    assert (loaded.default_steps, loaded.default_sampler) == (20, "DPM++ 2M")  # defaults kept
+    assert (loaded.checkpoint_cache, loaded.default_cfg_scale) == (3, 5)
+    path.write_text("{half a file")
+    assert load_options(path) == Options()
+
+
+def test_invalid_options_are_refused_and_the_old_file_stays(tmp_path):
+    path = tmp_path / "config.json"
+    save_options(Options(default_steps=30), path)
+    with pytest.raises(ValueError, match="default steps"):
+        save_options(Options(default_steps=0), path)
+    assert json.loads(path.read_text())["default_steps"] == 30
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left behind
+
+
+# -- styles -------------------------------------------------------------------------------------------
+def test_styles_apply_like_a1111_and_save_in_its_csv_format(tmp_path):
+    path = tmp_path / "styles.csv"
+    path.write_text('name,prompt,negative_prompt\n'
+                    '"Cinematic","cinematic still of {prompt}, film grain","cartoon, lowres"\n'
+                    'Sharp,"sharp focus, detailed",\n', encoding="utf-8")
+    styles = StyleDatabase(path)
+    assert styles.names == ["Cinematic", "Sharp"]
+    assert styles.apply(["Cinematic", "Sharp"], "a red star", "blurry") == (
+        "cinematic still of a red star, film grain, sharp focus, detailed", "blurry, cartoon, lowres")
+    assert merge_prompt("best quality", "") == "best quality"
+    styles.save(Style("Mine", "a {prompt}, oil painting", "photo"))
+    reread = StyleDatabase(path)
+    assert reread.styles["Mine"] == Style("Mine", "a {prompt}, oil painting", "photo")
+    assert reread.styles["Cinematic"].negative_prompt == "cartoon, lowres"
+    assert path.read_text().splitlines()[0] == "name,prompt,negative_prompt"
+
+
+# -- launch rules ---------------------------------------------------------------------------------------
+def test_auth_parsing_accepts_several_users_and_colons_in_passwords(tmp_path):
+    assert parse_auth("alice:pw1, bob:p:w2") == [("alice", "pw1"), ("bob", "p:w2")]
+    (tmp_path / "auth.txt").write_text("carol:xyz\ndave:abc\n")
+    options = ServerOptions(auth="alice:pw1", auth_path=tmp_path / "auth.txt")
+    assert credentials(options) == [("alice", "pw1"), ("carol", "xyz"), ("dave", "abc")]
+    with pytest.raises(LaunchError, match="user:password"):
+        parse_auth("alice")
+
+
+@pytest.mark.parametrize("flags", [{"share": True}, {"listen": True}])
+def test_a_public_server_needs_auth_unless_insecure(flags):
+    with pytest.raises(LaunchError, match="--gradio-auth"):
+        check_public(ServerOptions(**flags), [])
+    check_public(ServerOptions(**flags), [("a", "b")])
+    check_public(ServerOptions(**flags, insecure=True), [])
+    check_public(ServerOptions(), [])  # local only: fine
+
+
+def test_app_refuses_to_share_without_auth_and_says_how(capsys, tmp_path):
+    assert app.main(["--data-dir", str(tmp_path), "--share"]) == 2
+    err = capsys.readouterr().err
+    assert "--gradio-auth user:password" in err and "--insecure" in err
+
+
+# -- jobs ----------------------------------------------------------------------------------------------
+def test_interrupt_reaches_only_the_sessions_own_job():
+    registry = jobs.JobRegistry()
+    mine, theirs = registry.prepare("me"), registry.prepare("them")
+    assert registry.interrupt("me")
+    assert mine.control.interrupted and not theirs.control.interrupted
+    assert not registry.interrupt("nobody")
+
+
+def test_run_streams_progress_then_the_result_or_the_error():
+    job = jobs.SessionJob()
+    release = threading.Event()
+
+    def work(control):
+        control.report(Progress(step=5, steps=10, batch=0, batches=2))
+        release.wait(5)
+        return "done"
+
+    events = jobs.run(work, job, poll=0.01)
+    first = next(events)
+    while first.progress is None:
+        first = next(events)
+    assert first.progress.fraction == 0.25 and "Step 5/10 · batch 1/2 · 25%" in first.describe()
+    release.set()
+    *_, last = list(events)
+    assert isinstance(last, jobs.Finished) and last.result == "done" and last.error is None
+
+    def broken(control):
+        raise ValueError("bad sampler")
+
+    *_, last = list(jobs.run(broken, jobs.SessionJob(), poll=0.01))
+    assert isinstance(last.error, ValueError) and last.result is None
+
+
+# -- small helpers ---------------------------------------------------------------------------------------
+def test_token_counter_grows_in_chunks_of_75(tokenizer_cache):
+    from backend.clip_tokenizer import load_clip_tokenizer
+
+    tokenizer = load_clip_tokenizer(str(tokenizer_cache))
+    assert token_counter(tokenizer, "") == "0/75"
+    assert token_counter(tokenizer, "a red star") == "3/75"
+    assert token_counter(tokenizer, "red " * 80) == "80/150"
+
+
+def test_mask_from_editor_is_the_union_of_painted_strokes():
+    background = Image.new("RGBA", (32, 16), (0, 0, 255, 255))
+    layer = Image.new("RGBA", (32, 16), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (4, 4, 8, 8))
+    second = Image.new("RGBA", (32, 16), (0, 0, 0, 0))
+    second.paste((255, 255, 255, 128), (20, 0, 24, 2))
+    mask = mask_from_editor({"background": background, "layers": [layer, second], "composite": None})
+    assert mask.size == (32, 16) and mask.getbbox() == (4, 0, 24, 8)
+    assert mask.getpixel((5, 5)) == 255 and mask.getpixel((21, 1)) == 255 and mask.getpixel((12, 12)) == 0
+    empty = Image.new("RGBA", (32, 16), (0, 0, 0, 0))
+    assert mask_from_editor({"background": background, "layers": [empty]}) is None
+
+
+def test_infotext_fills_every_request_field():
+    fields = fields_from_infotext("a cat\nNegative prompt: dog\nSteps: 33, Sampler: Euler a, CFG scale: 5.5, "
+                                  "Seed: 42, Size: 64x128, Clip skip: 2, Denoising strength: 0.4")
+    assert fields == {"prompt": "a cat", "negative_prompt": "dog", "steps": 33, "sampler": "Euler a",
+                      "schedule_type": "Automatic", "cfg_scale": 5.5, "seed": 42, "width": 64, "height": 128,
+                      "clip_skip": 2, "denoising_strength": 0.4, "subseed_strength": 0.0}

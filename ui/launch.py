@@ -1,0 +1,121 @@
+"""Starting the web UI: authentication, the public-server rule, offline gradio, and `launch()`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# No calls home: gradio's analytics and version check stay off (set before gradio is imported).
+OFFLINE_ENVIRONMENT = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1",
+                       "DO_NOT_TRACK": "1"}
+
+
+class LaunchError(RuntimeError):
+    """The server cannot start as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    listen: bool = False
+    port: int | None = None
+    share: bool = False
+    auth: str | None = None  # "user:pass,user2:pass2"
+    auth_path: Path | None = None
+    insecure: bool = False
+
+    @property
+    def public(self) -> bool:
+        return self.listen or self.share
+
+
+def parse_auth(text: str) -> list[tuple[str, str]]:
+    """`user:pass,user2:pass2` (commas or newlines between pairs; a password may contain ':')."""
+    pairs = []
+    for item in text.replace("\n", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        user, sep, password = item.partition(":")
+        if not sep or not user or not password:
+            raise LaunchError(f"bad credentials {item.split(':')[0]!r}: write them as user:password")
+        pairs.append((user, password))
+    return pairs
+
+
+def credentials(options: ServerOptions) -> list[tuple[str, str]]:
+    pairs = parse_auth(options.auth) if options.auth else []
+    if options.auth_path:
+        try:
+            pairs += parse_auth(Path(options.auth_path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise LaunchError(f"cannot read --gradio-auth-path {options.auth_path}: {exc}") from exc
+    return pairs
+
+
+def check_public(options: ServerOptions, pairs: list[tuple[str, str]]) -> None:
+    """A server reachable from other machines needs a password unless --insecure says otherwise."""
+    if not options.public or pairs:
+        return
+    flag = "--share" if options.share else "--listen"
+    if options.insecure:
+        logger.warning("*** %s without a password (--insecure): anyone who can reach this server can use it "
+                       "and read its files ***", flag)
+        return
+    raise LaunchError(
+        f"{flag} makes Easel reachable from other machines, so it needs a password: add "
+        "--gradio-auth user:password (or --gradio-auth-path FILE with user:password lines); "
+        "--insecure starts it without one"
+    )
+
+
+def launch(settings, server: ServerOptions, config_path: Path | None = None, block: bool = True):
+    """Build the model manager and the UI and serve it; returns gradio's (app, local_url, share_url)."""
+    for key, value in OFFLINE_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    pairs = credentials(server)
+    check_public(server, pairs)
+
+    from backend.model_manager import ModelManager
+    from ui.options import CONFIG_NAME, load_options
+    from ui.styles import StyleDatabase
+    from ui.webui import CSS, UIContext, build_ui
+
+    config_path = config_path or Path(settings.data_dir) / CONFIG_NAME
+    options = load_options(config_path)
+    if settings.checkpoint_cache_size == 1 and options.checkpoint_cache != 1:
+        settings = settings.with_changes(checkpoint_cache_size=options.checkpoint_cache)
+    manager = ModelManager(settings)
+    try:
+        model = manager.activate()
+        logger.info("Loaded %s", model.label)
+    except Exception as exc:  # the UI still starts; the top bar shows the error and lets the user pick
+        logger.error("No model loaded at start: %s", exc)
+    context = UIContext(manager, options, config_path, StyleDatabase(Path(settings.data_dir) / "styles.csv"),
+                        public=server.public)
+    demo = build_ui(context)
+    demo.queue(default_concurrency_limit=1)
+    allowed = [str(settings.output_root), str(settings.cache_dir)]
+    allowed += [folder for folder in (options.outdir_txt2img, options.outdir_img2img) if folder.strip()]
+    app, local_url, share_url = demo.launch(
+        server_name="0.0.0.0" if server.listen else "127.0.0.1",
+        server_port=server.port,
+        share=server.share,
+        auth=pairs or None,
+        auth_message="Easel: sign in with the credentials given to --gradio-auth" if pairs else None,
+        allowed_paths=allowed,
+        css=CSS,
+        prevent_thread_lock=True,
+        quiet=False,
+        footer_links=["settings"],
+    )
+    if server.share and not share_url:
+        logger.error("The share link could not be created (it needs the network to reach gradio's tunnel); "
+                     "still serving at %s", local_url)
+    demo.easel_context = context
+    if block:
+        demo.block_thread()
+    return demo, local_url, share_url

@@ -1,0 +1,99 @@
+"""UI options kept in `config.json` in the data folder (A1111 keeps its settings there too).
+
+Written atomically (temporary file, then rename), so a crash mid-write never leaves a broken file; an
+unreadable or partly invalid file falls back to defaults field by field and says which.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from backend.samplers import SAMPLER_NAMES
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class Options:
+    # Saving
+    save_images: bool = True  # txt2img and img2img results go to the outputs folder
+    outdir_txt2img: str = ""  # empty: <outputs>/txt2img-images
+    outdir_img2img: str = ""  # empty: <outputs>/img2img-images
+    # Models
+    checkpoint_cache: int = 1  # checkpoints kept loaded
+    # Defaults of the txt2img / img2img controls
+    default_sampler: str = "DPM++ 2M"
+    default_steps: int = 20
+    default_cfg_scale: float = 7.0
+    # Live preview: every N steps (0 turns previews off)
+    live_preview_every: int = 5
+
+    def validate(self) -> None:
+        if self.checkpoint_cache < 1:
+            raise ValueError("checkpoint cache size must be at least 1")
+        if self.default_sampler not in SAMPLER_NAMES:
+            raise ValueError(f"default sampler must be one of: {', '.join(SAMPLER_NAMES)}")
+        if not 1 <= self.default_steps <= 150:
+            raise ValueError("default steps must be between 1 and 150")
+        if self.default_cfg_scale < 0:
+            raise ValueError("default CFG scale must be 0 or more")
+        if self.live_preview_every < 0:
+            raise ValueError("live preview period must be 0 (off) or more")
+
+    def output_dir(self, mode: str) -> Path | None:
+        folder = self.outdir_txt2img if mode == "txt2img" else self.outdir_img2img
+        return Path(folder) if folder.strip() else None
+
+
+def load_options(path: Path) -> Options:
+    """Options from `path`; missing, unreadable or invalid entries keep their defaults."""
+    options = Options()
+    try:
+        stored = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return options
+    except (OSError, ValueError) as exc:
+        logger.warning("Ignoring %s (%s); using default options", path, exc)
+        return options
+    if not isinstance(stored, dict):
+        logger.warning("Ignoring %s: not a JSON object; using default options", path)
+        return options
+    for field in fields(Options):
+        if field.name not in stored:
+            continue
+        candidate = Options(**{**asdict(options), field.name: stored[field.name]})
+        try:
+            if not isinstance(stored[field.name], type(getattr(options, field.name))) and not (
+                isinstance(stored[field.name], int) and isinstance(getattr(options, field.name), float)
+            ):
+                raise ValueError(f"expected {type(getattr(options, field.name)).__name__}")
+            candidate.validate()
+        except ValueError as exc:
+            logger.warning("Ignoring %s = %r in %s: %s", field.name, stored[field.name], path, exc)
+            continue
+        options = candidate
+    return options
+
+
+def save_options(options: Options, path: Path) -> None:
+    """Validate, then write atomically: a temporary file in the same folder replaces the old one."""
+    options.validate()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(asdict(options), handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,666 @@
+"""The Gradio app: top bar, txt2img, img2img (img2img, sketch, inpaint, inpaint upload), PNG Info and
+Settings, all on one `ModelManager`.
+
+Every generation control is registered under the name of the `GenerationRequest` field it sets, and
+handlers receive `{component: value}` dicts, so nothing depends on the order of a positional list.
+Generation events share one queue (`concurrency_id="device"`, one at a time); per-browser state lives
+in `gr.State` and the session hash keys each browser's own job.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from backend import clip_tokenizer, conditioning, infotext, outputs
+from backend.generation import generate
+from backend.images import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
+from backend.model_manager import ModelManager
+from backend.request import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_SIZE, MIN_SIZE, GenerationRequest
+from backend.samplers import SAMPLER_NAMES, SCHEDULE_TYPES
+from ui import jobs
+from ui.options import Options, save_options
+from ui.styles import Style, StyleDatabase
+
+logger = logging.getLogger(__name__)
+
+CHUNK_TOKENS = 75
+IMG2IMG_MODES = ("img2img", "sketch", "inpaint", "inpaint upload")
+MASK_MODES = ("Inpaint masked", "Inpaint not masked")
+CSS = """
+#easel-topbar {align-items: end}
+.easel-tokens {text-align: right; font-size: 0.8em; opacity: 0.7; min-height: 1em}
+.easel-infotext {font-family: monospace; font-size: 0.85em; white-space: pre-wrap; word-break: break-word}
+.easel-status {min-height: 1.5em}
+.easel-error {color: #d33}
+"""
+
+
+@dataclass
+class UIContext:
+    """What the handlers share: the engine, the options and the per-session job registry."""
+
+    manager: ModelManager
+    options: Options
+    options_path: Path
+    styles: StyleDatabase
+    jobs: jobs.JobRegistry = field(default_factory=jobs.JobRegistry)
+    public: bool = False  # served beyond this machine: no server-side folder opening
+    _tokenizer: Any = None
+
+    @property
+    def settings(self):
+        return self.manager.settings
+
+    def tokenizer(self):
+        if self._tokenizer is None:  # every SD family uses CLIP's BPE vocabulary: one counts for all
+            self._tokenizer = clip_tokenizer.load_clip_tokenizer(str(self.settings.cache_dir))
+        return self._tokenizer
+
+    def checkpoint_choices(self) -> list[str]:
+        return [file.filename for file in self.manager.index.checkpoints]
+
+    def active_checkpoint(self) -> str | None:
+        active = self.manager.active
+        return active.file.filename if active is not None else None
+
+    def native_size(self) -> int:
+        active = self.manager.active
+        return active.native_size if active is not None else 512
+
+
+# -- small pure helpers (tested without a browser) ---------------------------------------------------
+def token_counter(tokenizer, text: str) -> str:
+    """A1111's counter: tokens used / the capacity of the 75-token chunks they take."""
+    count = conditioning.count_tokens(tokenizer, text)
+    capacity = max(1, -(-count // CHUNK_TOKENS)) * CHUNK_TOKENS
+    return f"{count}/{capacity}"
+
+
+def mask_from_editor(value: dict | None) -> Image.Image | None:
+    """The painted strokes of an ImageEditor value as an L mask (white = repaint), or None."""
+    if not value or not value.get("layers"):
+        return None
+    background = value.get("background")
+    size = background.size if background is not None else value["layers"][0].size
+    mask = Image.new("L", size, 0)
+    for layer in value["layers"]:
+        if layer is None:
+            continue
+        alpha = layer.convert("RGBA").getchannel("A").resize(size)
+        mask.paste(255, (0, 0), alpha.point(lambda a: 255 if a > 0 else 0))
+    return mask if mask.getbbox() else None
+
+
+def init_from_img2img_inputs(mode: str, image, sketch, editor, upload_image, upload_mask):
+    """(init image, mask) for the chosen img2img mode, with a message naming what is missing."""
+    if mode == "img2img":
+        return _need(image, "img2img needs an image: drop one in the img2img tab"), None
+    if mode == "sketch":
+        composite = (sketch or {}).get("composite") or (sketch or {}).get("background")
+        return _need(composite, "sketch needs an image to draw on"), None
+    if mode == "inpaint":
+        background = _need((editor or {}).get("background"), "inpaint needs an image to paint a mask on")
+        mask = mask_from_editor(editor)
+        if mask is None:
+            raise gr.Error("inpaint needs a mask: paint over the part of the image to repaint")
+        return background, mask
+    base = _need(upload_image, "inpaint upload needs an image")
+    mask = _need(upload_mask, "inpaint upload needs a mask image (white = repaint)")
+    return base, mask
+
+
+def _need(value, message: str):
+    if value is None:
+        raise gr.Error(message)
+    return value
+
+
+def fields_from_infotext(text: str) -> dict[str, Any]:
+    """Parsed infotext -> GenerationRequest field values (prompt, seed, size... all of them)."""
+    return infotext.request_fields(infotext.parse_infotext(text))
+
+
+def format_infotext_html(text: str) -> str:
+    return f"<div class='easel-infotext'>{html.escape(text)}</div>" if text else ""
+
+
+def describe_error(exc: BaseException) -> str:
+    expected = ("RequestError", "SamplerError", "ModelNotFoundError", "NoCheckpointError", "CheckpointLoadError",
+                "CheckpointFormatError", "NonFiniteOutputError", "Error")
+    name = type(exc).__name__
+    return str(exc) if name in expected else f"{name}: {exc}"
+
+
+def open_folder(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    system = platform.system()
+    if system == "Windows":
+        os.startfile(path)  # noqa: S606 - opening a local folder for the local user
+    else:
+        subprocess.Popen(["open" if system == "Darwin" else "xdg-open", str(path)])
+
+
+# -- the app ---------------------------------------------------------------------------------------
+class EaselUI:
+    def __init__(self, context: UIContext):
+        self.ctx = context
+        self.tabs: gr.Tabs | None = None
+        self.pages: dict[str, dict[str, gr.components.Component]] = {}
+
+    # Each generation page's controls, keyed by GenerationRequest field name.
+    def _generation_controls(self, mode: str) -> dict[str, Any]:
+        c: dict[str, Any] = {}
+        options, size = self.ctx.options, self.ctx.native_size()
+        with gr.Row():
+            with gr.Column(scale=6):
+                c["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id=f"{mode}_prompt",
+                                         placeholder="a large red star on a blue background, top left")
+                c["_prompt_tokens"] = gr.HTML("<div class='easel-tokens'>0/75</div>")
+                c["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{mode}_neg_prompt")
+                c["_negative_tokens"] = gr.HTML("<div class='easel-tokens'>0/75</div>")
+            with gr.Column(scale=1, min_width=200):
+                c["_generate"] = gr.Button("Generate", variant="primary", elem_id=f"{mode}_generate", size="lg")
+                with gr.Row():
+                    c["_interrupt"] = gr.Button("Interrupt", visible=False, elem_id=f"{mode}_interrupt")
+                    c["_skip"] = gr.Button("Skip", visible=False, elem_id=f"{mode}_skip")
+                c["_styles"] = gr.Dropdown(self.ctx.styles.names, multiselect=True, label="Styles",
+                                           elem_id=f"{mode}_styles")
+                with gr.Row():
+                    c["_apply_styles"] = gr.Button("Apply styles", size="sm")
+                    c["_style_name"] = gr.Textbox(show_label=False, placeholder="new style name", scale=2)
+                    c["_save_style"] = gr.Button("Save style", size="sm")
+        with gr.Row():
+            with gr.Column(scale=1):
+                if mode == "img2img":
+                    self._img2img_inputs(c)
+                with gr.Row():
+                    c["sampler"] = gr.Dropdown(list(SAMPLER_NAMES), value=options.default_sampler, label="Sampling method",
+                                               elem_id=f"{mode}_sampler")
+                    c["schedule_type"] = gr.Dropdown(list(SCHEDULE_TYPES), value="Automatic", label="Schedule type")
+                c["steps"] = gr.Slider(1, 150, value=options.default_steps, step=1, label="Sampling steps",
+                                       elem_id=f"{mode}_steps")
+                with gr.Row():
+                    with gr.Column(scale=4):
+                        c["width"] = gr.Slider(MIN_SIZE, 2048, value=size, step=8, label="Width", elem_id=f"{mode}_width")
+                        c["height"] = gr.Slider(MIN_SIZE, 2048, value=size, step=8, label="Height",
+                                                elem_id=f"{mode}_height")
+                    c["_swap"] = gr.Button("⇅", elem_id=f"{mode}_swap", scale=0, min_width=40)
+                    with gr.Column(scale=2):
+                        c["batch_count"] = gr.Slider(1, 100, value=1, step=1, label="Batch count",
+                                                     elem_id=f"{mode}_batch_count")
+                        c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{mode}_batch_size")
+                c["cfg_scale"] = gr.Slider(1, 30, value=options.default_cfg_scale, step=0.5, label="CFG Scale",
+                                           elem_id=f"{mode}_cfg_scale")
+                if mode == "img2img":
+                    c["denoising_strength"] = gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength",
+                                                        elem_id="img2img_denoising_strength")
+                with gr.Row():
+                    c["seed"] = gr.Number(-1, label="Seed", precision=0, elem_id=f"{mode}_seed", scale=4)
+                    c["_random_seed"] = gr.Button("🎲", scale=0, min_width=40, elem_id=f"{mode}_random_seed")
+                    c["_reuse_seed"] = gr.Button("♻", scale=0, min_width=40, elem_id=f"{mode}_reuse_seed")
+                with gr.Accordion("Variation seed", open=False):
+                    with gr.Row():
+                        c["subseed"] = gr.Number(-1, label="Variation seed", precision=0)
+                        c["subseed_strength"] = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength")
+                    with gr.Row():
+                        c["seed_resize_from_w"] = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from width")
+                        c["seed_resize_from_h"] = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from height")
+            with gr.Column(scale=1):
+                c["_progress"] = gr.HTML("", elem_classes="easel-status", elem_id=f"{mode}_progress")
+                c["_preview"] = gr.Image(label="Live preview", visible=False, interactive=False, type="pil",
+                                         format="png", elem_id=f"{mode}_preview")
+                c["_gallery"] = gr.Gallery(label="Output", columns=2, height=420, format="png",
+                                           elem_id=f"{mode}_gallery", buttons=["download", "fullscreen"],
+                                           interactive=False)
+                with gr.Row():
+                    c["_open_folder"] = gr.Button("📂 Open folder", size="sm")
+                    c["_to_img2img"] = gr.Button("Send to img2img", size="sm", elem_id=f"{mode}_send_to_img2img")
+                    c["_to_inpaint"] = gr.Button("Send to inpaint", size="sm", elem_id=f"{mode}_send_to_inpaint")
+                c["_infotext"] = gr.HTML("", elem_id=f"{mode}_infotext")
+        # Per-browser state
+        c["_infotexts"] = gr.State([])
+        c["_paths"] = gr.State([])
+        c["_selected"] = gr.State(0)
+        c["_last_seed"] = gr.State(-1)
+        return c
+
+    def _img2img_inputs(self, c: dict[str, Any]) -> None:
+        c["_mode"] = gr.State("img2img")
+        with gr.Tabs(elem_id="img2img_modes") as modes:
+            self.img2img_modes = modes
+            with gr.Tab("img2img", id="img2img") as tab:
+                c["_image"] = gr.Image(label="Image", type="pil", image_mode="RGB", sources=["upload", "clipboard"],
+                                       elem_id="img2img_image", format="png")
+                tab.select(lambda: "img2img", outputs=c["_mode"], queue=False)
+            with gr.Tab("Sketch", id="sketch") as tab:
+                c["_sketch"] = gr.ImageEditor(label="Sketch", type="pil", image_mode="RGB", elem_id="img2img_sketch",
+                                              format="png", brush=gr.Brush(colors=["#000000", "#ffffff", "#d82828"]))
+                tab.select(lambda: "sketch", outputs=c["_mode"], queue=False)
+            with gr.Tab("Inpaint", id="inpaint") as tab:
+                c["_inpaint"] = gr.ImageEditor(label="Image (paint the mask)", type="pil", image_mode="RGBA",
+                                               elem_id="img2img_inpaint", format="png",
+                                               brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"))
+                tab.select(lambda: "inpaint", outputs=c["_mode"], queue=False)
+            with gr.Tab("Inpaint upload", id="inpaint upload") as tab:
+                with gr.Row():
+                    c["_upload_image"] = gr.Image(label="Image", type="pil", image_mode="RGB", format="png",
+                                                  elem_id="img2img_upload_image")
+                    c["_upload_mask"] = gr.Image(label="Mask (white = repaint)", type="pil", image_mode="L",
+                                                 format="png", elem_id="img2img_upload_mask")
+                tab.select(lambda: "inpaint upload", outputs=c["_mode"], queue=False)
+        c["resize_mode"] = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], label="Resize mode")
+        with gr.Accordion("Inpaint settings", open=False):
+            c["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="img2img_mask_blur")
+            c["invert_mask"] = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], label="Mask mode", type="index")
+            c["masked_content"] = gr.Radio(list(MASKED_CONTENT), value="original", label="Masked content")
+            c["inpaint_area"] = gr.Radio(list(INPAINT_AREAS), value=INPAINT_AREAS[0], label="Inpaint area")
+            c["only_masked_padding"] = gr.Slider(0, 256, value=32, step=4, label="Only masked padding, pixels")
+
+    # -- building the request ----------------------------------------------------------------------
+    def build_request(self, mode: str, values: dict[str, Any], top: dict[str, Any]) -> GenerationRequest:
+        page = self.pages[mode]
+        fields = {name: values[component] for name, component in page.items()
+                  if not name.startswith("_") and component in values}
+        for name in ("steps", "width", "height", "batch_count", "batch_size", "seed", "subseed",
+                     "seed_resize_from_w", "seed_resize_from_h", "mask_blur", "only_masked_padding"):
+            if fields.get(name) is not None:
+                fields[name] = int(fields[name])
+        if "invert_mask" in fields:
+            fields["invert_mask"] = fields["invert_mask"] == 1
+        if mode == "img2img":
+            image, mask = init_from_img2img_inputs(
+                values[page["_mode"]], values[page["_image"]], values[page["_sketch"]], values[page["_inpaint"]],
+                values[page["_upload_image"]], values[page["_upload_mask"]],
+            )
+            fields["init_image"], fields["mask"] = image.convert("RGB"), mask
+        options = self.ctx.options
+        return GenerationRequest(
+            **fields,
+            checkpoint=top["checkpoint"] or None,
+            vae=top["vae"] or None,
+            clip_skip=int(top["clip_skip"]),
+            save_images=options.save_images,
+            output_dir=options.output_dir("txt2img" if mode == "txt2img" else "img2img"),
+        )
+
+    # -- events ------------------------------------------------------------------------------------
+    def _wire_generation(self, mode: str, top: dict[str, Any]) -> None:
+        c = self.pages[mode]
+        ctx = self.ctx
+        inputs = {comp for name, comp in c.items() if not name.startswith("_")}
+        if mode == "img2img":
+            inputs |= {c["_mode"], c["_image"], c["_sketch"], c["_inpaint"], c["_upload_image"], c["_upload_mask"]}
+        inputs |= set(top.values())
+        buttons = [c["_generate"], c["_interrupt"], c["_skip"]]
+
+        def prepare(request: gr.Request):
+            ctx.jobs.prepare(request.session_hash, ctx.options.live_preview_every)
+            return gr.update(visible=False), gr.update(visible=True), gr.update(visible=True)
+
+        def run(values: dict, request: gr.Request):
+            session = request.session_hash
+            job = ctx.jobs.job(session) or ctx.jobs.prepare(session, ctx.options.live_preview_every)
+            try:
+                generation = self.build_request(mode, values, {k: values[v] for k, v in top.items()})
+            except (gr.Error, ValueError) as exc:
+                ctx.jobs.finish(session, job)
+                message = exc.message if isinstance(exc, gr.Error) else str(exc)
+                yield {c["_progress"]: _error_html(message)}
+                return
+            try:
+                for event in jobs.run(lambda control: generate(ctx.manager, generation, control), job):
+                    if isinstance(event, jobs.Running):
+                        update = {c["_progress"]: f"<div>{event.describe()}</div>"}
+                        if event.progress is not None and event.progress.preview is not None:
+                            update[c["_preview"]] = gr.update(value=event.progress.preview, visible=True)
+                        yield update
+                        continue
+                    yield self._finished(mode, event)
+            finally:
+                ctx.jobs.finish(session, job)
+
+        def restore():
+            return gr.update(visible=True), gr.update(visible=False), gr.update(visible=False)
+
+        outputs = [c["_progress"], c["_preview"], c["_gallery"], c["_infotext"], c["_infotexts"], c["_paths"],
+                   c["_selected"], c["_last_seed"]]
+        c["_generate"].click(prepare, outputs=buttons, queue=False).then(
+            run, inputs=inputs, outputs=outputs, concurrency_id="device", concurrency_limit=1,
+            show_progress="hidden", api_visibility="private",
+        ).then(restore, outputs=buttons, queue=False)
+        def interrupt(request: gr.Request) -> None:  # only this browser's job
+            ctx.jobs.interrupt(request.session_hash)
+
+        def skip(request: gr.Request) -> None:
+            ctx.jobs.skip(request.session_hash)
+
+        c["_interrupt"].click(interrupt, queue=False, api_visibility="private")
+        c["_skip"].click(skip, queue=False, api_visibility="private")
+
+    def _finished(self, mode: str, event: jobs.Finished) -> dict:
+        c = self.pages[mode]
+        if event.error is not None:
+            logger.error("Generation failed", exc_info=event.error)
+            return {c["_progress"]: _error_html(describe_error(event.error)), c["_preview"]: gr.update(visible=False)}
+        result = event.result
+        paths = [self._servable_path(image) for image in result.images]
+        texts = [image.infotext for image in result.images]
+        status = f"{len(result.images)} image{'s' * (len(result.images) != 1)} in {event.elapsed:.1f}s"
+        if result.interrupted:
+            status = "Interrupted · " + status
+        if result.warnings:
+            status += "".join(f"<br>⚠ {w}" for w in result.warnings)
+        return {
+            c["_progress"]: f"<div>{status}</div>",
+            c["_preview"]: gr.update(visible=False),
+            c["_gallery"]: gr.update(value=[(str(p), None) for p in paths], selected_index=0 if paths else None),
+            c["_infotext"]: format_infotext_html(texts[0] if texts else ""),
+            c["_infotexts"]: texts,
+            c["_paths"]: [str(p) for p in paths],
+            c["_selected"]: 0,
+            c["_last_seed"]: result.images[0].seed if result.images else result.request.seed,
+        }
+
+    def _servable_path(self, image) -> Path:
+        """The saved PNG, or (saving off) a PNG with the same infotext in the cache, so downloads keep it."""
+        if image.path is not None:
+            return image.path
+        folder = self.ctx.settings.cache_dir / "ui-images"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, suffix=".png")
+        with os.fdopen(fd, "wb") as handle:
+            image.image.save(handle, format="PNG", pnginfo=outputs.png_info(image.infotext))
+        return Path(name)
+
+    def _wire_page_helpers(self, mode: str) -> None:
+        c, ctx = self.pages[mode], self.ctx
+        for text, counter in (("prompt", "_prompt_tokens"), ("negative_prompt", "_negative_tokens")):
+            c[text].change(lambda value: f"<div class='easel-tokens'>{token_counter(ctx.tokenizer(), value)}</div>",
+                           inputs=c[text], outputs=c[counter], queue=False, trigger_mode="always_last",
+                           show_progress="hidden", api_visibility="private")
+        c["_swap"].click(lambda w, h: (h, w), inputs=[c["width"], c["height"]], outputs=[c["width"], c["height"]],
+                         queue=False, api_visibility="private")
+        c["_random_seed"].click(lambda: -1, outputs=c["seed"], queue=False, api_visibility="private")
+        c["_reuse_seed"].click(lambda seed: seed, inputs=c["_last_seed"], outputs=c["seed"], queue=False,
+                               api_visibility="private")
+
+        def apply_styles(names, prompt, negative):
+            prompt, negative = ctx.styles.apply(names or [], prompt, negative)
+            return prompt, negative, []
+
+        c["_apply_styles"].click(apply_styles, inputs=[c["_styles"], c["prompt"], c["negative_prompt"]],
+                                 outputs=[c["prompt"], c["negative_prompt"], c["_styles"]], queue=False,
+                                 api_visibility="private")
+
+        def save_style(name, prompt, negative):
+            try:
+                ctx.styles.save(Style(name or "", prompt, negative))
+            except (ValueError, OSError) as exc:
+                raise gr.Error(f"cannot save the style: {exc}") from exc
+            gr.Info(f"Saved style '{name.strip()}' to {ctx.styles.path}")
+            return gr.update(choices=ctx.styles.names), ""
+
+        c["_save_style"].click(save_style, inputs=[c["_style_name"], c["prompt"], c["negative_prompt"]],
+                               outputs=[c["_styles"], c["_style_name"]], queue=False, api_visibility="private")
+
+        def select(infotexts, evt: gr.SelectData):
+            index = evt.index if isinstance(evt.index, int) else 0
+            text = infotexts[index] if 0 <= index < len(infotexts) else ""
+            return format_infotext_html(text), index
+
+        c["_gallery"].select(select, inputs=c["_infotexts"], outputs=[c["_infotext"], c["_selected"]], queue=False,
+                             api_visibility="private")
+
+        def open_outputs():
+            folder = ctx.options.output_dir(mode) or ctx.settings.output_root / f"{mode}-images"
+            if ctx.public:
+                gr.Info(f"Images are saved on the server in {folder}")
+                return
+            try:
+                open_folder(folder)
+            except OSError as exc:
+                gr.Warning(f"Cannot open {folder}: {exc}")
+
+        c["_open_folder"].click(open_outputs, queue=False, api_visibility="private")
+
+    def _wire_send_to(self, source: str) -> None:
+        """Send the selected image and its parameters to img2img or its inpaint tab."""
+        c, target = self.pages[source], self.pages["img2img"]
+        shared = [name for name in target if not name.startswith("_") and name in c]
+
+        def send(paths, infotexts, selected, *current, inpaint: bool):
+            if not paths:
+                raise gr.Error("generate an image first")
+            index = selected if 0 <= selected < len(paths) else 0
+            image = Image.open(paths[index])
+            image.load()
+            values = dict(zip(shared, current))
+            values.update({k: v for k, v in fields_from_infotext(infotexts[index]).items() if k in values})
+            image_update = image.convert("RGB")
+            editor_update = {"background": image.convert("RGBA"), "layers": [], "composite": None}
+            return (
+                gr.Tabs(selected="img2img"),
+                gr.Tabs(selected="inpaint" if inpaint else "img2img"),
+                "inpaint" if inpaint else "img2img",
+                editor_update if inpaint else gr.skip(),
+                gr.skip() if inpaint else image_update,
+                *[values[name] for name in shared],
+            )
+
+        outputs = [self.tabs, self.img2img_modes, target["_mode"], target["_inpaint"], target["_image"]]
+        outputs += [target[name] for name in shared]
+        inputs = [c["_paths"], c["_infotexts"], c["_selected"], *[c[name] for name in shared]]
+        c["_to_img2img"].click(lambda *a: send(*a, inpaint=False), inputs=inputs, outputs=outputs, queue=False,
+                               api_visibility="private")
+        c["_to_inpaint"].click(lambda *a: send(*a, inpaint=True), inputs=inputs, outputs=outputs, queue=False,
+                               api_visibility="private")
+
+    # -- tabs ------------------------------------------------------------------------------------------
+    def _top_bar(self) -> dict[str, Any]:
+        ctx = self.ctx
+        with gr.Row(elem_id="easel-topbar"):
+            checkpoint = gr.Dropdown(ctx.checkpoint_choices(), value=ctx.active_checkpoint(), label="Stable Diffusion checkpoint",
+                                     elem_id="setting_sd_model_checkpoint", scale=4)
+            refresh = gr.Button("🔄", scale=0, min_width=40, elem_id="refresh_checkpoints")
+            vae = gr.Dropdown(ctx.manager.vae_options(), value=ctx.manager.vae_choice, label="SD VAE",
+                              elem_id="setting_sd_vae", scale=2)
+            clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", scale=2, elem_id="setting_clip_skip")
+        status = gr.HTML(self._model_status(), elem_classes="easel-status", elem_id="model_status")
+        self.model_status = status
+        top = {"checkpoint": checkpoint, "vae": vae, "clip_skip": clip_skip}
+
+        def refresh_lists(current_checkpoint, current_vae):
+            ctx.manager.refresh()
+            checkpoints, vaes = ctx.checkpoint_choices(), ctx.manager.vae_options()
+            return (gr.update(choices=checkpoints, value=current_checkpoint if current_checkpoint in checkpoints else None),
+                    gr.update(choices=vaes, value=current_vae if current_vae in vaes else vaes[0]))
+
+        refresh.click(refresh_lists, inputs=[checkpoint, vae], outputs=[checkpoint, vae], queue=False,
+                      api_visibility="private")
+        self._top = top
+        return top
+
+    def _model_status(self, error: str | None = None) -> str:
+        active = self.ctx.manager.active
+        text = (f"Model: {active.name} · {active.label} · {active.native_size}px native" if active is not None
+                else "No model loaded")
+        if error:
+            return _error_html(error) + f"<div>{text}</div>"
+        return f"<div>{text}</div>"
+
+    def _wire_top_bar(self) -> None:
+        ctx, top = self.ctx, self._top
+        size_outputs = [self.pages[m][n] for m in ("txt2img", "img2img") for n in ("width", "height")]
+
+        def switch(name, *sizes):
+            previous = ctx.manager.active
+            old_size = previous.native_size if previous is not None else None
+            yield {self.model_status: f"<div>Loading {name}...</div>"}
+            try:
+                model = ctx.manager.activate(name)
+            except Exception as exc:  # a broken file must not take the app down
+                logger.error("Loading %s failed", name, exc_info=exc)
+                yield {self.model_status: self._model_status(f"Cannot load {name}: {describe_error(exc)}"),
+                       top["checkpoint"]: gr.update(choices=ctx.checkpoint_choices(), value=ctx.active_checkpoint())}
+                return
+            update: dict = {self.model_status: self._model_status()}
+            # Follow the new model's native size where the user had not changed it
+            for component, value in zip(size_outputs, sizes):
+                if value == old_size and model.native_size != old_size:
+                    update[component] = model.native_size
+            yield update
+
+        top["checkpoint"].input(switch, inputs=[top["checkpoint"], *size_outputs],
+                                outputs=[self.model_status, top["checkpoint"], *size_outputs],
+                                concurrency_id="device", concurrency_limit=1, show_progress="hidden",
+                                trigger_mode="always_last", api_visibility="private")
+
+        def switch_vae(choice):
+            try:
+                with ctx.manager.lock:
+                    ctx.manager.set_vae(choice)
+            except Exception as exc:
+                return self._model_status(f"Cannot use VAE {choice}: {describe_error(exc)}"), ctx.manager.vae_choice
+            return self._model_status(), choice
+
+        top["vae"].input(switch_vae, inputs=top["vae"], outputs=[self.model_status, top["vae"]],
+                         concurrency_id="device", concurrency_limit=1, api_visibility="private")
+
+    def _png_info_tab(self) -> None:
+        with gr.Row():
+            with gr.Column():
+                upload = gr.Image(label="Source", type="filepath", sources=["upload", "clipboard"],
+                                  elem_id="pnginfo_image")
+            with gr.Column():
+                shown = gr.HTML(elem_id="pnginfo_html")
+                raw = gr.State("")
+                with gr.Row():
+                    to_txt2img = gr.Button("Send to txt2img", elem_id="pnginfo_send_to_txt2img")
+                    to_img2img = gr.Button("Send to img2img", elem_id="pnginfo_send_to_img2img")
+
+        def read(path):
+            if not path:
+                return "", ""
+            try:
+                with Image.open(path) as image:
+                    text = outputs.read_infotext(image)
+            except OSError as exc:
+                return _error_html(f"Cannot read the image: {exc}"), ""
+            if not text:
+                return "<div>No generation parameters found in this image.</div>", ""
+            parsed = infotext.parse_infotext(text)
+            rows = "".join(f"<tr><td><b>{html.escape(k)}</b></td><td>{html.escape(str(v))}</td></tr>"
+                           for k, v in parsed.items())
+            return format_infotext_html(text) + f"<table>{rows}</table>", text
+
+        upload.change(read, inputs=upload, outputs=[shown, raw], queue=False, api_visibility="private")
+        for button, mode in ((to_txt2img, "txt2img"), (to_img2img, "img2img")):
+            page = self.pages[mode]
+            names = [n for n in page if not n.startswith("_")]
+
+            def send(text, path, *current, names=names, mode=mode):
+                if not text:
+                    raise gr.Error("drop a PNG with generation parameters first")
+                values = dict(zip(names, current))
+                values.update({k: v for k, v in fields_from_infotext(text).items() if k in values})
+                image = gr.skip()
+                if mode == "img2img" and path:
+                    image = Image.open(path).convert("RGB")
+                return (gr.Tabs(selected=mode), image, *[values[n] for n in names])
+
+            image_output = self.pages["img2img"]["_image"]
+            button.click(send, inputs=[raw, upload, *[page[n] for n in names]],
+                         outputs=[self.tabs, image_output, *[page[n] for n in names]], queue=False,
+                         api_visibility="private")
+
+    def _settings_tab(self) -> None:
+        ctx = self.ctx
+        o = ctx.options
+        with gr.Column():
+            controls = {
+                "save_images": gr.Checkbox(o.save_images, label="Save every generated image"),
+                "outdir_txt2img": gr.Textbox(o.outdir_txt2img, label="txt2img output folder (empty: outputs/txt2img-images)"),
+                "outdir_img2img": gr.Textbox(o.outdir_img2img, label="img2img output folder (empty: outputs/img2img-images)"),
+                "checkpoint_cache": gr.Slider(1, 8, value=o.checkpoint_cache, step=1, label="Checkpoints kept in memory"),
+                "default_sampler": gr.Dropdown(list(SAMPLER_NAMES), value=o.default_sampler, label="Default sampler"),
+                "default_steps": gr.Slider(1, 150, value=o.default_steps, step=1, label="Default steps"),
+                "default_cfg_scale": gr.Slider(1, 30, value=o.default_cfg_scale, step=0.5, label="Default CFG scale"),
+                "live_preview_every": gr.Slider(0, 50, value=o.live_preview_every, step=1,
+                                                label="Live preview every N steps (0: off)"),
+            }
+            apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit")
+            result = gr.HTML(elem_id="settings_result")
+
+        names = list(controls)
+
+        def apply_settings(*values):
+            typed = dict(zip(names, values))
+            for name in ("checkpoint_cache", "default_steps", "live_preview_every"):
+                typed[name] = int(typed[name])
+            typed["default_cfg_scale"] = float(typed["default_cfg_scale"])
+            candidate = replace(ctx.options, **typed)
+            try:
+                save_options(candidate, ctx.options_path)
+            except (ValueError, OSError) as exc:
+                return _error_html(f"Not saved: {exc}")
+            ctx.options = candidate
+            ctx.manager.set_cache_size(candidate.checkpoint_cache)
+            return f"<div>Saved to {ctx.options_path}; applied.</div>"
+
+        apply.click(apply_settings, inputs=[controls[n] for n in names], outputs=result, queue=False,
+                    api_visibility="private")
+
+    def build(self) -> gr.Blocks:
+        with gr.Blocks(title="Easel", analytics_enabled=False) as demo:
+            top = self._top_bar()
+            with gr.Tabs() as tabs:
+                self.tabs = tabs
+                with gr.Tab("txt2img", id="txt2img"):
+                    self.pages["txt2img"] = self._generation_controls("txt2img")
+                with gr.Tab("img2img", id="img2img"):
+                    self.pages["img2img"] = self._generation_controls("img2img")
+                with gr.Tab("PNG Info", id="pnginfo"):
+                    self._png_info_tab()
+                with gr.Tab("Settings", id="settings"):
+                    self._settings_tab()
+            for mode in ("txt2img", "img2img"):
+                self._wire_generation(mode, top)
+                self._wire_page_helpers(mode)
+            self._wire_send_to("txt2img")
+            self._wire_send_to("img2img")
+            self._wire_top_bar()
+            demo.load(self._on_load, outputs=self._load_outputs(), queue=False, api_visibility="private")
+        return demo
+
+    def _load_outputs(self) -> list:
+        out = [self._top["checkpoint"], self.model_status]
+        for mode in ("txt2img", "img2img"):
+            out += [self.pages[mode][n] for n in ("sampler", "steps", "cfg_scale", "width", "height")]
+        return out
+
+    def _on_load(self):
+        """Each page load shows the current model and the current default settings."""
+        o, size = self.ctx.options, self.ctx.native_size()
+        values = [self.ctx.active_checkpoint(), self._model_status()]
+        for _ in ("txt2img", "img2img"):
+            values += [o.default_sampler, o.default_steps, o.default_cfg_scale, size, size]
+        return values
+
+
+def _error_html(message: str) -> str:
+    return f"<div class='easel-error'>⚠ {html.escape(message)}</div>"
+
+
+def build_ui(context: UIContext) -> gr.Blocks:
+    return EaselUI(context).build()
