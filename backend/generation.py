@@ -112,5 +112,10 @@ def _finish_image(model, run, sampler, schedule, source, batch, index, image, ou
     text = infotext.format_infotext(
         run.prompt, run.negative_prompt, infotext_parameters(model, run, sampler, schedule, seed, subseed)
     )
-    path = outputs.save_image(image, output_dir, seed, text, now) if run.save_images else None
+    path = None
+    if run.save_images:
+        when = now or dt.datetime.now()
+        name = outputs.expand_filename_pattern(run.filename_pattern, outputs.filename_values(
+            run.prompt, seed, model.name, sampler.name, run.steps, run.cfg_scale, run.width, run.height, when))
+        path = outputs.save_image(image, output_dir, seed, text, when, name=name, save_txt=run.save_txt)
     return GeneratedImage(image, seed, subseed, run.prompt, run.negative_prompt, text, path)

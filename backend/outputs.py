@@ -13,6 +13,33 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 _NUMBERED = re.compile(r"^(\d+)-")
+_TAG = re.compile(r"\[(\w+)\]")
+_UNSAFE = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
+MAX_NAME = 120
+DEFAULT_PATTERN = "[seed]"
+
+
+def expand_filename_pattern(pattern: str, values: dict[str, object]) -> str:
+    """A1111's "Images filename pattern": `[seed]`, `[prompt]`, `[model_name]`... replaced by `values`
+    (unknown tags stay as written), made safe for every file system and cut to a sane length."""
+    def tag(match: re.Match) -> str:
+        value = values.get(match.group(1).lower())
+        return match.group(0) if value is None else str(value)
+
+    name = _UNSAFE.sub("", _TAG.sub(tag, pattern or DEFAULT_PATTERN))
+    name = " ".join(name.split())[:MAX_NAME].strip(" .")
+    return name or str(values.get("seed", "image"))
+
+
+def filename_values(prompt: str, seed: int, model_name: str, sampler: str, steps: int, cfg_scale: float,
+                    width: int, height: int, now: dt.datetime) -> dict[str, object]:
+    words = " ".join(prompt.split())
+    return {
+        "seed": seed, "prompt": words, "prompt_spaces": words, "prompt_words": " ".join(re.findall(r"[\w']+", prompt)),
+        "prompt_no_styles": words, "model_name": model_name, "sampler": sampler, "steps": steps,
+        "cfg": f"{cfg_scale:g}", "width": width, "height": height,
+        "datetime": now.strftime("%Y%m%d%H%M%S"), "date": now.strftime("%Y-%m-%d"),
+    }
 
 
 def next_number(folder: Path) -> int:
@@ -36,8 +63,11 @@ def save_image(
     seed: int,
     infotext: str | None,
     now: dt.datetime | None = None,
+    name: str | None = None,
+    save_txt: bool = False,
 ) -> Path:
-    """Write `image` as the next numbered PNG in `folder/<date>/` and return its path.
+    """Write `image` as the next numbered PNG (`NNNNN-<name or seed>.png`) in `folder/<date>/` and
+    return its path; with `save_txt`, the infotext also goes to a `.txt` file of the same name.
 
     The PNG is written to a temporary file and then hard-linked to its final name, which fails
     instead of replacing a file that appeared meanwhile; a failed write leaves no partial file.
@@ -51,9 +81,11 @@ def save_image(
             image.save(handle, format="PNG", pnginfo=png_info(infotext))
         number = next_number(target_dir)
         while True:
-            path = target_dir / f"{number:05d}-{seed}.png"
+            path = target_dir / f"{number:05d}-{name or seed}.png"
             try:
                 os.link(tmp, path)
+                if save_txt and infotext:
+                    _write_text(path.with_suffix(".txt"), infotext)
                 return path
             except FileExistsError:
                 number += 1
@@ -62,10 +94,23 @@ def save_image(
                     number += 1
                     continue
                 os.replace(tmp, path)
+                if save_txt and infotext:
+                    _write_text(path.with_suffix(".txt"), infotext)
                 return path
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".saving-", suffix=".txt")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_infotext(image: Image.Image) -> str | None:

@@ -52,6 +52,8 @@ class GenerationRequest:
     # outputs
     save_images: bool = True
     output_dir: Path | None = None
+    filename_pattern: str = "[seed]"  # A1111's tags: [seed], [prompt], [model_name], [sampler], ...
+    save_txt: bool = False  # also write the infotext to a .txt beside each image
 
     @property
     def mode(self) -> str:

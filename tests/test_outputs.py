@@ -61,3 +61,20 @@ def test_read_infotext_from_png_and_jpeg_exif(tmp_path):
     exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + "prompt\nSteps: 5".encode("utf-16-be")
     Image.new("RGB", (4, 4)).save(jpeg, exif=exif)
     assert outputs.read_infotext(Image.open(jpeg)) == "prompt\nSteps: 5"
+
+
+def test_filename_pattern_uses_a1111_tags_and_stays_safe():
+    values = outputs.filename_values('a "red" star: on/blue?', 42, "easel-shapes", "DPM++ 2M", 20, 7.0, 64, 64, NOW)
+    assert outputs.expand_filename_pattern("[seed]-[prompt_words]", values) == "42-a red star on blue"
+    assert outputs.expand_filename_pattern("[model_name] [sampler] [cfg] [width]x[height] [unknown]", values) == \
+        "easel-shapes DPM++ 2M 7 64x64 [unknown]"
+    assert outputs.expand_filename_pattern("[prompt]", values) == "a red star onblue"
+    assert outputs.expand_filename_pattern("", values) == "42"
+    assert len(outputs.expand_filename_pattern("[prompt]" * 50, {"prompt": "x" * 500})) == outputs.MAX_NAME
+
+
+def test_save_txt_writes_the_infotext_beside_the_image(tmp_path):
+    path = outputs.save_image(Image.new("RGB", (4, 4)), tmp_path, 7, "a cat\nSteps: 3", NOW, name="7-a cat",
+                              save_txt=True)
+    assert path.name == "00000-7-a cat.png"
+    assert path.with_suffix(".txt").read_text() == "a cat\nSteps: 3"

@@ -26,6 +26,8 @@ class Options:
     save_images: bool = True  # txt2img and img2img results go to the outputs folder
     outdir_txt2img: str = ""  # empty: <outputs>/txt2img-images
     outdir_img2img: str = ""  # empty: <outputs>/img2img-images
+    filename_pattern: str = "[seed]"  # after the NNNNN- number; A1111's tags
+    save_txt: bool = False  # a .txt with the infotext beside each image
     # Models
     checkpoint_cache: int = 1  # checkpoints kept loaded
     # Defaults of the txt2img / img2img controls

@@ -43,6 +43,8 @@ CSS = """
 .easel-infotext {font-family: monospace; font-size: 0.85em; white-space: pre-wrap; word-break: break-word}
 .easel-status {min-height: 1.5em}
 .easel-error {color: #d33}
+.easel-bar {height: 6px; background: var(--neutral-200); border-radius: 3px; overflow: hidden}
+.easel-bar > div {height: 100%; background: var(--color-accent); transition: width 0.2s}
 """
 
 
@@ -133,6 +135,12 @@ def fields_from_infotext(text: str) -> dict[str, Any]:
 
 def format_infotext_html(text: str) -> str:
     return f"<div class='easel-infotext'>{html.escape(text)}</div>" if text else ""
+
+
+def progress_html(event: jobs.Running) -> str:
+    fraction = event.progress.fraction if event.progress is not None else 0.0
+    return (f"<div class='easel-bar'><div style='width:{fraction * 100:.1f}%'></div></div>"
+            f"<div>{html.escape(event.describe())}</div>")
 
 
 def describe_error(exc: BaseException) -> str:
@@ -292,6 +300,8 @@ class EaselUI:
             clip_skip=int(top["clip_skip"]),
             save_images=options.save_images,
             output_dir=options.output_dir("txt2img" if mode == "txt2img" else "img2img"),
+            filename_pattern=options.filename_pattern,
+            save_txt=options.save_txt,
         )
 
     # -- events ------------------------------------------------------------------------------------
@@ -321,7 +331,7 @@ class EaselUI:
             try:
                 for event in jobs.run(lambda control: generate(ctx.manager, generation, control), job):
                     if isinstance(event, jobs.Running):
-                        update = {c["_progress"]: f"<div>{event.describe()}</div>"}
+                        update = {c["_progress"]: progress_html(event)}
                         if event.progress is not None and event.progress.preview is not None:
                             update[c["_preview"]] = gr.update(value=event.progress.preview, visible=True)
                         yield update
@@ -476,7 +486,7 @@ class EaselUI:
             vae = gr.Dropdown(ctx.manager.vae_options(), value=ctx.manager.vae_choice, label="SD VAE",
                               elem_id="setting_sd_vae", scale=2)
             clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", scale=2, elem_id="setting_clip_skip")
-        status = gr.HTML(self._model_status(), elem_classes="easel-status", elem_id="model_status")
+        status = gr.HTML("", elem_classes="easel-status", elem_id="model_status")  # filled on page load
         self.model_status = status
         top = {"checkpoint": checkpoint, "vae": vae, "clip_skip": clip_skip}
 
@@ -592,6 +602,10 @@ class EaselUI:
                 "save_images": gr.Checkbox(o.save_images, label="Save every generated image"),
                 "outdir_txt2img": gr.Textbox(o.outdir_txt2img, label="txt2img output folder (empty: outputs/txt2img-images)"),
                 "outdir_img2img": gr.Textbox(o.outdir_img2img, label="img2img output folder (empty: outputs/img2img-images)"),
+                "filename_pattern": gr.Textbox(o.filename_pattern, label="File name pattern, after the number "
+                                               "([seed], [prompt], [prompt_words], [model_name], [sampler], [steps], "
+                                               "[cfg], [width], [height], [datetime], [date])"),
+                "save_txt": gr.Checkbox(o.save_txt, label="Also write a .txt file with the parameters beside each image"),
                 "checkpoint_cache": gr.Slider(1, 8, value=o.checkpoint_cache, step=1, label="Checkpoints kept in memory"),
                 "default_sampler": gr.Dropdown(list(SAMPLER_NAMES), value=o.default_sampler, label="Default sampler"),
                 "default_steps": gr.Slider(1, 150, value=o.default_steps, step=1, label="Default steps"),
@@ -652,7 +666,8 @@ class EaselUI:
     def _on_load(self):
         """Each page load shows the current model and the current default settings."""
         o, size = self.ctx.options, self.ctx.native_size()
-        values = [self.ctx.active_checkpoint(), self._model_status()]
+        values = [gr.update(choices=self.ctx.checkpoint_choices(), value=self.ctx.active_checkpoint()),
+                  self._model_status()]
         for _ in ("txt2img", "img2img"):
             values += [o.default_sampler, o.default_steps, o.default_cfg_scale, size, size]
         return values
