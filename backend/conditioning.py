@@ -1,16 +1,28 @@
-"""Prompt text -> text-encoder embeddings: 75-token chunks wrapped in BOS/EOS, clip skip, SDXL pooling.
+"""Prompt text -> text-encoder embeddings, the way A1111 builds them.
 
-Each chunk is encoded separately and the chunks are concatenated, as A1111 does, so prompts are
-not cut at 77 tokens. Positive and negative embeddings are padded to the same number of chunks.
+- The text is read with A1111's attention syntax (`backend.prompt_parser`); every token carries the
+  weight of the fragment it came from.
+- Tokens go into 75-token chunks, each wrapped in BOS/EOS to 77 and encoded separately, then
+  concatenated. `BREAK` ends a chunk; a chunk that fills up moves the text after its last comma to the
+  next chunk when that comma lies within the last 20 tokens.
+- Emphasis: "Original" scales each chunk's embeddings by the weights, then restores the chunk's mean
+  (A1111's default); "No norm" only scales; "Ignore" parses the brackets but drops the weights; "None"
+  does not parse brackets at all.
+- Prompt editing and alternation become a schedule: each distinct text is encoded once, and the
+  denoising loop picks the embedding in force at each step. `AND` gives several weighted subprompts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from backend import prompt_parser
+
 CHUNK_TOKENS = 75
+COMMA_BACKTRACK = 20
+
 
 
 @dataclass
@@ -25,64 +37,167 @@ class PromptEmbedding:
         return self.context.shape[0] // (CHUNK_TOKENS + 2)
 
 
-def tokenize_chunks(tokenizer, text: str) -> list[list[int]]:
-    """Token ids of `text` in chunks of at most 75, without BOS/EOS; an empty prompt is one empty chunk."""
-    ids = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
-    return [ids[i : i + CHUNK_TOKENS] for i in range(0, len(ids), CHUNK_TOKENS)] or [[]]
+@dataclass
+class Chunk:
+    """77 token ids (BOS, up to 75 tokens, EOS, padding) and one weight per position."""
+
+    tokens: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+
+def _fragments(text: str, emphasis: str) -> list[tuple[str, float]]:
+    if emphasis == "None":
+        return [(text, 1.0)]
+    parsed = prompt_parser.parse_prompt_attention(text)
+    if emphasis == "Ignore":
+        return [(t, w if (t, w) == ("BREAK", -1) else 1.0) for t, w in parsed]
+    return parsed
+
+
+def chunk_prompt(tokenizer, text: str, emphasis: str = "Original") -> tuple[list[Chunk], int]:
+    """(chunks wrapped to 77 tokens, A1111's token count: 75 per closed chunk plus the last one's)."""
+    fragments = _fragments(text, emphasis)
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    chunks: list[Chunk] = []
+    current = Chunk()
+    last_comma = -1
+    count = 0
+
+    def close(final: bool = False) -> None:
+        nonlocal current, last_comma, count
+        count += len(current.tokens) if final else CHUNK_TOKENS
+        padding = CHUNK_TOKENS - len(current.tokens)
+        tokens = [tokenizer.bos_token_id, *current.tokens, *[tokenizer.eos_token_id] * max(0, padding),
+                  tokenizer.eos_token_id]
+        if tokenizer.pad_token_id != tokenizer.eos_token_id:  # pad after the first EOS (OpenCLIP: 0)
+            first_eos = tokens.index(tokenizer.eos_token_id)
+            tokens[first_eos + 1 :] = [tokenizer.pad_token_id] * (len(tokens) - first_eos - 1)
+        chunks.append(Chunk(tokens, [1.0, *current.weights, *[1.0] * max(0, padding), 1.0]))
+        current, last_comma = Chunk(), -1
+
+    for fragment, weight in fragments:
+        if (fragment, weight) == ("BREAK", -1):
+            close()
+            continue
+        for token in tokenizer(fragment, add_special_tokens=False, truncation=False).input_ids:
+            if token == comma:
+                last_comma = len(current.tokens)
+            elif (len(current.tokens) == CHUNK_TOKENS and last_comma != -1
+                  and len(current.tokens) - last_comma <= COMMA_BACKTRACK):
+                # The chunk is full and a comma is near its end: carry the words after it over.
+                cut = last_comma + 1
+                carried = Chunk(current.tokens[cut:], current.weights[cut:])
+                current = Chunk(current.tokens[:cut], current.weights[:cut])
+                close()
+                current = carried
+            if len(current.tokens) == CHUNK_TOKENS:
+                close()
+            current.tokens.append(token)
+            current.weights.append(weight)
+    if current.tokens or not chunks:
+        close(final=True)
+    return chunks, count
 
 
 def count_tokens(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
+    """A1111's token counter: for the longest text the prompt's schedule produces."""
+    texts = [t for _, t in prompt_parser.prompt_schedules(text, 1000)] or [text]
+    return max(chunk_prompt(tokenizer, t)[1] for t in texts)
 
 
-def _wrap(tokenizer, chunk: list[int]) -> list[int]:
-    pad = tokenizer.pad_token_id
-    ids = [tokenizer.bos_token_id, *chunk, tokenizer.eos_token_id]
-    return ids + [pad] * (CHUNK_TOKENS + 2 - len(ids))
-
-
-def _encode_chunk(model, ids_per_encoder: list[list[int]], clip_skip: int):
+def _encode_chunk(model, chunk_per_encoder: list[Chunk], clip_skip: int, emphasis: str):
     """One 77-token chunk through every text encoder -> (context, pooled)."""
     hidden, pooled = [], None
     sdxl = model.family == "sdxl"
-    for encoder, ids in zip(model.text_encoders, ids_per_encoder):
-        tokens = torch.tensor([ids], device=model.device)
+    for encoder, chunk in zip(model.text_encoders, chunk_per_encoder):
+        tokens = torch.tensor([chunk.tokens], device=model.device)
         out = encoder(tokens, output_hidden_states=True)
         if sdxl:
             # SDXL conditions on the penultimate layer of both encoders, without the final norm.
-            hidden.append(out.hidden_states[-(clip_skip + 1)])
+            z = out.hidden_states[-(clip_skip + 1)]
             if hasattr(out, "text_embeds"):
                 pooled = out.text_embeds[0]
         else:
             state = out.hidden_states[-clip_skip]
-            hidden.append(encoder.final_layer_norm(state) if clip_skip > 1 else out.last_hidden_state)
+            z = encoder.final_layer_norm(state) if clip_skip > 1 else out.last_hidden_state
+        if emphasis in ("Original", "No norm") and any(w != 1.0 for w in chunk.weights):
+            weights = torch.tensor(chunk.weights, device=z.device, dtype=z.dtype)[None, :, None]
+            if emphasis == "Original":
+                mean = z.mean()
+                z = z * weights
+                z = z * (mean / z.mean())
+            else:
+                z = z * weights
+        hidden.append(z)
     return torch.cat(hidden, dim=-1)[0], pooled
 
 
+def chunk_count(model, text: str, emphasis: str = "Original") -> int:
+    return max(len(chunk_prompt(tokenizer, text, emphasis)[0]) for tokenizer in model.tokenizers)
+
+
 @torch.no_grad()
-def encode_prompt(model, text: str, clip_skip: int = 1, min_chunks: int = 1) -> PromptEmbedding:
-    chunked = [tokenize_chunks(tokenizer, text) for tokenizer in model.tokenizers]
+def encode_prompt(model, text: str, clip_skip: int = 1, min_chunks: int = 1,
+                  emphasis: str = "Original") -> PromptEmbedding:
+    chunked = [chunk_prompt(tokenizer, text, emphasis)[0] for tokenizer in model.tokenizers]
     count = max(min_chunks, *(len(c) for c in chunked))
+    empty = [chunk_prompt(tokenizer, "", emphasis)[0][0] for tokenizer in model.tokenizers]
     contexts, pooled = [], None
     with model.use(*model.text_encoders):
         for index in range(count):
-            ids = [
-                _wrap(tokenizer, chunks[index] if index < len(chunks) else [])
-                for tokenizer, chunks in zip(model.tokenizers, chunked)
-            ]
-            context, chunk_pooled = _encode_chunk(model, ids, clip_skip)
+            chunks = [c[index] if index < len(c) else e for c, e in zip(chunked, empty)]
+            context, chunk_pooled = _encode_chunk(model, chunks, clip_skip, emphasis)
             contexts.append(context)
             if index == 0:
                 pooled = chunk_pooled  # A1111 pools from the first chunk
     return PromptEmbedding(torch.cat(contexts), pooled)
 
 
-def encode_pair(model, prompt: str, negative: str, clip_skip: int = 1) -> tuple[PromptEmbedding, PromptEmbedding]:
+def encode_pair(model, prompt: str, negative: str, clip_skip: int = 1,
+                emphasis: str = "Original") -> tuple[PromptEmbedding, PromptEmbedding]:
     """Positive and negative embeddings with the same number of chunks."""
-    chunks = max(
-        max(len(tokenize_chunks(t, prompt)), len(tokenize_chunks(t, negative))) for t in model.tokenizers
-    )
-    return (
-        encode_prompt(model, prompt, clip_skip, chunks),
-        encode_prompt(model, negative, clip_skip, chunks),
+    chunks = max(chunk_count(model, prompt, emphasis), chunk_count(model, negative, emphasis))
+    return (encode_prompt(model, prompt, clip_skip, chunks, emphasis),
+            encode_prompt(model, negative, clip_skip, chunks, emphasis))
+
+
+# -- schedules -----------------------------------------------------------------------------------------
+Schedule = list[tuple[int, PromptEmbedding]]  # (last step it applies to, embedding)
+
+
+@dataclass
+class Conditioning:
+    """Everything the denoising loop needs from the prompts: the positive subprompts (`AND`) with their
+    weights and schedules, and the negative prompt's schedule. All embeddings have the same length."""
+
+    positive: list[tuple[float, Schedule]]
+    negative: Schedule
+    texts: int  # distinct texts encoded
+
+    @staticmethod
+    def at(schedule: Schedule, step: int) -> PromptEmbedding:
+        """The embedding in force at `step` (0-based), as A1111 picks it: the first entry whose end
+        step is at least `step`."""
+        for end, embedding in schedule:
+            if step <= end:
+                return embedding
+        return schedule[-1][1]
+
+    @property
+    def is_static(self) -> bool:
+        return all(len(s) == 1 for _, s in self.positive) and len(self.negative) == 1
+
+
+def encode_for_generation(model, prompt: str, negative: str, steps: int, clip_skip: int = 1,
+                          emphasis: str = "Original") -> Conditioning:
+    """Schedules for the positive subprompts and the negative prompt; each distinct text encoded once."""
+    positive = [(weight, prompt_parser.prompt_schedules(text, steps)) for text, weight in prompt_parser.split_and(prompt)]
+    negative_schedule = prompt_parser.prompt_schedules(negative, steps)
+    texts = {text for _, schedule in positive for _, text in schedule} | {text for _, text in negative_schedule}
+    chunks = max(chunk_count(model, text, emphasis) for text in texts)
+    encoded = {text: encode_prompt(model, text, clip_skip, chunks, emphasis) for text in sorted(texts)}
+    return Conditioning(
+        positive=[(weight, [(end, encoded[text]) for end, text in schedule]) for weight, schedule in positive],
+        negative=[(end, encoded[text]) for end, text in negative_schedule],
+        texts=len(encoded),
     )

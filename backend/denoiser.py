@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from backend import images, init_image, noise, preview, samplers, vae_codec
-from backend.conditioning import PromptEmbedding
+from backend.conditioning import Conditioning
 from backend.init_image import InitSource
 from backend.progress import JobControl, Progress
 from backend.request import GenerationRequest
@@ -25,8 +25,7 @@ class BatchInputs:
     run: GenerationRequest  # seeds resolved, sizes filled in
     sampler: samplers.Sampler
     schedule: str
-    cond: PromptEmbedding
-    uncond: PromptEmbedding
+    cond: Conditioning
     source: InitSource | None
     seeds: list[tuple[int, int]]  # (seed, variation seed) per image
 
@@ -67,7 +66,7 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
                                                               timesteps[:1]))
     extra_channels = _inpaint_conditioning(model, inputs.source, n, latent_hw) if model.is_inpainting else None
     blend = mask is not None and not model.is_inpainting
-    context, added = _context(inputs.cond, inputs.uncond, n, run), _added_conditioning(model, inputs, n)
+    guidance = _Guidance(model, inputs.cond, n, run)
     step_kwargs = [_step_kwargs(s, g) for s, g in zip(schedulers, generators)]
     # 3. Denoising loop
     with torch.no_grad(), model.use(model.unet):
@@ -77,7 +76,7 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
             model_input = _each(schedulers, lambda i, s: s.scale_model_input(latents[i : i + 1], t))
             if extra_channels is not None:
                 model_input = torch.cat([model_input, extra_channels], dim=1)
-            prediction = _guided_prediction(model, model_input, t, context, added, run.cfg_scale)
+            prediction = guidance.predict(model_input, t, step)
             outputs = [
                 s.step(prediction[i : i + 1], t, latents[i : i + 1], **step_kwargs[i])
                 for i, s in enumerate(schedulers)
@@ -144,32 +143,46 @@ def _inpaint_conditioning(model, source: InitSource | None, n: int, latent_hw) -
     return torch.cat([mask, vae_codec.encode(model, masked)], dim=1).expand(n, -1, -1, -1)
 
 
-def _context(cond: PromptEmbedding, uncond: PromptEmbedding, n: int, run: GenerationRequest) -> torch.Tensor:
-    positive = cond.context[None].expand(n, -1, -1)
-    if run.cfg_scale == 1:  # no guidance: the unconditional pass is skipped
-        return positive
-    return torch.cat([uncond.context[None].expand(n, -1, -1), positive])
+class _Guidance:
+    """Classifier-free guidance over the prompts in force at each step: one UNet batch holding the
+    negative prompt and every `AND` subprompt for every image, combined as A1111 does:
+    uncond + sum(weight * cfg * (cond - uncond)). Without guidance (CFG 1, one subprompt) the negative
+    pass is skipped."""
 
+    def __init__(self, model, cond: Conditioning, n: int, run: GenerationRequest):
+        self.model, self.cond, self.n, self.run = model, cond, n, run
+        self.skip_negative = run.cfg_scale == 1 and len(cond.positive) == 1
+        self._cached: tuple | None = None
 
-def _added_conditioning(model, inputs: BatchInputs, n: int) -> dict | None:
-    if model.family != "sdxl":
-        return None
-    run = inputs.run
-    # SDXL's micro-conditioning: original size, crop offset, target size.
-    time_ids = torch.tensor([[run.height, run.width, 0, 0, run.height, run.width]], device=model.device)
-    pooled = inputs.cond.pooled[None].expand(n, -1)
-    if run.cfg_scale != 1:
-        pooled = torch.cat([inputs.uncond.pooled[None].expand(n, -1), pooled])
-    return {"text_embeds": pooled, "time_ids": time_ids.to(model.dtype).expand(pooled.shape[0], -1)}
+    def _inputs(self, step: int):
+        embeddings = [Conditioning.at(schedule, step) for _, schedule in self.cond.positive]
+        if not self.skip_negative:
+            embeddings.insert(0, Conditioning.at(self.cond.negative, step))
+        key = tuple(id(e) for e in embeddings)
+        if self._cached is None or self._cached[0] != key:
+            n, model, run = self.n, self.model, self.run
+            context = torch.cat([e.context[None].expand(n, -1, -1) for e in embeddings])
+            added = None
+            if model.family == "sdxl":
+                # SDXL's micro-conditioning: original size, crop offset, target size; pooled text.
+                time_ids = torch.tensor([[run.height, run.width, 0, 0, run.height, run.width]], device=model.device)
+                pooled = torch.cat([e.pooled[None].expand(n, -1) for e in embeddings])
+                added = {"text_embeds": pooled, "time_ids": time_ids.to(model.dtype).expand(pooled.shape[0], -1)}
+            self._cached = (key, context, added)
+        return self._cached[1], self._cached[2]
 
-
-def _guided_prediction(model, model_input, t, context, added, cfg_scale: float) -> torch.Tensor:
-    batch = model_input if cfg_scale == 1 else torch.cat([model_input, model_input])
-    out = model.unet(batch, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
-    if cfg_scale == 1:
-        return out
-    uncond, cond = out.chunk(2)
-    return uncond + cfg_scale * (cond - uncond)
+    def predict(self, model_input: torch.Tensor, t, step: int) -> torch.Tensor:
+        context, added = self._inputs(step)
+        passes = context.shape[0] // self.n
+        batch = model_input.repeat(passes, 1, 1, 1) if passes > 1 else model_input
+        out = self.model.unet(batch, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        if self.skip_negative:
+            return out
+        outputs = out.chunk(passes)
+        uncond, result = outputs[0], outputs[0].clone()
+        for (weight, _), cond in zip(self.cond.positive, outputs[1:]):
+            result += (cond - uncond) * (weight * self.run.cfg_scale)
+        return result
 
 
 def _report(model, control: JobControl, output, latents, step: int, steps: int, batch: int, batches: int) -> None:

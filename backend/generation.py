@@ -45,7 +45,8 @@ def generate(
         run = request.with_changes(seed=seed, subseed=subseed, width=width, height=height)
         result = GenerationResult(request=run)
         # 4. Encode the prompts once for every batch
-        cond, uncond = conditioning.encode_pair(model, run.prompt, run.negative_prompt, run.clip_skip)
+        cond = conditioning.encode_for_generation(model, run.prompt, run.negative_prompt, run.steps, run.clip_skip,
+                                                  run.emphasis)
         source = init_image.prepare(run, width, height) if run.init_image is not None else None
         output_dir = run.output_dir or manager.settings.output_root / f"{run.mode}-images"
         # 5. Denoise batch by batch
@@ -54,7 +55,7 @@ def generate(
                 break
             control.take_skip()
             seeds = [_seeds(run, batch * run.batch_size + i) for i in range(run.batch_size)]
-            inputs = denoiser.BatchInputs(run, sampler, schedule, cond, uncond, source, seeds)
+            inputs = denoiser.BatchInputs(run, sampler, schedule, cond, source, seeds)
             latents = denoiser.denoise(model, inputs, control, batch)
             if latents is None:  # skipped or interrupted
                 continue
@@ -95,6 +96,7 @@ def infotext_parameters(model, run, sampler, schedule, seed, subseed) -> dict:
         "Denoising strength": run.denoising_strength if run.init_image is not None else None,
         "Clip skip": run.clip_skip if run.clip_skip > 1 else None,
         "RNG": "CPU",  # noise is drawn on the CPU, so A1111 reproduces it with this setting
+        "Emphasis": run.emphasis if run.emphasis != "Original" else None,
     }
     if run.mask is not None:
         params["Mask blur"] = run.mask_blur

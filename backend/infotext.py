@@ -123,6 +123,7 @@ _REQUEST_FIELDS = {
     "Variation seed strength": ("subseed_strength", float),
     "Denoising strength": ("denoising_strength", float),
     "Clip skip": ("clip_skip", int),
+    "Emphasis": ("emphasis", str),
 }
 
 

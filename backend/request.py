@@ -9,6 +9,8 @@ from PIL import Image
 
 from backend.images import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
 
+EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")  # as backend.conditioning
+
 MIN_SIZE, MAX_SIZE = 64, 4096
 MAX_STEPS = 1000
 MAX_BATCH_SIZE = 64
@@ -37,6 +39,7 @@ class GenerationRequest:
     batch_size: int = 1
     batch_count: int = 1
     clip_skip: int = 1
+    emphasis: str = "Original"  # how (word:1.2) weights apply: Original, No norm, Ignore, None
     checkpoint: str | None = None  # None: the active model
     vae: str | None = None  # None: the current VAE choice
     # img2img and inpainting
@@ -76,6 +79,7 @@ class GenerationRequest:
         need(1 <= self.batch_size <= MAX_BATCH_SIZE, f"batch size must be between 1 and {MAX_BATCH_SIZE}")
         need(1 <= self.batch_count <= MAX_BATCH_COUNT, f"batch count must be between 1 and {MAX_BATCH_COUNT}")
         need(1 <= self.clip_skip <= 12, f"clip skip must be between 1 and 12, not {self.clip_skip}")
+        need(self.emphasis in EMPHASIS_MODES, f"emphasis must be one of: {', '.join(EMPHASIS_MODES)}")
         need(0 <= self.subseed_strength <= 1, "variation strength must be between 0 and 1")
         need(0 <= self.denoising_strength <= 1, "denoising strength must be between 0 and 1")
         need(self.resize_mode in RESIZE_MODES, f"resize mode must be one of: {', '.join(RESIZE_MODES)}")

@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from backend.request import EMPHASIS_MODES
 from backend.samplers import SAMPLER_NAMES
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class Options:
     default_cfg_scale: float = 7.0
     # Live preview: every N steps (0 turns previews off)
     live_preview_every: int = 5
+    # How (word:1.2) weights apply (A1111's "Emphasis mode")
+    emphasis: str = "Original"
 
     def validate(self) -> None:
         if self.checkpoint_cache < 1:
@@ -46,6 +49,8 @@ class Options:
             raise ValueError("default steps must be between 1 and 150")
         if self.default_cfg_scale < 0:
             raise ValueError("default CFG scale must be 0 or more")
+        if self.emphasis not in EMPHASIS_MODES:
+            raise ValueError(f"emphasis must be one of: {', '.join(EMPHASIS_MODES)}")
         if self.live_preview_every < 0:
             raise ValueError("live preview period must be 0 (off) or more")
 

@@ -26,7 +26,7 @@ from backend import clip_tokenizer, conditioning, infotext, outputs
 from backend.generation import generate
 from backend.images import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
 from backend.model_manager import ModelManager
-from backend.request import MAX_BATCH_COUNT, MAX_BATCH_SIZE, MAX_SIZE, MIN_SIZE, GenerationRequest
+from backend.request import EMPHASIS_MODES, MIN_SIZE, GenerationRequest
 from backend.samplers import SAMPLER_NAMES, SCHEDULE_TYPES
 from ui import jobs
 from ui.options import Options, save_options
@@ -301,6 +301,7 @@ class EaselUI:
             save_images=options.save_images,
             output_dir=options.output_dir("txt2img" if mode == "txt2img" else "img2img"),
             filename_pattern=options.filename_pattern,
+            emphasis=options.emphasis,
             save_txt=options.save_txt,
         )
 
@@ -610,6 +611,9 @@ class EaselUI:
                 "default_sampler": gr.Dropdown(list(SAMPLER_NAMES), value=o.default_sampler, label="Default sampler"),
                 "default_steps": gr.Slider(1, 150, value=o.default_steps, step=1, label="Default steps"),
                 "default_cfg_scale": gr.Slider(1, 30, value=o.default_cfg_scale, step=0.5, label="Default CFG scale"),
+                "emphasis": gr.Radio(list(EMPHASIS_MODES), value=o.emphasis, label="Emphasis mode: how (word:1.2) "
+                                     "weights apply (Original: scale, then restore the mean; No norm: scale only; "
+                                     "Ignore: drop weights; None: brackets are plain text)"),
                 "live_preview_every": gr.Slider(0, 50, value=o.live_preview_every, step=1,
                                                 label="Live preview every N steps (0: off)"),
             }
