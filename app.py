@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--lora-dir", type=Path, help="LoRA folder (default: <data-dir>/models/Lora)")
     paths.add_argument("--embeddings-dir", type=Path, help="embeddings folder (default: <data-dir>/models/embeddings)")
     paths.add_argument("--outdir", type=Path, help="outputs folder (default: <data-dir>/outputs)")
+    paths.add_argument("--wildcards-dir", type=Path, help="wildcards folder (default: <data-dir>/wildcards)")
     model = parser.add_argument_group("model and device")
     model.add_argument("--ckpt", help="checkpoint to load first (name, file name or short hash)")
     model.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
@@ -91,6 +92,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         lora_dir=args.lora_dir,
         embeddings_dir=args.embeddings_dir,
         outputs_dir=args.outdir,
+        wildcards_dir=args.wildcards_dir,
         device=args.device,
         precision=args.precision,
         no_half=args.no_half,
@@ -174,9 +176,10 @@ def _run_reporting_errors(command, args, settings) -> int:
     from backend.model_index import ModelNotFoundError
     from backend.request import RequestError
     from backend.samplers import SamplerError
+    from backend.wildcards import WildcardError
 
     expected = (CheckpointLoadError, CheckpointFormatError, ModelNotFoundError, RequestError, SamplerError,
-                NonFiniteOutputError)
+                NonFiniteOutputError, WildcardError)
     try:
         return command(args, settings)
     except expected as exc:

@@ -25,7 +25,7 @@ class BatchInputs:
     run: GenerationRequest  # seeds resolved, sizes filled in
     sampler: samplers.Sampler
     schedule: str
-    cond: Conditioning
+    conds: list[Conditioning]  # per image (wildcards can give each image its own prompt)
     source: InitSource | None
     seeds: list[tuple[int, int]]  # (seed, variation seed) per image
 
@@ -66,7 +66,7 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
                                                               timesteps[:1]))
     extra_channels = _inpaint_conditioning(model, inputs.source, n, latent_hw) if model.is_inpainting else None
     blend = mask is not None and not model.is_inpainting
-    guidance = _Guidance(model, inputs.cond, n, run)
+    guidance = _BatchGuidance(model, inputs.conds, run)
     step_kwargs = [_step_kwargs(s, g) for s, g in zip(schedulers, generators)]
     # 3. Denoising loop
     with torch.no_grad(), model.use(model.unet):
@@ -183,6 +183,24 @@ class _Guidance:
         for (weight, _), cond in zip(self.cond.positive, outputs[1:]):
             result += (cond - uncond) * (weight * self.run.cfg_scale)
         return result
+
+
+class _BatchGuidance:
+    """Images sharing a prompt run through the UNet together; each distinct prompt is its own pass."""
+
+    def __init__(self, model, conds: list[Conditioning], run: GenerationRequest):
+        groups: dict[int, list[int]] = {}
+        for index, cond in enumerate(conds):
+            groups.setdefault(id(cond), []).append(index)
+        self.groups = [(indices, _Guidance(model, conds[indices[0]], len(indices), run)) for indices in groups.values()]
+
+    def predict(self, model_input: torch.Tensor, t, step: int) -> torch.Tensor:
+        if len(self.groups) == 1:
+            return self.groups[0][1].predict(model_input, t, step)
+        out = torch.empty_like(model_input)
+        for indices, guidance in self.groups:
+            out[indices] = guidance.predict(model_input[indices], t, step)
+        return out
 
 
 def _report(model, control: JobControl, output, latents, step: int, steps: int, batch: int, batches: int) -> None:

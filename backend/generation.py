@@ -17,6 +17,7 @@ from backend.model_manager import ModelManager
 from backend.progress import JobControl
 from backend.request import GeneratedImage, GenerationRequest, GenerationResult, check_dimension
 from backend.version import INFOTEXT_VERSION
+from backend.wildcards import Wildcards
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +45,8 @@ def generate(
         subseed = noise.resolve_seed(request.subseed, rng) if request.subseed_strength > 0 else -1
         run = request.with_changes(seed=seed, subseed=subseed, width=width, height=height)
         result = GenerationResult(request=run)
-        # 4. Encode the prompts once for every batch
-        cond = conditioning.encode_for_generation(model, run.prompt, run.negative_prompt, run.steps, run.clip_skip,
-                                                  run.emphasis)
+        # 4. Expand wildcards per image (seeded by its seed) and encode each distinct prompt pair once
+        prompts = _PromptTexts(model, run, Wildcards(manager.settings.wildcards_folder), result.warnings)
         source = init_image.prepare(run, width, height) if run.init_image is not None else None
         output_dir = run.output_dir or manager.settings.output_root / f"{run.mode}-images"
         # 5. Denoise batch by batch
@@ -54,18 +54,49 @@ def generate(
             if control.interrupted:
                 break
             control.take_skip()
-            seeds = [_seeds(run, batch * run.batch_size + i) for i in range(run.batch_size)]
-            inputs = denoiser.BatchInputs(run, sampler, schedule, cond, source, seeds)
+            positions = range(batch * run.batch_size, (batch + 1) * run.batch_size)
+            seeds = [_seeds(run, p) for p in positions]
+            texts = [prompts.texts(p) for p in positions]
+            conds = [prompts.conditioning(*pair) for pair in texts]
+            inputs = denoiser.BatchInputs(run, sampler, schedule, conds, source, seeds)
             latents = denoiser.denoise(model, inputs, control, batch)
             if latents is None:  # skipped or interrupted
                 continue
             # 6. Decode, restore the untouched parts of an inpainted image, save
             for index, image in enumerate(vae_codec.decode(model, latents)):
                 result.images.append(_finish_image(
-                    model, run, sampler, schedule, source, batch, index, image, output_dir, now
+                    model, run, sampler, schedule, source, batch, index, image, output_dir, now, texts[index]
                 ))
         result.interrupted = control.interrupted
         return result
+
+
+class _PromptTexts:
+    """The prompt and negative prompt of each image position, wildcards expanded (seeded by the
+    image's seed, or the first image's with `same_wildcards`), and their conditioning, each distinct
+    pair encoded once."""
+
+    def __init__(self, model, run: GenerationRequest, wildcards: Wildcards, warnings: list[str]):
+        self.model, self.run, self.wildcards, self.warnings = model, run, wildcards, warnings
+        self._encoded: dict[tuple[str, str], conditioning.Conditioning] = {}
+
+    def texts(self, position: int) -> tuple[str, str]:
+        run = self.run
+        seed = run.seed if run.same_wildcards else _seeds(run, position)[0]
+        pair = []
+        for text in (run.prompt, run.negative_prompt):
+            expansion = self.wildcards.expand(text, seed)
+            self.warnings.extend(w for w in expansion.warnings if w not in self.warnings)
+            pair.append(expansion.text)
+        return pair[0], pair[1]
+
+    def conditioning(self, prompt: str, negative: str) -> conditioning.Conditioning:
+        key = (prompt, negative)
+        if key not in self._encoded:
+            run = self.run
+            self._encoded[key] = conditioning.encode_for_generation(self.model, prompt, negative, run.steps,
+                                                                    run.clip_skip, run.emphasis)
+        return self._encoded[key]
 
 
 def _seeds(run: GenerationRequest, position: int) -> tuple[int, int]:
@@ -107,17 +138,23 @@ def infotext_parameters(model, run, sampler, schedule, seed, subseed) -> dict:
     return params
 
 
-def _finish_image(model, run, sampler, schedule, source, batch, index, image, output_dir, now) -> GeneratedImage:
+def _finish_image(model, run, sampler, schedule, source, batch, index, image, output_dir, now,
+                  texts: tuple[str, str]) -> GeneratedImage:
     seed, subseed = _seeds(run, batch * run.batch_size + index)
     if source is not None:
         image = source.restore(image)
-    text = infotext.format_infotext(
-        run.prompt, run.negative_prompt, infotext_parameters(model, run, sampler, schedule, seed, subseed)
-    )
+    prompt, negative = texts
+    params = infotext_parameters(model, run, sampler, schedule, seed, subseed)
+    # The expanded prompt is the prompt (the PNG reproduces alone); the template is recorded beside it.
+    if prompt != run.prompt:
+        params["Wildcard prompt"] = run.prompt
+    if negative != run.negative_prompt:
+        params["Wildcard negative prompt"] = run.negative_prompt
+    text = infotext.format_infotext(prompt, negative, params)
     path = None
     if run.save_images:
         when = now or dt.datetime.now()
         name = outputs.expand_filename_pattern(run.filename_pattern, outputs.filename_values(
-            run.prompt, seed, model.name, sampler.name, run.steps, run.cfg_scale, run.width, run.height, when))
+            prompt, seed, model.name, sampler.name, run.steps, run.cfg_scale, run.width, run.height, when))
         path = outputs.save_image(image, output_dir, seed, text, when, name=name, save_txt=run.save_txt)
-    return GeneratedImage(image, seed, subseed, run.prompt, run.negative_prompt, text, path)
+    return GeneratedImage(image, seed, subseed, prompt, negative, text, path)

@@ -31,6 +31,7 @@ class Settings:
     lora_dir: Path | None = None
     embeddings_dir: Path | None = None
     outputs_dir: Path | None = None
+    wildcards_dir: Path | None = None
     device: str = "auto"
     precision: str = "auto"
     no_half: bool = False
@@ -63,6 +64,10 @@ class Settings:
     @property
     def output_root(self) -> Path:
         return Path(self.outputs_dir) if self.outputs_dir else Path(self.data_dir) / "outputs"
+
+    @property
+    def wildcards_folder(self) -> Path:
+        return Path(self.wildcards_dir) if self.wildcards_dir else Path(self.data_dir) / "wildcards"
 
     @property
     def cache_dir(self) -> Path:

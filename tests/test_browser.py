@@ -42,6 +42,7 @@ def start_server(data_dir: Path, tokenizer_cache: Path, **server_options):
     ckpt.mkdir(parents=True)
     shutil.copy(DEFAULT_MODEL, ckpt / DEFAULT_MODEL.name)
     shutil.copytree(tokenizer_cache, data_dir / "cache", dirs_exist_ok=True)
+    shutil.copytree(ROOT / "wildcards", data_dir / "wildcards")
     settings = Settings(data_dir=data_dir, default_checkpoint="easel-shapes")
     demo, url, _ = launch(settings, ServerOptions(**server_options), block=False)
     return demo, url, settings
@@ -351,3 +352,15 @@ def test_inpaint_with_a_drawn_mask_repaints_only_under_the_brush(page, tmp_path)
     assert len(ys) > 50  # repainted under the dab
     assert np.hypot(ys - 6.4, xs - 6.4).max() < 40  # and nowhere far from it
     screenshot(page, "inpaint-drawn")
+
+
+def test_wildcard_browser_inserts_a_wildcard_that_expands_on_generate(page):
+    page.fill("#txt2img_prompt textarea", "a large")
+    page.click("text=Wildcards")
+    page.click("#txt2img_wildcards >> text=__color__")
+    page.wait_for_function("document.querySelector('#txt2img_prompt textarea').value == 'a large __color__'")
+    page.fill("#txt2img_prompt textarea", "a large __color__ circle on a white background, center")
+    generate(page)
+    shown = page.inner_text("#txt2img_infotext")
+    assert 'Wildcard prompt: "a large __color__ circle on a white background, center"' in shown
+    assert shown.splitlines()[0].split()[2] in (ROOT / "wildcards" / "color.txt").read_text().split()

@@ -39,6 +39,8 @@ class Options:
     live_preview_every: int = 5
     # How (word:1.2) weights apply (A1111's "Emphasis mode")
     emphasis: str = "Original"
+    # Wildcards: one expansion for the whole batch instead of one per image
+    same_wildcards: bool = False
 
     def validate(self) -> None:
         if self.checkpoint_cache < 1:

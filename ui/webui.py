@@ -28,6 +28,7 @@ from backend.images import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
 from backend.model_manager import ModelManager
 from backend.request import EMPHASIS_MODES, MIN_SIZE, GenerationRequest
 from backend.samplers import SAMPLER_NAMES, SCHEDULE_TYPES
+from backend.wildcards import Wildcards
 from ui import jobs
 from ui.options import Options, save_options
 from ui.styles import Style, StyleDatabase
@@ -68,6 +69,9 @@ class UIContext:
         if self._tokenizer is None:  # every SD family uses CLIP's BPE vocabulary: one counts for all
             self._tokenizer = clip_tokenizer.load_clip_tokenizer(str(self.settings.cache_dir))
         return self._tokenizer
+
+    def wildcards(self) -> Wildcards:
+        return Wildcards(self.settings.wildcards_folder)
 
     def checkpoint_choices(self) -> list[str]:
         return [file.filename for file in self.manager.index.checkpoints]
@@ -145,7 +149,7 @@ def progress_html(event: jobs.Running) -> str:
 
 def describe_error(exc: BaseException) -> str:
     expected = ("RequestError", "SamplerError", "ModelNotFoundError", "NoCheckpointError", "CheckpointLoadError",
-                "CheckpointFormatError", "NonFiniteOutputError", "Error")
+                "CheckpointFormatError", "NonFiniteOutputError", "WildcardError", "Error")
     name = type(exc).__name__
     return str(exc) if name in expected else f"{name}: {exc}"
 
@@ -224,6 +228,12 @@ class EaselUI:
                     with gr.Row():
                         c["seed_resize_from_w"] = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from width")
                         c["seed_resize_from_h"] = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from height")
+                with gr.Accordion("Wildcards", open=False):
+                    c["_wildcards"] = gr.Dataset(
+                        components=[gr.Textbox(visible=False), gr.Textbox(visible=False)], headers=["wildcard", "lines"],
+                        samples=self._wildcard_samples(), label="Click one to add it to the prompt", type="values",
+                        elem_id=f"{mode}_wildcards", samples_per_page=20)
+                    c["_refresh_wildcards"] = gr.Button("🔄 Rescan wildcards", size="sm")
             with gr.Column(scale=1):
                 c["_progress"] = gr.HTML("", elem_classes="easel-status", elem_id=f"{mode}_progress")
                 c["_preview"] = gr.Image(label="Live preview", visible=False, interactive=False, type="pil",
@@ -242,6 +252,9 @@ class EaselUI:
         c["_selected"] = gr.State(0)
         c["_last_seed"] = gr.State(-1)
         return c
+
+    def _wildcard_samples(self) -> list[list[str]]:
+        return [[f"__{f.name}__", str(f.lines)] for f in self.ctx.wildcards().files()] or [["(no wildcard files)", ""]]
 
     def _img2img_inputs(self, c: dict[str, Any]) -> None:
         c["_mode"] = gr.State("img2img")
@@ -302,6 +315,7 @@ class EaselUI:
             output_dir=options.output_dir("txt2img" if mode == "txt2img" else "img2img"),
             filename_pattern=options.filename_pattern,
             emphasis=options.emphasis,
+            same_wildcards=options.same_wildcards,
             save_txt=options.save_txt,
         )
 
@@ -429,6 +443,17 @@ class EaselUI:
             index = evt.index if isinstance(evt.index, int) else 0
             text = infotexts[index] if 0 <= index < len(infotexts) else ""
             return format_infotext_html(text), index
+
+        def insert_wildcard(sample, prompt):
+            name = sample[0] if sample else ""
+            if not name.startswith("__"):
+                return prompt
+            return f"{prompt.rstrip()} {name}".strip() if prompt.strip() else name
+
+        c["_wildcards"].click(insert_wildcard, inputs=[c["_wildcards"], c["prompt"]], outputs=c["prompt"], queue=False,
+                              api_visibility="private")
+        c["_refresh_wildcards"].click(lambda: gr.Dataset(samples=self._wildcard_samples()), outputs=c["_wildcards"],
+                                      queue=False, api_visibility="private")
 
         c["_gallery"].select(select, inputs=c["_infotexts"], outputs=[c["_infotext"], c["_selected"]], queue=False,
                              api_visibility="private")
@@ -614,6 +639,7 @@ class EaselUI:
                 "emphasis": gr.Radio(list(EMPHASIS_MODES), value=o.emphasis, label="Emphasis mode: how (word:1.2) "
                                      "weights apply (Original: scale, then restore the mean; No norm: scale only; "
                                      "Ignore: drop weights; None: brackets are plain text)"),
+                "same_wildcards": gr.Checkbox(o.same_wildcards, label="Same wildcard picks for every image of a batch"),
                 "live_preview_every": gr.Slider(0, 50, value=o.live_preview_every, step=1,
                                                 label="Live preview every N steps (0: off)"),
             }
