@@ -8,6 +8,7 @@ image as a single generation with seed+i, whatever the sampler.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import random
 from pathlib import Path
@@ -16,6 +17,7 @@ from backend import conditioning, denoiser, infotext, init_image, noise, outputs
 from backend.model_manager import ModelManager
 from backend.progress import JobControl
 from backend.request import GeneratedImage, GenerationRequest, GenerationResult, check_dimension
+from backend.styles import StyleDatabase
 from backend.version import INFOTEXT_VERSION
 from backend.wildcards import Wildcards
 
@@ -45,6 +47,9 @@ def generate(
         subseed = noise.resolve_seed(request.subseed, rng) if request.subseed_strength > 0 else -1
         run = request.with_changes(seed=seed, subseed=subseed, width=width, height=height)
         result = GenerationResult(request=run)
+        if run.styles:  # styles first: their text may hold wildcards too
+            run = _apply_styles(run, StyleDatabase(manager.settings.styles_file), result.warnings)
+            result.request = run
         # 4. Expand wildcards per image (seeded by its seed) and encode each distinct prompt pair once
         prompts = _PromptTexts(model, run, Wildcards(manager.settings.wildcards_folder), result.warnings)
         source = init_image.prepare(run, width, height) if run.init_image is not None else None
@@ -69,6 +74,14 @@ def generate(
                 ))
         result.interrupted = control.interrupted
         return result
+
+
+def _apply_styles(run: GenerationRequest, styles: StyleDatabase, warnings: list[str]) -> GenerationRequest:
+    unknown = [name for name in run.styles if name not in styles.styles]
+    if unknown:
+        warnings.append(f"style(s) {', '.join(unknown)} not found in {styles.path}; skipped")
+    prompt, negative = styles.apply(list(run.styles), run.prompt, run.negative_prompt)
+    return run.with_changes(prompt=prompt, negative_prompt=negative)
 
 
 class _PromptTexts:
@@ -128,6 +141,7 @@ def infotext_parameters(model, run, sampler, schedule, seed, subseed) -> dict:
         "Clip skip": run.clip_skip if run.clip_skip > 1 else None,
         "RNG": "CPU",  # noise is drawn on the CPU, so A1111 reproduces it with this setting
         "Emphasis": run.emphasis if run.emphasis != "Original" else None,
+        "Styles array": json.dumps(list(run.styles)) if run.styles else None,
     }
     if run.mask is not None:
         params["Mask blur"] = run.mask_blur

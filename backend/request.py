@@ -40,6 +40,7 @@ class GenerationRequest:
     batch_count: int = 1
     clip_skip: int = 1
     emphasis: str = "Original"  # how (word:1.2) weights apply: Original, No norm, Ignore, None
+    styles: tuple[str, ...] = ()  # names from styles.csv, applied to both prompts at generation
     same_wildcards: bool = False  # one wildcard expansion (the first image's) for the whole batch
     checkpoint: str | None = None  # None: the active model
     vae: str | None = None  # None: the current VAE choice

@@ -66,6 +66,10 @@ class Settings:
         return Path(self.outputs_dir) if self.outputs_dir else Path(self.data_dir) / "outputs"
 
     @property
+    def styles_file(self) -> Path:
+        return Path(self.data_dir) / "styles.csv"  # A1111's place and format
+
+    @property
     def wildcards_folder(self) -> Path:
         return Path(self.wildcards_dir) if self.wildcards_dir else Path(self.data_dir) / "wildcards"
 

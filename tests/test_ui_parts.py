@@ -14,7 +14,7 @@ from backend.progress import Progress
 from ui import jobs
 from ui.launch import LaunchError, ServerOptions, check_public, credentials, parse_auth
 from ui.options import Options, load_options, save_options
-from ui.styles import Style, StyleDatabase, merge_prompt
+from backend.styles import Style, StyleDatabase, merge_prompt
 from ui.webui import fields_from_infotext, mask_from_editor, token_counter
 
 
@@ -147,3 +147,13 @@ def test_infotext_fills_every_request_field():
     assert fields == {"prompt": "a cat", "negative_prompt": "dog", "steps": 33, "sampler": "Euler a",
                       "schedule_type": "Automatic", "cfg_scale": 5.5, "seed": 42, "width": 64, "height": 128,
                       "clip_skip": 2, "denoising_strength": 0.4, "subseed_strength": 0.0}
+
+
+def test_styles_unwind_from_a_styled_prompt(tmp_path):
+    path = tmp_path / "styles.csv"
+    path.write_text('name,prompt,negative_prompt\nFilm,"film still of {prompt}, grain",blurry\nSharp,sharp,\n')
+    styles = StyleDatabase(path)
+    prompt, negative = styles.apply(["Film", "Sharp"], "a red star", "ugly")
+    assert (prompt, negative) == ("film still of a red star, grain, sharp", "ugly, blurry")
+    assert styles.extract(["Film", "Sharp"], prompt, negative) == ("a red star", "ugly")
+    assert styles.extract(["Film"], "a plain prompt", "") is None

@@ -1,5 +1,6 @@
 """Wildcards and variants: seeded, per image, nested, in both prompts, around A1111's own syntax."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +93,15 @@ def test_a_missing_wildcard_warns_in_the_result_and_generation_goes_on(manager):
     result = generate(manager, GenerationRequest(prompt="a large __absent__ star", steps=2, seed=1, save_images=False))
     assert len(result.images) == 1 and result.images[0].prompt == "a large __absent__ star"
     assert any("__absent__" in warning for warning in result.warnings)
+
+
+def test_styles_apply_at_generation_before_wildcards_and_are_recorded(manager, tmp_path):
+    manager.settings.styles_file.write_text('name,prompt,negative_prompt\nCentered,"{prompt}, center",__color__\n')
+    result = generate(manager, GenerationRequest(prompt="a large red circle on a white background", steps=2, seed=4,
+                                                 styles=("Centered", "Nope"), save_images=False))
+    image = result.images[0]
+    assert image.prompt == "a large red circle on a white background, center"
+    assert "__" not in image.negative_prompt and image.negative_prompt
+    parsed = infotext.parse_infotext(image.infotext)
+    assert json.loads(parsed["Styles array"]) == ["Centered", "Nope"]
+    assert any("Nope" in warning for warning in result.warnings)

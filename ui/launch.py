@@ -81,7 +81,7 @@ def launch(settings, server: ServerOptions, config_path: Path | None = None, blo
 
     from backend.model_manager import ModelManager
     from ui.options import CONFIG_NAME, load_options
-    from ui.styles import StyleDatabase
+    from backend.styles import StyleDatabase
     from ui.webui import CSS, UIContext, build_ui
 
     config_path = config_path or Path(settings.data_dir) / CONFIG_NAME
@@ -94,7 +94,7 @@ def launch(settings, server: ServerOptions, config_path: Path | None = None, blo
         logger.info("Loaded %s", model.label)
     except Exception as exc:  # the UI still starts; the top bar shows the error and lets the user pick
         logger.error("No model loaded at start: %s", exc)
-    context = UIContext(manager, options, config_path, StyleDatabase(Path(settings.data_dir) / "styles.csv"),
+    context = UIContext(manager, options, config_path, StyleDatabase(settings.styles_file),
                         public=server.public)
     demo = build_ui(context)
     demo.queue(default_concurrency_limit=1)

@@ -10,6 +10,7 @@ in `gr.State` and the session hash keys each browser's own job.
 from __future__ import annotations
 
 import html
+import json
 import logging
 import os
 import platform
@@ -31,7 +32,7 @@ from backend.samplers import SAMPLER_NAMES, SCHEDULE_TYPES
 from backend.wildcards import Wildcards
 from ui import jobs
 from ui.options import Options, save_options
-from ui.styles import Style, StyleDatabase
+from backend.styles import Style, StyleDatabase
 
 logger = logging.getLogger(__name__)
 
@@ -315,6 +316,7 @@ class EaselUI:
             output_dir=options.output_dir("txt2img" if mode == "txt2img" else "img2img"),
             filename_pattern=options.filename_pattern,
             emphasis=options.emphasis,
+            styles=tuple(values.get(page["_styles"]) or ()),
             same_wildcards=options.same_wildcards,
             save_txt=options.save_txt,
         )
@@ -323,7 +325,7 @@ class EaselUI:
     def _wire_generation(self, mode: str, top: dict[str, Any]) -> None:
         c = self.pages[mode]
         ctx = self.ctx
-        inputs = {comp for name, comp in c.items() if not name.startswith("_")}
+        inputs = {comp for name, comp in c.items() if not name.startswith("_")} | {c["_styles"]}
         if mode == "img2img":
             inputs |= {c["_mode"], c["_image"], c["_sketch"], c["_inpaint"], c["_upload_image"], c["_upload_mask"]}
         inputs |= set(top.values())
@@ -610,15 +612,33 @@ class EaselUI:
                     raise gr.Error("drop a PNG with generation parameters first")
                 values = dict(zip(names, current))
                 values.update({k: v for k, v in fields_from_infotext(text).items() if k in values})
+                styles = self._styles_from_infotext(text, values)
                 image = gr.skip()
                 if mode == "img2img" and path:
                     image = Image.open(path).convert("RGB")
-                return (gr.Tabs(selected=mode), image, *[values[n] for n in names])
+                return (gr.Tabs(selected=mode), image, styles, *[values[n] for n in names])
 
             image_output = self.pages["img2img"]["_image"]
             button.click(send, inputs=[raw, upload, *[page[n] for n in names]],
-                         outputs=[self.tabs, image_output, *[page[n] for n in names]], queue=False,
+                         outputs=[self.tabs, image_output, page["_styles"], *[page[n] for n in names]], queue=False,
                          api_visibility="private")
+
+    def _styles_from_infotext(self, text: str, values: dict) -> list[str]:
+        """A1111's paste: with a `Styles array`, take the styles' text back out of the prompts and
+        select the styles instead (left as they are when the prompts do not unwind)."""
+        try:
+            names = json.loads(infotext.parse_infotext(text).get("Styles array", "[]"))
+        except ValueError:
+            return []
+        if not isinstance(names, list) or not names:
+            return []
+        self.ctx.styles.reload()
+        unwound = self.ctx.styles.extract([str(n) for n in names], values.get("prompt", ""),
+                                          values.get("negative_prompt", ""))
+        if unwound is None:
+            return []
+        values["prompt"], values["negative_prompt"] = unwound
+        return [str(n) for n in names]
 
     def _settings_tab(self) -> None:
         ctx = self.ctx

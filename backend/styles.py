@@ -25,6 +25,21 @@ class Style:
     negative_prompt: str = ""
 
 
+def unmerge_prompt(style_text: str, text: str) -> str | None:
+    """The prompt that `merge_prompt(style_text, prompt)` turned into `text`, or None if it did not."""
+    if "{prompt}" in style_text:
+        before, _, after = style_text.partition("{prompt}")
+        if text.startswith(before) and text.endswith(after) and len(text) >= len(before) + len(after):
+            return text[len(before) : len(text) - len(after)]
+        return None
+    style = style_text.strip()
+    if text.strip() == style:
+        return ""
+    if text.endswith(", " + style):
+        return text[: -len(", " + style)]
+    return None
+
+
 def merge_prompt(style_text: str, prompt: str) -> str:
     if "{prompt}" in style_text:
         return style_text.replace("{prompt}", prompt)
@@ -63,6 +78,21 @@ class StyleDatabase:
             prompt = merge_prompt(style.prompt, prompt) if style.prompt else prompt
             if style.negative_prompt:
                 negative_prompt = merge_prompt(style.negative_prompt, negative_prompt)
+        return prompt, negative_prompt
+
+    def extract(self, names: list[str], prompt: str, negative_prompt: str) -> tuple[str, str] | None:
+        """Undo `apply(names, ...)`: the prompts before the styles, or None when they do not unwind
+        (A1111 does this when it pastes an infotext with a `Styles array`)."""
+        for name in reversed(names):
+            style = self.styles.get(name)
+            if style is None:
+                return None
+            if style.prompt:
+                prompt = unmerge_prompt(style.prompt, prompt)
+            if style.negative_prompt and prompt is not None:
+                negative_prompt = unmerge_prompt(style.negative_prompt, negative_prompt)
+            if prompt is None or negative_prompt is None:
+                return None
         return prompt, negative_prompt
 
     def save(self, style: Style) -> None:
