@@ -16,15 +16,11 @@ from training import metrics
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "Stable-diffusion" / "easel-shapes.safetensors"
 
-# (prompt, seed): the object colour is the first colour word of the prompt.
-PROMPTS = [
-    ("a large red circle on a white background, center", 1),
-    ("a large blue square on a yellow background, center", 2),
-    ("a large green triangle on a black background, center", 3),
-    ("a large yellow star on a purple background, center", 4),
-    ("a large white diamond on a blue background, center", 5),
-    ("a large orange cross on a green background, center", 6),
-]
+# Each colour as a large circle on a contrasting background, two seeds each: (prompt, seed, colour).
+BACKGROUNDS = {"red": "white", "blue": "yellow", "green": "black", "yellow": "purple", "white": "blue",
+               "orange": "green", "purple": "white", "black": "orange"}
+PROMPTS = [(f"a large {colour} circle on a {background} background, center", seed + 10 * index, colour)
+           for index, (colour, background) in enumerate(BACKGROUNDS.items()) for seed in (1, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +39,15 @@ def test_default_model_is_shipped_small_and_loads_with_its_metadata(manager):
 
 def test_default_model_follows_colour_prompts(manager):
     scorer = metrics.Scorer().fit(samples=600)
-    colours = []
-    for prompt, seed in PROMPTS:
+    matches = []
+    for prompt, seed, colour in PROMPTS:
         result = generate(manager, GenerationRequest(prompt=prompt, checkpoint="easel-shapes", steps=20,
                                                      sampler="DPM++ 2M", cfg_scale=6, seed=seed, save_images=False))
         image = result.images[0].image
         assert image.size == (64, 64)  # the model's native size is the default
-        colours.append(scorer.read(image).color)
-    expected = [prompt.split()[2] for prompt, _ in PROMPTS]
-    matches = sum(got == want for got, want in zip(colours, expected))
-    assert matches >= len(PROMPTS) - 1, list(zip(expected, colours))
+        matches.append((colour, scorer.read(image).color))
+    # The shipped model scores 15/16 here (held-out colour accuracy is lower: see docs/default-model-eval.json).
+    assert sum(want == got for want, got in matches) >= 13, matches
 
 
 @pytest.mark.parametrize("sampler, schedule", [("DPM++ 2M", "Karras"), ("DPM++ 2M SDE", "Karras"),
