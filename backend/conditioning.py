@@ -153,14 +153,6 @@ def encode_prompt(model, text: str, clip_skip: int = 1, min_chunks: int = 1,
     return PromptEmbedding(torch.cat(contexts), pooled)
 
 
-def encode_pair(model, prompt: str, negative: str, clip_skip: int = 1,
-                emphasis: str = "Original") -> tuple[PromptEmbedding, PromptEmbedding]:
-    """Positive and negative embeddings with the same number of chunks."""
-    chunks = max(chunk_count(model, prompt, emphasis), chunk_count(model, negative, emphasis))
-    return (encode_prompt(model, prompt, clip_skip, chunks, emphasis),
-            encode_prompt(model, negative, clip_skip, chunks, emphasis))
-
-
 # -- schedules -----------------------------------------------------------------------------------------
 Schedule = list[tuple[int, PromptEmbedding]]  # (last step it applies to, embedding)
 
