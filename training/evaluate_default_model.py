@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -53,6 +54,18 @@ def contact_sheet(images: list[Image.Image], scenes: list[shapes.Scene], columns
     return sheet
 
 
+@torch.no_grad()
+def vae_round_trip(model_path: Path, images: list[Image.Image], scratch: Path) -> list[Image.Image]:
+    """Real renders encoded and decoded by the checkpoint's own VAE: the best the model could draw."""
+    from backend import checkpoints
+
+    vae = checkpoints.load_single_file(Path(model_path), scratch).vae.float().eval()
+    x = torch.stack([torch.from_numpy(np.array(image)) for image in images]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    pixels = ((y.permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
 def evaluate(model_path: Path, sheet: Path | None = None, steps: int = 20) -> dict:
     # A scratch data folder: hashes and the tokenizer cache stay out of the models folder.
     scratch = Path(tempfile.mkdtemp(prefix="easel-eval-"))
@@ -70,10 +83,12 @@ def evaluate(model_path: Path, sheet: Path | None = None, steps: int = 20) -> di
         images.append(result.images[0].image)
     scorer = metrics.Scorer().fit()
     rng = random.Random(5)
+    renders = [shapes.render(s, rng) for s in scenes]
     report = {
         "prompts": len(scenes),
         "model": scorer.score(images, scenes),
-        "ceiling (real renders)": scorer.score([shapes.render(s, rng) for s in scenes], scenes),
+        "ceiling (real renders)": scorer.score(renders, scenes),
+        "real renders through the model's VAE": scorer.score(vae_round_trip(model_path, renders, scratch), scenes),
         "seconds per image (median)": sorted(seconds)[len(seconds) // 2],
         "threads": torch.get_num_threads(),
     }

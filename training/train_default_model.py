@@ -5,10 +5,15 @@ tokenizer), small. Two stages: the VAE, then the UNet and text encoder together 
 v-prediction and a zero-terminal-SNR schedule (with SD's schedule the noise at t=999 still carries
 the latent mean on small latents, and the model learns background colour from the noise, not the text).
 
-Resumable: state is saved to --work-dir every --save-every steps; rerunning continues. Runs in the
-background at one torch thread by default. `--export` writes the single-file checkpoint.
+Resumable: state is saved to --work-dir every --save-every steps; rerunning continues. On a CPU it
+runs in the background at one torch thread by default. `--export` writes the single-file checkpoint.
+The shipped model came from one 21-minute run on one GPU (an H100), with batches drawn by 14 workers:
 
-    python training/train_default_model.py --minutes 90            # train (resumes if state exists)
+    python training/train_default_model.py --device cuda --bf16 --workers 14 --threads 2 \
+        --batch 256 --vae-batch 64 --vae-steps 1000000 --vae-minutes 5 --minutes 21 --lr 1e-3 \
+        --cooldown-minutes 4 --ema-decay 0.9995 --log-every 200 --probe-every 2000 --save-every 2000 \
+        --export-after models/Stable-diffusion/easel-shapes.safetensors
+    python training/train_default_model.py --minutes 90            # on a CPU (resumes if state exists)
     python training/train_default_model.py --export models/Stable-diffusion/easel-shapes.safetensors
 """
 
@@ -77,6 +82,32 @@ def to_pixels(batch) -> torch.Tensor:
     return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def draw_batch(rng: random.Random, size: int, exclude, object_weights: bool = False):
+    """One training batch: pixels in [-1, 1], captions, and (for the VAE) per-pixel loss weights that
+    count the object's pixels nine times: it covers a few percent of the image, and unweighted the
+    VAE settles for clean backgrounds and smudged shapes."""
+    pixels, captions, _ = shapes.sample_batch(rng, size, exclude)
+    weights = None
+    if object_weights:
+        weights = 1 + 8 * torch.from_numpy(np.stack([metrics.object_mask(p)[0] for p in pixels]))[:, None].float()
+    return to_pixels(pixels), captions, weights
+
+
+class DrawnBatches(torch.utils.data.IterableDataset):
+    """Batches drawn in DataLoader worker processes (--workers), each worker seeded from the run's seed
+    and its index: on a GPU machine drawing on one core cannot keep up with the GPU."""
+
+    def __init__(self, seed: int, size: int, exclude, object_weights: bool):
+        self.seed, self.size, self.exclude, self.object_weights = seed, size, exclude, object_weights
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        rng = random.Random(self.seed * 1009 + (worker.id if worker else 0))
+        while True:
+            pixels, captions, weights = draw_batch(rng, self.size, self.exclude, self.object_weights)
+            yield pixels, captions, weights if weights is not None else torch.empty(0)
+
+
 class Trainer:
     def __init__(self, args):
         self.args = args
@@ -97,6 +128,7 @@ class Trainer:
         # Exponential moving averages of the UNet and text encoder: what gets exported.
         self.ema = {name: {k: v.detach().clone() for k, v in self._trained(name).state_dict().items()}
                     for name in ("unet", "text_encoder")}
+        self._batches = {}
         self._resume()
         if args.init_from and not self.checkpoint_path.is_file():
             self._init_from(Path(args.init_from))
@@ -116,12 +148,15 @@ class Trainer:
         # Warm up the decay as in diffusers' EMAModel, so early averages are not dominated by the init.
         step = self.state["unet_step"] - self.state.get("ema_start", 0)
         decay = min(self.args.ema_decay, (1 + step) / (10 + step))
-        for name, averages in self.ema.items():
+        averages, values = [], []
+        for name, saved in self.ema.items():
             for key, value in self._trained(name).state_dict().items():
                 if value.dtype.is_floating_point:
-                    averages[key].lerp_(value, 1 - decay)
+                    averages.append(saved[key])
+                    values.append(value)
                 else:
-                    averages[key].copy_(value)
+                    saved[key].copy_(value)
+        torch._foreach_lerp_(averages, values, 1 - decay)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -170,6 +205,28 @@ class Trainer:
         }, tmp)
         tmp.replace(self.checkpoint_path)
 
+    def batches(self, stage: str):
+        """The stage's batch stream: drawn in this process from the resumable rng, or with --workers
+        in worker processes (faster, but a resumed run then draws a different sequence)."""
+        if stage not in self._batches:
+            size = self.args.vae_batch if stage == "vae" else self.args.batch
+            if self.args.workers:
+                loader = torch.utils.data.DataLoader(
+                    DrawnBatches(self.args.seed + self.state["unet_step"] + self.state["vae_step"], size,
+                                 self.exclude, stage == "vae"),
+                    batch_size=None, num_workers=self.args.workers, prefetch_factor=4, persistent_workers=True,
+                    pin_memory=self.device.type == "cuda")
+                self._batches[stage] = iter(loader)
+            else:
+                def local():
+                    while True:
+                        yield draw_batch(self.rng, size, self.exclude, stage == "vae")
+                self._batches[stage] = local()
+        return next(self._batches[stage])
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
+
     def log(self, record: dict) -> None:
         with open(self.work / "log.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -177,20 +234,17 @@ class Trainer:
     # -- stage 1: VAE ----------------------------------------------------------------------------
     def vae_step(self) -> float:
         vae = self.models["vae"].train()
-        pixels, _, _ = shapes.sample_batch(self.rng, self.args.vae_batch, self.exclude)
-        x = to_pixels(pixels).to(self.device)
-        # The object covers a few percent of the image: weight its pixels up, or the VAE settles for
-        # clean backgrounds and smudged shapes.
-        weight = 1 + 8 * torch.from_numpy(np.stack([metrics.object_mask(p)[0] for p in pixels]))[:, None].float()
-        weight = weight.to(self.device)
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample()).sample
+        x, _, weight = self.batches("vae")
+        x, weight = x.to(self.device, non_blocking=True), weight.to(self.device, non_blocking=True)
+        with self.autocast():
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample.float()
         error = (recon - x).abs() + (recon - x) ** 2
-        loss = (error * weight).mean() / weight.mean() + 1e-6 * posterior.kl().mean()
+        loss = (error * weight).mean() / weight.mean() + 1e-6 * posterior.kl().float().mean()
         self.vae_opt.zero_grad(set_to_none=True)
         loss.backward()
         for group in self.vae_opt.param_groups:  # linear decay to a tenth
-            group["lr"] = self.args.vae_lr * (1 - 0.9 * self.state["vae_step"] / self.args.vae_steps)
+            group["lr"] = self.args.vae_lr * (1 - 0.9 * self.vae_progress())
         self.vae_opt.step()
         return loss.item()
 
@@ -215,16 +269,18 @@ class Trainer:
 
     def unet_step(self, noise_scheduler) -> float:
         unet, encoder, vae = self.models["unet"].train(), self.models["text_encoders"][0].train(), self.models["vae"]
-        pixels, captions, _ = shapes.sample_batch(self.rng, self.args.batch, self.exclude)
-        with torch.no_grad():
-            x = to_pixels(pixels).to(self.device)
-            latents = vae.eval().encode(x).latent_dist.sample() * vae.config.scaling_factor
+        x, captions, _ = self.batches("unet")
+        with torch.no_grad(), self.autocast():
+            latents = vae.eval().encode(x.to(self.device, non_blocking=True)).latent_dist.sample().float()
+            latents = latents * vae.config.scaling_factor
         noise = torch.randn_like(latents)
         t = self.sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         target = noise_scheduler.get_velocity(latents, noise, t)
-        context = encoder(self.tokens(captions)).last_hidden_state
-        loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=context).sample, target)
+        with self.autocast():
+            context = encoder(self.tokens(captions)).last_hidden_state
+            prediction = unet(noisy, t, encoder_hidden_states=context).sample
+        loss = F.mse_loss(prediction.float(), target)
         self.unet_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(encoder.parameters()), 1.0)
@@ -273,6 +329,13 @@ class Trainer:
         side = self.config["unet"]["sample_size"]
         return self.config["unet"]["in_channels"], side, side
 
+    def vae_progress(self) -> float:
+        """How far the VAE stage is, 0..1: by steps, or by this run's time with --vae-minutes."""
+        progress = self.state["vae_step"] / self.args.vae_steps
+        if self.args.vae_minutes:
+            progress = max(progress, (time.time() - self.started) / (self.args.vae_minutes * 60))
+        return min(1.0, progress)
+
     def cooldown(self) -> float:
         """Learning-rate factor: 1, falling linearly to 0.05 over the run's last --cooldown-minutes."""
         if not self.args.cooldown_minutes:
@@ -284,17 +347,21 @@ class Trainer:
         from diffusers import DDPMScheduler
 
         args = self.args
-        deadline = self.deadline = time.time() + args.minutes * 60
+        started = self.started = time.time()
+        deadline = self.deadline = started + args.minutes * 60
         noise_scheduler = DDPMScheduler.from_config(self.config["scheduler"])
-        running, started = [], time.time()
+        running = []
+        self.log({"stage": "run", "device": device_name(self.device), "threads": torch.get_num_threads(),
+                  "batch": args.batch, "workers": args.workers, "bf16": args.bf16})
         while time.time() < deadline and self.state["unet_step"] < args.unet_steps:
             tick = time.time()
-            if self.state["vae_step"] < args.vae_steps:
+            if "latent_scale" not in self.state:  # stage 1 until the latents are normalised
                 loss = self.vae_step()
                 self.state["vae_step"] += 1
                 stage, step = "vae", self.state["vae_step"]
-                if step == args.vae_steps:
+                if self.vae_progress() >= 1:
                     self.state["latent_scale"] = self.normalise_latents()
+                    self.save()
             else:
                 loss = self.unet_step(noise_scheduler)
                 self.state["unet_step"] += 1
@@ -318,6 +385,12 @@ class Trainer:
         print(f"stopped after {time.time() - started:.0f} s at {self.state}", flush=True)
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
 def export(args) -> Path:
     """Write the trained model as an original-layout fp16 .safetensors with its metadata."""
     from safetensors.torch import save_file
@@ -325,9 +398,6 @@ def export(args) -> Path:
     trainer = Trainer(args)
     for name, averages in trainer.ema.items():  # export the averaged weights
         trainer._trained(name).load_state_dict(averages)
-    decoder = Path(args.work_dir) / "decoder.pt"
-    if decoder.is_file():  # the sharpened decoder from finetune_decoder.py
-        trainer.models["vae"].load_state_dict(torch.load(decoder, weights_only=False)["weights"], strict=False)
     sd = random_models.original_state_dict({**trainer.models, "unet": trainer.models["unet"].cpu(),
                                             "vae": trainer.models["vae"].cpu(),
                                             "text_encoders": [trainer.models["text_encoders"][0].cpu()]})
@@ -343,8 +413,7 @@ def export(args) -> Path:
         "modelspec.resolution": f"{NATIVE_SIZE}x{NATIVE_SIZE}",
         "modelspec.prediction_type": "v",
         "modelspec.license": "same as Easel",
-        "easel.training": json.dumps({**trainer.state, "hardware": platform.processor() or platform.machine(),
-                                      "threads": torch.get_num_threads()}),
+        "easel.training": json.dumps({"hardware": device_name(trainer.device), **trainer.state}),
     }
     out = Path(args.export)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -360,6 +429,8 @@ def parse_args(argv=None):
     parser.add_argument("--minutes", type=float, default=60, help="wall-clock budget of this run")
     parser.add_argument("--vae-steps", type=int, default=1600)
     parser.add_argument("--unet-steps", type=int, default=100_000)
+    parser.add_argument("--vae-minutes", type=float, default=0,
+                        help="end the VAE stage after this many minutes of this run (or --vae-steps)")
     parser.add_argument("--vae-batch", type=int, default=12)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=6e-4)
@@ -373,6 +444,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (much faster)")
+    parser.add_argument("--workers", type=int, default=0, help="draw batches in this many processes")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (on a GPU)")
+    parser.add_argument("--export-after", help="after training, also export to this .safetensors path")
     parser.add_argument("--init-from", help="start from an exported .safetensors when --work-dir has no state")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=250)
@@ -388,6 +462,9 @@ def main(argv=None) -> None:
         print(export(args))
     else:
         Trainer(args).train()
+        if args.export_after:
+            args.export = args.export_after
+            print(export(args))
 
 
 if __name__ == "__main__":
