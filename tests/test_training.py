@@ -64,13 +64,16 @@ def test_training_runs_resumes_and_exports_a_loadable_model(tmp_path, settings):
             "--save-every", "2", "--probe-every", "2", "--unet-steps", "3"]
     train_default_model.main(tiny)
     log = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    assert log[0] == {"stage": "run", "device": log[0]["device"], "threads": 1, "batch": 2, "workers": 0, "bf16": False}
+    log = log[1:]
     assert [(r["stage"], r["step"]) for r in log] == [("vae", 1), ("vae", 2), ("unet", 1), ("unet", 2), ("probe", 2),
                                                       ("unet", 3)]
     assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
     assert log[4]["position_from_noise"] in {k / 18 for k in range(19)}
-    train_default_model.main([*tiny[:-1], "5"])  # resumes at step 3
+    train_default_model.main([*tiny[:-1], "5", "--workers", "1"])  # resumes at step 3, drawing in a worker
     log = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["stage"] == "unet"] == [1, 2, 3, 4, 5]
+    assert [r["workers"] for r in log if r["stage"] == "run"] == [0, 1]
     target = settings.model_dir("checkpoints") / "shapes.safetensors"
     train_default_model.main(["--work-dir", str(work), "--export", str(target)])
     model = ModelManager(settings).activate("shapes")
@@ -85,7 +88,7 @@ def test_training_runs_resumes_and_exports_a_loadable_model(tmp_path, settings):
     train_default_model.main(["--work-dir", str(again), "--init-from", str(target), "--batch", "2",
                               "--unet-steps", "6", "--log-every", "1"])
     log = [json.loads(line) for line in (again / "log.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["step"]) for r in log] == [("unet", 6)]
+    assert [(r["stage"], r.get("step")) for r in log] == [("run", None), ("unet", 6)]
 
 
 def test_demo_lora_training_writes_kohya_format(tmp_path, settings):

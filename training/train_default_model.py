@@ -190,7 +190,7 @@ class Trainer:
         self.models["vae"].load_state_dict(loaded.vae.state_dict())
         self.models["text_encoders"][0].load_state_dict(loaded.text_encoders[0].state_dict())
         saved = json.loads(checkpoints.read_metadata(path).get("easel.training", "{}"))
-        self.state = {"vae_step": max(saved.get("vae_step", 0), self.args.vae_steps),
+        self.state = {"vae_step": saved.get("vae_step", 0), "vae_done": True,
                       "unet_step": saved.get("unet_step", 0), "seconds": saved.get("seconds", 0.0)}
         self.restart_ema()
         print(f"initialised from {path} at UNet step {self.state['unet_step']}", flush=True)
@@ -355,12 +355,14 @@ class Trainer:
                   "batch": args.batch, "workers": args.workers, "bf16": args.bf16})
         while time.time() < deadline and self.state["unet_step"] < args.unet_steps:
             tick = time.time()
-            if "latent_scale" not in self.state:  # stage 1 until the latents are normalised
+            # Stage 1 until the VAE is done and its latents normalised (states saved before "vae_done"
+            # existed record only the scale).
+            if not self.state.get("vae_done", "latent_scale" in self.state):
                 loss = self.vae_step()
                 self.state["vae_step"] += 1
                 stage, step = "vae", self.state["vae_step"]
                 if self.vae_progress() >= 1:
-                    self.state["latent_scale"] = self.normalise_latents()
+                    self.state.update(latent_scale=self.normalise_latents(), vae_done=True)
                     self.save()
             else:
                 loss = self.unet_step(noise_scheduler)
