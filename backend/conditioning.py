@@ -8,6 +8,8 @@
 - Emphasis: "Original" scales each chunk's embeddings by the weights, then restores the chunk's mean
   (A1111's default); "No norm" only scales; "Ignore" parses the brackets but drops the weights; "None"
   does not parse brackets at all.
+- Textual inversion: an embedding's name is replaced by its vectors (placeholder tokens whose input
+  embeddings are swapped for the vectors), never split across two chunks.
 - Prompt editing and alternation become a schedule: each distinct text is encoded once, and the
   denoising loop picks the embedding in force at each step. `AND` gives several weighted subprompts.
 """
@@ -19,11 +21,11 @@ from dataclasses import dataclass, field
 import torch
 
 from backend import prompt_parser
+from backend.embeddings import NO_EMBEDDINGS, EmbeddingSet, EncoderVocabulary
 
 CHUNK_TOKENS = 75
 COMMA_BACKTRACK = 20
-
-
+EMBEDDING_PLACEHOLDER = 0  # the token id under an embedding's vectors, as in A1111
 
 @dataclass
 class PromptEmbedding:
@@ -39,10 +41,12 @@ class PromptEmbedding:
 
 @dataclass
 class Chunk:
-    """77 token ids (BOS, up to 75 tokens, EOS, padding) and one weight per position."""
+    """77 token ids (BOS, up to 75 tokens, EOS, padding), one weight per position, and the embedding
+    vectors to put at given positions."""
 
     tokens: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    fixes: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
 def _fragments(text: str, emphasis: str) -> list[tuple[str, float]]:
@@ -54,7 +58,8 @@ def _fragments(text: str, emphasis: str) -> list[tuple[str, float]]:
     return parsed
 
 
-def chunk_prompt(tokenizer, text: str, emphasis: str = "Original") -> tuple[list[Chunk], int]:
+def chunk_prompt(tokenizer, text: str, emphasis: str = "Original",
+                 vocabulary: EncoderVocabulary = NO_EMBEDDINGS) -> tuple[list[Chunk], int]:
     """(chunks wrapped to 77 tokens, A1111's token count: 75 per closed chunk plus the last one's)."""
     fragments = _fragments(text, emphasis)
     comma = tokenizer.convert_tokens_to_ids(",</w>")
@@ -72,37 +77,76 @@ def chunk_prompt(tokenizer, text: str, emphasis: str = "Original") -> tuple[list
         if tokenizer.pad_token_id != tokenizer.eos_token_id:  # pad after the first EOS (OpenCLIP: 0)
             first_eos = tokens.index(tokenizer.eos_token_id)
             tokens[first_eos + 1 :] = [tokenizer.pad_token_id] * (len(tokens) - first_eos - 1)
-        chunks.append(Chunk(tokens, [1.0, *current.weights, *[1.0] * max(0, padding), 1.0]))
+        fixes = [(position + 1, vectors) for position, vectors in current.fixes]  # after BOS
+        chunks.append(Chunk(tokens, [1.0, *current.weights, *[1.0] * max(0, padding), 1.0], fixes))
         current, last_comma = Chunk(), -1
+
+    def add_embedding(vectors: torch.Tensor, weight: float) -> None:
+        vectors = vectors[:CHUNK_TOKENS]
+        if len(current.tokens) + len(vectors) > CHUNK_TOKENS:  # never split an embedding
+            close()
+        current.fixes.append((len(current.tokens), vectors))
+        current.tokens.extend([EMBEDDING_PLACEHOLDER] * len(vectors))
+        current.weights.extend([weight] * len(vectors))
 
     for fragment, weight in fragments:
         if (fragment, weight) == ("BREAK", -1):
             close()
             continue
-        for token in tokenizer(fragment, add_special_tokens=False, truncation=False).input_ids:
-            if token == comma:
-                last_comma = len(current.tokens)
-            elif (len(current.tokens) == CHUNK_TOKENS and last_comma != -1
-                  and len(current.tokens) - last_comma <= COMMA_BACKTRACK):
-                # The chunk is full and a comma is near its end: carry the words after it over.
-                cut = last_comma + 1
-                carried = Chunk(current.tokens[cut:], current.weights[cut:])
-                current = Chunk(current.tokens[:cut], current.weights[:cut])
-                close()
-                current = carried
-            if len(current.tokens) == CHUNK_TOKENS:
-                close()
-            current.tokens.append(token)
-            current.weights.append(weight)
+        for piece, vectors, _ in vocabulary.split(fragment):
+            if vectors is not None:
+                add_embedding(vectors, weight)
+                continue
+            for token in tokenizer(piece, add_special_tokens=False, truncation=False).input_ids:
+                if token == comma:
+                    last_comma = len(current.tokens)
+                elif (len(current.tokens) == CHUNK_TOKENS and last_comma != -1
+                      and len(current.tokens) - last_comma <= COMMA_BACKTRACK):
+                    # The chunk is full and a comma is near its end: carry the words after it over.
+                    cut = last_comma + 1
+                    carried = Chunk(current.tokens[cut:], current.weights[cut:],
+                                    [(p - cut, v) for p, v in current.fixes if p >= cut])
+                    current = Chunk(current.tokens[:cut], current.weights[:cut],
+                                    [(p, v) for p, v in current.fixes if p < cut])
+                    close()
+                    current = carried
+                if len(current.tokens) == CHUNK_TOKENS:
+                    close()
+                current.tokens.append(token)
+                current.weights.append(weight)
     if current.tokens or not chunks:
         close(final=True)
     return chunks, count
 
 
-def count_tokens(tokenizer, text: str) -> int:
+def count_tokens(tokenizer, text: str, vocabulary: EncoderVocabulary = NO_EMBEDDINGS) -> int:
     """A1111's token counter: for the longest text the prompt's schedule produces."""
     texts = [t for _, t in prompt_parser.prompt_schedules(text, 1000)] or [text]
-    return max(chunk_prompt(tokenizer, t)[1] for t in texts)
+    return max(chunk_prompt(tokenizer, t, vocabulary=vocabulary)[1] for t in texts)
+
+
+def _vocabularies(model, embeddings: EmbeddingSet | None) -> list[EncoderVocabulary]:
+    if embeddings is None or not embeddings.per_encoder:
+        return [NO_EMBEDDINGS] * len(model.tokenizers)
+    return embeddings.per_encoder
+
+
+def _run_encoder(encoder, tokens: torch.Tensor, fixes: list[tuple[int, torch.Tensor]]):
+    """The encoder's forward pass, with embedding vectors swapped in for their placeholder tokens."""
+    if not fixes:
+        return encoder(tokens, output_hidden_states=True)
+
+    def swap(module, args, output):
+        output = output.clone()
+        for position, vectors in fixes:
+            output[0, position : position + len(vectors)] = vectors.to(output)
+        return output
+
+    handle = encoder.get_input_embeddings().register_forward_hook(swap)
+    try:
+        return encoder(tokens, output_hidden_states=True)
+    finally:
+        handle.remove()
 
 
 def _encode_chunk(model, chunk_per_encoder: list[Chunk], clip_skip: int, emphasis: str):
@@ -111,7 +155,7 @@ def _encode_chunk(model, chunk_per_encoder: list[Chunk], clip_skip: int, emphasi
     sdxl = model.family == "sdxl"
     for encoder, chunk in zip(model.text_encoders, chunk_per_encoder):
         tokens = torch.tensor([chunk.tokens], device=model.device)
-        out = encoder(tokens, output_hidden_states=True)
+        out = _run_encoder(encoder, tokens, chunk.fixes)
         if sdxl:
             # SDXL conditions on the penultimate layer of both encoders, without the final norm.
             z = out.hidden_states[-(clip_skip + 1)]
@@ -132,14 +176,17 @@ def _encode_chunk(model, chunk_per_encoder: list[Chunk], clip_skip: int, emphasi
     return torch.cat(hidden, dim=-1)[0], pooled
 
 
-def chunk_count(model, text: str, emphasis: str = "Original") -> int:
-    return max(len(chunk_prompt(tokenizer, text, emphasis)[0]) for tokenizer in model.tokenizers)
+def chunk_count(model, text: str, emphasis: str = "Original", embeddings: EmbeddingSet | None = None) -> int:
+    return max(len(chunk_prompt(tokenizer, text, emphasis, vocabulary)[0])
+               for tokenizer, vocabulary in zip(model.tokenizers, _vocabularies(model, embeddings)))
 
 
 @torch.no_grad()
 def encode_prompt(model, text: str, clip_skip: int = 1, min_chunks: int = 1,
-                  emphasis: str = "Original") -> PromptEmbedding:
-    chunked = [chunk_prompt(tokenizer, text, emphasis)[0] for tokenizer in model.tokenizers]
+                  emphasis: str = "Original", embeddings: EmbeddingSet | None = None) -> PromptEmbedding:
+    vocabularies = _vocabularies(model, embeddings)
+    chunked = [chunk_prompt(tokenizer, text, emphasis, vocabulary)[0]
+               for tokenizer, vocabulary in zip(model.tokenizers, vocabularies)]
     count = max(min_chunks, *(len(c) for c in chunked))
     empty = [chunk_prompt(tokenizer, "", emphasis)[0][0] for tokenizer in model.tokenizers]
     contexts, pooled = [], None
@@ -181,13 +228,13 @@ class Conditioning:
 
 
 def encode_for_generation(model, prompt: str, negative: str, steps: int, clip_skip: int = 1,
-                          emphasis: str = "Original") -> Conditioning:
+                          emphasis: str = "Original", embeddings: EmbeddingSet | None = None) -> Conditioning:
     """Schedules for the positive subprompts and the negative prompt; each distinct text encoded once."""
     positive = [(weight, prompt_parser.prompt_schedules(text, steps)) for text, weight in prompt_parser.split_and(prompt)]
     negative_schedule = prompt_parser.prompt_schedules(negative, steps)
     texts = {text for _, schedule in positive for _, text in schedule} | {text for _, text in negative_schedule}
-    chunks = max(chunk_count(model, text, emphasis) for text in texts)
-    encoded = {text: encode_prompt(model, text, clip_skip, chunks, emphasis) for text in sorted(texts)}
+    chunks = max(chunk_count(model, text, emphasis, embeddings) for text in texts)
+    encoded = {text: encode_prompt(model, text, clip_skip, chunks, emphasis, embeddings) for text in sorted(texts)}
     return Conditioning(
         positive=[(weight, [(end, encoded[text]) for end, text in schedule]) for weight, schedule in positive],
         negative=[(end, encoded[text]) for end, text in negative_schedule],

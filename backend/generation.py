@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 from backend import conditioning, denoiser, infotext, init_image, noise, outputs, samplers, vae_codec
+from backend.extra_networks import NetworkSession
 from backend.model_manager import ModelManager
 from backend.progress import JobControl
 from backend.request import GeneratedImage, GenerationRequest, GenerationResult, check_dimension
@@ -50,28 +51,35 @@ def generate(
         if run.styles:  # styles first: their text may hold wildcards too
             run = _apply_styles(run, StyleDatabase(manager.settings.styles_file), result.warnings)
             result.request = run
-        # 4. Expand wildcards per image (seeded by its seed) and encode each distinct prompt pair once
-        prompts = _PromptTexts(model, run, Wildcards(manager.settings.wildcards_folder), result.warnings)
+        # 4. Expand wildcards per image (seeded by its seed); LoRA tags and embeddings come from the result
+        networks = NetworkSession(model, manager.loras, manager.embeddings, result.warnings)
+        prompts = _PromptTexts(model, run, Wildcards(manager.settings.wildcards_folder), networks)
         source = init_image.prepare(run, width, height) if run.init_image is not None else None
         output_dir = run.output_dir or manager.settings.output_root / f"{run.mode}-images"
-        # 5. Denoise batch by batch
-        for batch in range(run.batch_count):
-            if control.interrupted:
-                break
-            control.take_skip()
-            positions = range(batch * run.batch_size, (batch + 1) * run.batch_size)
-            seeds = [_seeds(run, p) for p in positions]
-            texts = [prompts.texts(p) for p in positions]
-            conds = [prompts.conditioning(*pair) for pair in texts]
-            inputs = denoiser.BatchInputs(run, sampler, schedule, conds, source, seeds)
-            latents = denoiser.denoise(model, inputs, control, batch)
-            if latents is None:  # skipped or interrupted
-                continue
-            # 6. Decode, restore the untouched parts of an inpainted image, save
-            for index, image in enumerate(vae_codec.decode(model, latents)):
-                result.images.append(_finish_image(
-                    model, run, sampler, schedule, source, batch, index, image, output_dir, now, texts[index]
-                ))
+        try:
+            # 5. Denoise batch by batch, with the LoRAs of the batch's first prompt applied
+            for batch in range(run.batch_count):
+                if control.interrupted:
+                    break
+                control.take_skip()
+                positions = range(batch * run.batch_size, (batch + 1) * run.batch_size)
+                seeds = [_seeds(run, p) for p in positions]
+                texts = [prompts.texts(p) for p in positions]
+                conds = prompts.conditioning_for_batch(texts)
+                inputs = denoiser.BatchInputs(run, sampler, schedule, conds, source, seeds)
+                latents = denoiser.denoise(model, inputs, control, batch)
+                if latents is None:  # skipped or interrupted
+                    continue
+                # 6. Decode, restore the untouched parts of an inpainted image, save
+                lora_hashes = networks.lora_hashes()
+                for index, image in enumerate(vae_codec.decode(model, latents)):
+                    hashes = {"Lora hashes": lora_hashes,
+                              "TI hashes": networks.ti_hashes(*networks.strip(texts[index])[0])}
+                    result.images.append(_finish_image(
+                        model, run, sampler, schedule, source, batch, index, image, output_dir, now, texts[index],
+                        hashes))
+        finally:
+            networks.close()  # the base weights, bit for bit
         result.interrupted = control.interrupted
         return result
 
@@ -86,12 +94,13 @@ def _apply_styles(run: GenerationRequest, styles: StyleDatabase, warnings: list[
 
 class _PromptTexts:
     """The prompt and negative prompt of each image position, wildcards expanded (seeded by the
-    image's seed, or the first image's with `same_wildcards`), and their conditioning, each distinct
-    pair encoded once."""
+    image's seed, or the first image's with `same_wildcards`), and their conditioning: extra network
+    tags stripped, each distinct pair encoded once per set of applied LoRAs."""
 
-    def __init__(self, model, run: GenerationRequest, wildcards: Wildcards, warnings: list[str]):
-        self.model, self.run, self.wildcards, self.warnings = model, run, wildcards, warnings
-        self._encoded: dict[tuple[str, str], conditioning.Conditioning] = {}
+    def __init__(self, model, run: GenerationRequest, wildcards: Wildcards, networks: NetworkSession):
+        self.model, self.run, self.wildcards, self.networks = model, run, wildcards, networks
+        self.warnings = networks.warnings
+        self._encoded: dict[tuple, conditioning.Conditioning] = {}
 
     def texts(self, position: int) -> tuple[str, str]:
         run = self.run
@@ -103,12 +112,17 @@ class _PromptTexts:
             pair.append(expansion.text)
         return pair[0], pair[1]
 
-    def conditioning(self, prompt: str, negative: str) -> conditioning.Conditioning:
-        key = (prompt, negative)
+    def conditioning_for_batch(self, texts: list[tuple[str, str]]) -> list[conditioning.Conditioning]:
+        stripped = [self.networks.strip(pair) for pair in texts]
+        applied = self.networks.activate(stripped[0][1])  # A1111: the batch's first prompt's LoRAs
+        return [self._conditioning(*pair, applied) for pair, _ in stripped]
+
+    def _conditioning(self, prompt: str, negative: str, applied: tuple) -> conditioning.Conditioning:
+        key = (prompt, negative, applied)  # a text-encoder LoRA changes the encoding
         if key not in self._encoded:
             run = self.run
-            self._encoded[key] = conditioning.encode_for_generation(self.model, prompt, negative, run.steps,
-                                                                    run.clip_skip, run.emphasis)
+            self._encoded[key] = conditioning.encode_for_generation(
+                self.model, prompt, negative, run.steps, run.clip_skip, run.emphasis, self.networks.embedding_set)
         return self._encoded[key]
 
 
@@ -120,7 +134,7 @@ def _seeds(run: GenerationRequest, position: int) -> tuple[int, int]:
     return run.seed + position, run.subseed
 
 
-def infotext_parameters(model, run, sampler, schedule, seed, subseed) -> dict:
+def infotext_parameters(model, run, sampler, schedule, seed, subseed, networks: dict | None = None) -> dict:
     params = {
         "Steps": run.steps,
         "Sampler": sampler.name,
@@ -140,6 +154,7 @@ def infotext_parameters(model, run, sampler, schedule, seed, subseed) -> dict:
         "Denoising strength": run.denoising_strength if run.init_image is not None else None,
         "Clip skip": run.clip_skip if run.clip_skip > 1 else None,
         "RNG": "CPU",  # noise is drawn on the CPU, so A1111 reproduces it with this setting
+        **(networks or {}),  # Lora hashes, TI hashes
         "Emphasis": run.emphasis if run.emphasis != "Original" else None,
         "Styles array": json.dumps(list(run.styles)) if run.styles else None,
     }
@@ -153,12 +168,12 @@ def infotext_parameters(model, run, sampler, schedule, seed, subseed) -> dict:
 
 
 def _finish_image(model, run, sampler, schedule, source, batch, index, image, output_dir, now,
-                  texts: tuple[str, str]) -> GeneratedImage:
+                  texts: tuple[str, str], networks: dict) -> GeneratedImage:
     seed, subseed = _seeds(run, batch * run.batch_size + index)
     if source is not None:
         image = source.restore(image)
     prompt, negative = texts
-    params = infotext_parameters(model, run, sampler, schedule, seed, subseed)
+    params = infotext_parameters(model, run, sampler, schedule, seed, subseed, networks)
     # The expanded prompt is the prompt (the PNG reproduces alone); the template is recorded beside it.
     if prompt != run.prompt:
         params["Wildcard prompt"] = run.prompt

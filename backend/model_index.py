@@ -66,10 +66,12 @@ class HashCache:
             json.dump(self._entries, handle, indent=1)
         os.replace(tmp, self.cache_file)
 
-    def sha256(self, path: Path) -> str:
+    def sha256(self, path: Path, addnet: bool = False) -> str:
+        """The file's sha256; with `addnet`, of a .safetensors file's tensor data after its header
+        (the hash kohya's tools and A1111 use for LoRAs, unchanged by edits to the metadata)."""
         path = Path(path).resolve()
         stat = path.stat()
-        key = str(path)
+        key = ("addnet:" if addnet else "") + str(path)
         with self._lock:
             entry = self._load().get(key)
             if entry and entry["size"] == stat.st_size and entry["mtime"] == stat.st_mtime:
@@ -77,6 +79,9 @@ class HashCache:
         logger.info("Calculating sha256 for %s", path.name)
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
+            if addnet:
+                header_length = int.from_bytes(handle.read(8), "little")
+                handle.seek(8 + header_length)
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
         value = digest.hexdigest()

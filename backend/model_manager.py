@@ -13,6 +13,8 @@ from typing import Callable
 
 from backend import checkpoints, devices, diffusers_folder, model_detection
 from backend.checkpoints import CheckpointLoadError, Components
+from backend.embeddings import EmbeddingLibrary
+from backend.lora import LoraLibrary
 from backend.model_detection import CheckpointFormatError
 from backend.model_index import ModelFile, ModelIndex, ModelNotFoundError
 from backend.sd_model import StableDiffusionModel
@@ -42,6 +44,8 @@ class ModelManager:
     def __init__(self, settings: Settings, index: ModelIndex | None = None, loader: Loader = load_components):
         self.settings = settings
         self.index = index or ModelIndex(settings)
+        self.loras = LoraLibrary(settings.model_dir("lora"), self.index.hashes, settings.lora_cache_mb)
+        self.embeddings = EmbeddingLibrary(settings.model_dir("embeddings"), self.index.hashes)
         self.placement = devices.placement(settings)
         self._loader = loader
         self._cache: OrderedDict[Path, StableDiffusionModel] = OrderedDict()
@@ -69,6 +73,8 @@ class ModelManager:
     def refresh(self) -> None:
         """Rescan the model folders (new files appear without a restart)."""
         self.index.refresh()
+        self.loras.refresh()
+        self.embeddings.refresh()
 
     # -- activation ------------------------------------------------------------------------------
     def default_checkpoint(self) -> ModelFile:

@@ -10,6 +10,7 @@ import torch
 
 from backend.checkpoints import Components
 from backend.devices import Placement
+from backend.lora import LoraOverlay
 from backend.model_index import ModelFile
 
 
@@ -22,10 +23,12 @@ class StableDiffusionModel:
     vae_name: str | None = None  # file name of the VAE in use; None: the checkpoint's own
     vae_hash: str | None = None
     _baked_vae: Any = field(default=None, repr=False)
+    lora_overlay: LoraOverlay = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._baked_vae = self.components.vae
         self._place()
+        self.lora_overlay = LoraOverlay(self)  # LoRAs in force, over saved copies of the base weights
 
     # -- identity --------------------------------------------------------------------------------
     @property

@@ -40,6 +40,7 @@ class Settings:
     lowvram: bool = False
     threads: int | None = None
     checkpoint_cache_size: int = 1
+    lora_cache_mb: int = 1024  # parsed LoRA files kept in memory, least recently used dropped first
     default_checkpoint: str | None = None
 
     def __post_init__(self) -> None:

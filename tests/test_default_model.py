@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 import pytest
+from PIL import Image
 
 from backend.generation import generate
 from backend.model_manager import ModelManager
@@ -26,7 +27,7 @@ PROMPTS = [(f"a large {colour} circle on a {background} background, center", see
 @pytest.fixture(scope="module")
 def manager(tmp_path_factory) -> ModelManager:
     data = tmp_path_factory.mktemp("default-model")
-    return ModelManager(Settings(data_dir=data, ckpt_dir=DEFAULT_MODEL.parent))
+    return ModelManager(Settings(data_dir=data, ckpt_dir=DEFAULT_MODEL.parent, lora_dir=ROOT / "models" / "Lora"))
 
 
 def test_default_model_is_shipped_small_and_loads_with_its_metadata(manager):
@@ -60,3 +61,20 @@ def test_long_karras_schedules_run_on_a_zero_terminal_snr_model(manager, sampler
                                                  schedule_type=schedule, seed=9, save_images=False))
     pixels = np.asarray(result.images[0].image, dtype=np.float32)
     assert pixels.std() > 10  # an image, not a flat (NaN-replaced) field
+
+
+def test_demo_lora_outlines_the_shapes_and_leaves_no_trace(manager):
+    from training.check_demo_lora import PROMPTS as LORA_PROMPTS
+    from training.check_demo_lora import fill_ratio
+
+    def images(suffix: str = "") -> list[np.ndarray]:
+        return [np.array(generate(manager, GenerationRequest(
+            prompt=prompt + suffix, checkpoint="easel-shapes", steps=20, sampler="DPM++ 2M", cfg_scale=6, seed=5,
+            save_images=False)).images[0].image) for prompt in LORA_PROMPTS]
+
+    before = images()
+    outlined = images(" <lora:easel-outlined:1>")
+    after = images()
+    assert all(np.array_equal(a, b) for a, b in zip(after, before))  # removal is exact
+    fill = [np.mean([fill_ratio(Image.fromarray(i)) for i in group]) for group in (before, outlined)]
+    assert fill[1] < fill[0] - 0.15, fill  # outlines fill far less of their bounding box than solids
