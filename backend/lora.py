@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from backend import devices
 from backend.model_index import HashCache, ModelFile, scan
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,26 @@ class LayerUpdate:
     def scale(self) -> float:
         rank = self.rank
         return self.alpha / rank if self.alpha is not None and rank else 1.0
+
+    def add_to(self, weight: torch.Tensor, strength: float, in_place: bool = False) -> torch.Tensor:
+        """weight + strength x update: a new tensor, or written into `weight` with `in_place`.
+        A plain LoRA is one fused multiply-add (addmm) over the weight; the rest go through `delta`."""
+        t = self.tensors
+        if self.kind == "lora" and "lora_mid.weight" not in t:
+            up = t["lora_up.weight"].flatten(1).to(weight.device, weight.dtype)
+            down = t["lora_down.weight"].flatten(1).to(weight.device, weight.dtype)
+            if up.shape[0] * down.shape[1] != weight.numel():
+                raise LoraError(f"an update of shape {(up.shape[0], down.shape[1])} does not fit a weight of "
+                                f"shape {tuple(weight.shape)}")
+            if in_place:
+                weight.view(up.shape[0], down.shape[1]).addmm_(up, down, alpha=self.scale * strength)
+                return weight
+            return torch.addmm(weight.reshape(up.shape[0], down.shape[1]), up, down,
+                               alpha=self.scale * strength).view(weight.shape)
+        delta = self.delta(weight.shape, weight.device) * strength
+        if in_place:
+            return weight.add_(delta.to(weight.dtype))
+        return weight + delta if weight.dtype == torch.float32 else (weight.float() + delta).to(weight.dtype)
 
     def delta(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
         """The update to add to a weight of `shape`, in fp32, before the strength is applied."""
@@ -413,22 +434,25 @@ class Activation:
     unet: float = 1.0
 
 
-def _weight_storage(module: torch.nn.Module) -> torch.Tensor:
-    """The tensor that holds a module's weight: the parameter, or under accelerate's sequential
-    offload (--lowvram) the CPU copy its hook loads from."""
+def _offloaded_weights(module: torch.nn.Module):
+    """Under accelerate's sequential offload (--lowvram) a module's weight lives in its hook's
+    weights map (the parameter itself is a placeholder): that map, or None."""
     hook = getattr(module, "_hf_hook", None)
     weights = getattr(hook, "weights_map", None)
-    if weights is not None and getattr(hook, "offload", False):
-        return weights["weight"]
-    return module.weight.data
+    return weights if weights is not None and getattr(hook, "offload", False) else None
 
 
 class LoraOverlay:
-    """The LoRAs applied to one model right now, over saved copies of the weights they touch."""
+    """The LoRAs applied to one model right now, as overlays on immutable base weights.
+
+    Applying a LoRA to a layer swaps in a new tensor, base + update, and keeps the base tensor itself
+    (no copy); removing swaps the base tensor back, so the weights are bit-identical afterwards and
+    restoring costs nothing. Only the merged tensors of the layers in use are extra memory.
+    """
 
     def __init__(self, model):
         self.model = model
-        self._saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(module) -> (weight, copy)
+        self._base: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}  # id(module) -> (module, base weight)
         self.applied: tuple = ()
 
     @torch.no_grad()
@@ -444,20 +468,37 @@ class LoraOverlay:
                     if strength == 0:
                         continue
                     for module, update in getattr(matched, component):
-                        weight = _weight_storage(module)
-                        if id(module) not in self._saved:
-                            self._saved[id(module)] = (weight, weight.clone())
-                        delta = update.delta(weight.shape, weight.device) * strength
-                        weight.add_(delta.to(weight.dtype))
+                        self._add(module, update, strength)
         except Exception:
             self.restore()
             raise
         self.applied = key
 
+    def _add(self, module: torch.nn.Module, update: LayerUpdate, strength: float) -> None:
+        offloaded = _offloaded_weights(module)
+        current = offloaded["weight"] if offloaded is not None else module.weight.data
+        if id(module) in self._base:  # a second LoRA on this layer: add to the merged tensor
+            update.add_to(current, strength, in_place=True)
+            return
+        merged = update.add_to(current, strength)
+        self._base[id(module)] = (module, current)
+        self._set(module, merged)
+
+    @staticmethod
+    def _set(module: torch.nn.Module, weight: torch.Tensor) -> None:
+        offloaded = _offloaded_weights(module)
+        if offloaded is not None:
+            offloaded.dataset[offloaded.prefix + "weight"] = weight
+        else:
+            module.weight.data = weight
+
     @torch.no_grad()
     def restore(self) -> None:
-        """Put every touched weight back, bit for bit."""
-        for weight, copy in self._saved.values():
-            weight.copy_(copy)
-        self._saved.clear()
+        """Swap every base weight back, bit for bit."""
         self.applied = ()
+        if not self._base:
+            return
+        for module, base in self._base.values():
+            self._set(module, base)
+        self._base.clear()
+        devices.empty_cache()  # the merged tensors are freed: hand their memory back

@@ -43,6 +43,7 @@ def start_server(data_dir: Path, tokenizer_cache: Path, **server_options):
     shutil.copy(DEFAULT_MODEL, ckpt / DEFAULT_MODEL.name)
     shutil.copytree(tokenizer_cache, data_dir / "cache", dirs_exist_ok=True)
     shutil.copytree(ROOT / "wildcards", data_dir / "wildcards")
+    shutil.copytree(ROOT / "models" / "Lora", data_dir / "models" / "Lora")
     settings = Settings(data_dir=data_dir, default_checkpoint="easel-shapes")
     demo, url, _ = launch(settings, ServerOptions(**server_options), block=False)
     return demo, url, settings
@@ -364,3 +365,22 @@ def test_wildcard_browser_inserts_a_wildcard_that_expands_on_generate(page):
     shown = page.inner_text("#txt2img_infotext")
     assert 'Wildcard prompt: "a large __color__ circle on a white background, center"' in shown
     assert shown.splitlines()[0].split()[2] in (ROOT / "wildcards" / "color.txt").read_text().split()
+
+
+def test_extra_networks_card_puts_the_lora_in_the_prompt_and_the_image_records_it(page):
+    page.fill("#txt2img_prompt textarea", "a large blue square on a yellow background, center")
+    page.click("text=Extra networks")
+    page.locator("#txt2img_extra_cards >> text=easel-outlined").wait_for()
+    screenshot(page, "txt2img-extra-network-cards")
+    page.click("#txt2img_extra_cards >> text=easel-outlined")
+    page.wait_for_function("document.querySelector('#txt2img_prompt textarea').value.endsWith(' <lora:easel-outlined:1>')")
+    wait_for_text(page, "#txt2img_extra_details", "sd_v1")  # the card's kohya metadata
+    wait_for_text(page, ".easel-tokens", "10/75")  # the tag does not count as tokens
+    screenshot(page, "txt2img-extra-networks")
+    generate(page)
+    assert "Lora hashes: " in page.inner_text("#txt2img_infotext")
+    # A second click takes the tag out; the search filters the cards.
+    page.click("#txt2img_extra_cards >> text=easel-outlined")
+    page.wait_for_function("!document.querySelector('#txt2img_prompt textarea').value.includes('<lora:')")
+    page.fill("#txt2img_extra_search input, #txt2img_extra_search textarea", "nothing-called-this")
+    page.wait_for_function("!document.querySelector('#txt2img_extra_cards').innerText.includes('easel-outlined')")

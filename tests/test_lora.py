@@ -303,6 +303,28 @@ def test_unsupported_lycoris_types_are_named(tmp_path):
         lora_module.group_layers({"lora_unet_x.oft_blocks": torch.zeros(2, 2, 2)})
 
 
+def test_layers_under_sequential_offload_are_patched_in_their_weights_map():
+    """--lowvram keeps weights in accelerate's CPU map and loads them per forward: patch the map."""
+    from accelerate import cpu_offload
+
+    from backend.lora import Activation, LoraFile, LoraOverlay, Matched
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    x = torch.randn(2, 6)
+    plain = layer(x)
+    cpu_offload(layer, execution_device=torch.device("cpu"))
+    down, up = low_rank(5, 6, rank=2)
+    update = LayerUpdate("lora", {"lora_down.weight": down, "lora_up.weight": up}, alpha=2.0)
+    lora = LoraFile("x", Path("x.safetensors"), {"layer": update}, {})
+    overlay = LoraOverlay(None)
+    overlay.apply([(lora, Matched(unet=[(layer[0], update)]), Activation("x", 1.0, 0.5))])
+    with torch.no_grad():
+        assert torch.allclose(layer(x), plain + 0.5 * x @ (up @ down).T, atol=1e-5)
+        overlay.restore()
+        assert torch.equal(layer(x), plain)
+
+
 # -- memory ----------------------------------------------------------------------------------------
 def test_fifty_apply_remove_cycles_with_different_loras_do_not_grow_memory(settings, model_files):
     install(settings, model_files["sd1"])
@@ -325,6 +347,6 @@ def test_fifty_apply_remove_cycles_with_different_loras_do_not_grow_memory(setti
     gc.collect()
     growth = psutil.Process().memory_info().rss - rss
     assert growth < 4 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB"
-    assert model.lora_overlay._saved == {}
+    assert model.lora_overlay._base == {}
     assert len(manager.loras._cache) <= 5
     assert_same(model, before)

@@ -7,6 +7,7 @@ import json
 import threading
 
 import pytest
+import torch
 from PIL import Image
 
 import app
@@ -126,6 +127,39 @@ def test_token_counter_grows_in_chunks_of_75(tokenizer_cache):
     assert token_counter(tokenizer, "") == "0/75"
     assert token_counter(tokenizer, "a red star") == "3/75"
     assert token_counter(tokenizer, "red " * 80) == "80/150"
+    assert token_counter(tokenizer, "a red star <lora:detail:0.8>") == "3/75"  # tags do not count
+
+
+def test_extra_network_cards_filter_preview_and_toggle(tmp_path):
+    from safetensors.torch import save_file
+
+    from backend.model_index import scan
+    from ui import extra_networks as en
+
+    lora_root = tmp_path / "Lora"
+    (lora_root / "styles" / "ink").mkdir(parents=True)
+    for name in ("styles/ink/Sumi-e", "styles/watercolour", "detail_tweaker"):
+        save_file({"x.lora_down.weight": torch.zeros(1, 2)}, lora_root / f"{name}.safetensors",
+                  metadata={"ss_base_model_version": "sd_v1", "ss_network_dim": "16",
+                            "ss_tag_frequency": '{"set": {"ink": 3, " brush": 5}}'})
+    Image.new("RGB", (8, 8), "red").save(lora_root / "detail_tweaker.preview.png")
+    cards = en.cards("lora", scan(lora_root, (".safetensors",)))
+    assert [(c.name, c.folder) for c in cards] == [("detail_tweaker", ""), ("Sumi-e", "styles/ink"),
+                                                  ("watercolour", "styles")]
+    assert en.folders(cards) == ["All", "styles", "styles/ink"]
+    assert [c.name for c in en.filter_cards(cards, folder="styles")] == ["Sumi-e", "watercolour"]
+    assert [c.name for c in en.filter_cards(cards, "ink sumi")] == ["Sumi-e"]
+    assert en.card_image(cards[0], tmp_path / "cache") == lora_root / "detail_tweaker.preview.png"
+    placeholder = en.card_image(cards[2], tmp_path / "cache")
+    assert placeholder.parent == tmp_path / "cache" / "card-placeholders" and Image.open(placeholder).size == (256, 256)
+    # A click adds the tag; a second click (at any strength) takes it out again.
+    assert en.toggle_tag("a cat", cards[1].tag) == "a cat <lora:Sumi-e:1>"
+    assert en.toggle_tag("a cat <lora:Sumi-e:0.4>, night", cards[1].tag) == "a cat, night"
+    assert en.toggle_tag("", "easynegative") == "easynegative"
+    assert en.toggle_tag("blurry, EasyNegative", "easynegative") == "blurry"
+    details = en.lora_details(cards[1].file, {"ss_base_model_version": "sd_v1", "ss_network_dim": "16",
+                                              "ss_tag_frequency": {"set": {"ink": 3, " brush": 5}}})
+    assert details["base model"] == "sd_v1" and details["training tags"] == ["brush", "ink"]
 
 
 def test_mask_from_editor_is_the_union_of_painted_strokes():

@@ -98,7 +98,9 @@ def launch(settings, server: ServerOptions, config_path: Path | None = None, blo
                         public=server.public)
     demo = build_ui(context)
     demo.queue(default_concurrency_limit=1)
-    allowed = [str(settings.output_root), str(settings.cache_dir)]
+    # Served files: outputs, card placeholders (cache), and the previews beside LoRAs and embeddings.
+    allowed = [str(settings.output_root), str(settings.cache_dir), str(settings.model_dir("lora")),
+               str(settings.model_dir("embeddings"))]
     allowed += [folder for folder in (options.outdir_txt2img, options.outdir_img2img) if folder.strip()]
     app, local_url, share_url = demo.launch(
         server_name="0.0.0.0" if server.listen else "127.0.0.1",

@@ -24,19 +24,22 @@ import gradio as gr
 from PIL import Image
 
 from backend import clip_tokenizer, conditioning, infotext, outputs
+from backend.embeddings import NO_EMBEDDINGS, EncoderVocabulary
+from backend.extra_networks import parse_tags
 from backend.generation import generate
 from backend.images import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
 from backend.model_manager import ModelManager
 from backend.request import EMPHASIS_MODES, MIN_SIZE, GenerationRequest
 from backend.samplers import SAMPLER_NAMES, SCHEDULE_TYPES
 from backend.wildcards import Wildcards
-from ui import jobs
+from ui import extra_networks, jobs
 from ui.options import Options, save_options
 from backend.styles import Style, StyleDatabase
 
 logger = logging.getLogger(__name__)
 
 CHUNK_TOKENS = 75
+EXTRA_NETWORK_KINDS = {"Lora": "lora", "Textual Inversion": "embedding"}
 IMG2IMG_MODES = ("img2img", "sketch", "inpaint", "inpaint upload")
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
 CSS = """
@@ -47,6 +50,9 @@ CSS = """
 .easel-error {color: #d33}
 .easel-bar {height: 6px; background: var(--neutral-200); border-radius: 3px; overflow: hidden}
 .easel-bar > div {height: 100%; background: var(--color-accent); transition: width 0.2s}
+.easel-cards .grid-container {grid-template-columns: repeat(auto-fill, minmax(110px, 140px)) !important;
+                              grid-auto-rows: 140px !important}
+.easel-cards .thumbnail-item {aspect-ratio: 1 / 1; height: auto !important}
 """
 
 
@@ -87,9 +93,10 @@ class UIContext:
 
 
 # -- small pure helpers (tested without a browser) ---------------------------------------------------
-def token_counter(tokenizer, text: str) -> str:
-    """A1111's counter: tokens used / the capacity of the 75-token chunks they take."""
-    count = conditioning.count_tokens(tokenizer, text)
+def token_counter(tokenizer, text: str, vocabulary: EncoderVocabulary = NO_EMBEDDINGS) -> str:
+    """A1111's counter: tokens used / the capacity of the 75-token chunks they take. Extra network
+    tags do not count; an embedding counts as its vectors."""
+    count = conditioning.count_tokens(tokenizer, parse_tags(text)[0], vocabulary)
     capacity = max(1, -(-count // CHUNK_TOKENS)) * CHUNK_TOKENS
     return f"{count}/{capacity}"
 
@@ -182,6 +189,7 @@ class EaselUI:
                 c["_prompt_tokens"] = gr.HTML("<div class='easel-tokens'>0/75</div>")
                 c["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{mode}_neg_prompt")
                 c["_negative_tokens"] = gr.HTML("<div class='easel-tokens'>0/75</div>")
+                self._extra_networks_panel(c, mode)
             with gr.Column(scale=1, min_width=200):
                 c["_generate"] = gr.Button("Generate", variant="primary", elem_id=f"{mode}_generate", size="lg")
                 with gr.Row():
@@ -253,6 +261,33 @@ class EaselUI:
         c["_selected"] = gr.State(0)
         c["_last_seed"] = gr.State(-1)
         return c
+
+    def _extra_networks_panel(self, c: dict[str, Any], mode: str) -> None:
+        with gr.Accordion("Extra networks", open=False, elem_id=f"{mode}_extra_networks"):
+            with gr.Row():
+                c["_en_kind"] = gr.Radio(list(EXTRA_NETWORK_KINDS), value="Lora", show_label=False,
+                                         elem_id=f"{mode}_extra_kind")
+                c["_en_search"] = gr.Textbox(show_label=False, placeholder="Search", elem_id=f"{mode}_extra_search")
+                c["_en_folder"] = gr.Dropdown([extra_networks.ALL_FOLDERS], value=extra_networks.ALL_FOLDERS,
+                                              label="Subfolder", elem_id=f"{mode}_extra_folder")
+            with gr.Row():
+                c["_en_negative"] = gr.Checkbox(False, label="Click adds to the negative prompt",
+                                                elem_id=f"{mode}_extra_negative")
+                c["_en_refresh"] = gr.Button("🔄 Refresh", size="sm", elem_id=f"{mode}_extra_refresh")
+            images, shown, _ = self._extra_cards("Lora", "", extra_networks.ALL_FOLDERS)
+            c["_en_cards"] = gr.Gallery(images, columns=6, height=320, allow_preview=False, show_label=False,
+                                        elem_id=f"{mode}_extra_cards", elem_classes="easel-cards", interactive=False)
+            c["_en_shown"] = gr.State(shown)
+            c["_en_details"] = gr.JSON(label="Card details", visible=False, elem_id=f"{mode}_extra_details")
+
+    def _extra_cards(self, kind: str, search: str, folder: str) -> tuple[list, list[str], list[str]]:
+        """(gallery items, the shown cards' names in order, subfolder choices) for one kind."""
+        manager = self.ctx.manager
+        library = manager.loras if kind == "Lora" else manager.embeddings
+        all_cards = extra_networks.cards(EXTRA_NETWORK_KINDS[kind], library.files)
+        shown = extra_networks.filter_cards(all_cards, search, folder)
+        images = [(str(extra_networks.card_image(card, self.ctx.settings.cache_dir)), card.name) for card in shown]
+        return images, [card.file.name for card in shown], extra_networks.folders(all_cards)
 
     def _wildcard_samples(self) -> list[list[str]]:
         return [[f"__{f.name}__", str(f.lines)] for f in self.ctx.wildcards().files()] or [["(no wildcard files)", ""]]
@@ -412,9 +447,13 @@ class EaselUI:
 
     def _wire_page_helpers(self, mode: str) -> None:
         c, ctx = self.pages[mode], self.ctx
+        def count(value: str) -> str:
+            model = ctx.manager.active
+            vocabulary = ctx.manager.embeddings.for_model(model).per_encoder[0] if model else NO_EMBEDDINGS
+            return f"<div class='easel-tokens'>{token_counter(ctx.tokenizer(), value, vocabulary)}</div>"
+
         for text, counter in (("prompt", "_prompt_tokens"), ("negative_prompt", "_negative_tokens")):
-            c[text].change(lambda value: f"<div class='easel-tokens'>{token_counter(ctx.tokenizer(), value)}</div>",
-                           inputs=c[text], outputs=c[counter], queue=False, trigger_mode="always_last",
+            c[text].change(count, inputs=c[text], outputs=c[counter], queue=False, trigger_mode="always_last",
                            show_progress="hidden", api_visibility="private")
         c["_swap"].click(lambda w, h: (h, w), inputs=[c["width"], c["height"]], outputs=[c["width"], c["height"]],
                          queue=False, api_visibility="private")
@@ -459,6 +498,7 @@ class EaselUI:
 
         c["_gallery"].select(select, inputs=c["_infotexts"], outputs=[c["_infotext"], c["_selected"]], queue=False,
                              api_visibility="private")
+        self._wire_extra_networks(mode)
 
         def open_outputs():
             folder = ctx.options.output_dir(mode) or ctx.settings.output_root / f"{mode}-images"
@@ -471,6 +511,48 @@ class EaselUI:
                 gr.Warning(f"Cannot open {folder}: {exc}")
 
         c["_open_folder"].click(open_outputs, queue=False, api_visibility="private")
+
+    def _wire_extra_networks(self, mode: str) -> None:
+        c, ctx = self.pages[mode], self.ctx
+
+        def show(kind, search, folder):
+            images, shown, folders = self._extra_cards(kind, search or "", folder or extra_networks.ALL_FOLDERS)
+            folder = folder if folder in folders else extra_networks.ALL_FOLDERS
+            return images, shown, gr.Dropdown(choices=folders, value=folder)
+
+        filters = [c["_en_kind"], c["_en_search"], c["_en_folder"]]
+        shown_outputs = [c["_en_cards"], c["_en_shown"], c["_en_folder"]]
+        for component in filters:
+            component.change(show, inputs=filters, outputs=shown_outputs, queue=False, show_progress="hidden",
+                             trigger_mode="always_last", api_visibility="private")
+
+        def refresh(kind, search, folder):
+            ctx.manager.loras.refresh()
+            ctx.manager.embeddings.refresh()
+            return show(kind, search, folder)
+
+        c["_en_refresh"].click(refresh, inputs=filters, outputs=shown_outputs, queue=False, api_visibility="private")
+
+        def pick(kind, shown, prompt, negative, into_negative, evt: gr.SelectData):
+            library = ctx.manager.loras if kind == "Lora" else ctx.manager.embeddings
+            name = shown[evt.index] if isinstance(evt.index, int) and 0 <= evt.index < len(shown) else None
+            file = next((f for f in library.files if f.name == name), None)
+            if file is None:
+                raise gr.Error("That file is gone: press Refresh")
+            card = extra_networks.cards(EXTRA_NETWORK_KINDS[kind], [file])[0]
+            if into_negative:
+                negative = extra_networks.toggle_tag(negative, card.tag)
+            else:
+                prompt = extra_networks.toggle_tag(prompt, card.tag)
+            details = (extra_networks.lora_details(file, ctx.manager.loras.metadata(file)) if kind == "Lora"
+                       else extra_networks.embedding_details(file))
+            # Clear the selection, so that a second click on the same card is an event too.
+            return prompt, negative, gr.JSON(details, visible=True), gr.Gallery(selected_index=None)
+
+        c["_en_cards"].select(pick, inputs=[c["_en_kind"], c["_en_shown"], c["prompt"], c["negative_prompt"],
+                                            c["_en_negative"]],
+                              outputs=[c["prompt"], c["negative_prompt"], c["_en_details"], c["_en_cards"]],
+                              queue=False, api_visibility="private")
 
     def _wire_send_to(self, source: str) -> None:
         """Send the selected image and its parameters to img2img or its inpaint tab."""
