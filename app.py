@@ -81,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--invert-mask", action="store_true", default=None)
     gen.add_argument("--no-save", dest="save_images", action="store_false", default=None,
                      help="do not write files (nothing is printed)")
+    gen.add_argument("--upscaler", help="upscale each image after decoding: Lanczos, Nearest, R-ESRGAN 4x+, ...")
+    gen.add_argument("--upscale-by", type=float, help="factor for --upscaler (default 2)")
+    extras = commands.add_parser("extras", help="upscale existing images (A1111's Extras) and print the paths")
+    extras.add_argument("--image", type=Path, action="append", required=True, help="input image (repeatable)")
+    extras.add_argument("--upscaler", default="Lanczos", help="Lanczos, Nearest, R-ESRGAN 4x+, ... (default Lanczos)")
+    extras.add_argument("--scale", type=float, default=2.0, help="scale factor (default 2)")
+    extras.add_argument("--resize-to", metavar="WxH", help="resize to this size instead of --scale")
+    extras.add_argument("--no-crop", dest="crop", action="store_false", help="with --resize-to: stretch, no crop")
+    extras.add_argument("--upscaler-2", default="None", help="a second upscaler blended over the first")
+    extras.add_argument("--upscaler-2-visibility", type=float, default=0.0)
+    extras.add_argument("--out", type=Path, help="output folder (default <outputs>/extras-images)")
     return parser
 
 
@@ -109,8 +120,39 @@ _REQUEST_ARGS = (
     "prompt", "negative_prompt", "checkpoint", "vae", "steps", "sampler", "schedule_type", "cfg_scale", "seed",
     "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "width", "height", "batch_size",
     "batch_count", "clip_skip", "denoising_strength", "resize_mode", "mask_blur", "masked_content",
-    "inpaint_area", "only_masked_padding", "invert_mask", "save_images",
+    "inpaint_area", "only_masked_padding", "invert_mask", "save_images", "upscaler", "upscale_by",
 )
+
+
+def run_extras(args: argparse.Namespace, settings: Settings) -> int:
+    from PIL import Image
+
+    from backend.model_manager import ModelManager
+    from backend.postprocess import ExtrasRequest, run_extras
+    from backend.request import RequestError
+
+    images = []
+    for path in args.image:
+        try:
+            image = Image.open(path)
+            image.load()
+        except OSError as exc:
+            raise RequestError(f"cannot read --image {path}: {exc}") from exc
+        images.append(image)
+    resize_to = None
+    if args.resize_to:
+        try:
+            width, height = (int(v) for v in args.resize_to.lower().split("x"))
+        except ValueError:
+            raise RequestError(f"--resize-to takes WIDTHxHEIGHT, such as 1024x768, not {args.resize_to}") from None
+        resize_to = (width, height)
+    request = ExtrasRequest(upscaler=args.upscaler, scale=args.scale, resize_to=resize_to, crop=args.crop,
+                            upscaler_2=args.upscaler_2, upscaler_2_visibility=args.upscaler_2_visibility,
+                            output_dir=args.out)
+    manager = ModelManager(settings)
+    for result in run_extras(manager.upscalers, images, request, settings.output_root):
+        print(result.path)
+    return 0
 
 
 def run_generate(args: argparse.Namespace, settings: Settings) -> int:
@@ -152,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     devices.set_threads(settings.threads)
     if args.command == "generate":
         return _run_reporting_errors(run_generate, args, settings)
+    if args.command == "extras":
+        return _run_reporting_errors(run_extras, args, settings)
     return run_webui(args, settings)
 
 
@@ -176,10 +220,11 @@ def _run_reporting_errors(command, args, settings) -> int:
     from backend.model_index import ModelNotFoundError
     from backend.request import RequestError
     from backend.samplers import SamplerError
+    from backend.upscalers import UpscalerError
     from backend.wildcards import WildcardError
 
     expected = (CheckpointLoadError, CheckpointFormatError, ModelNotFoundError, RequestError, SamplerError,
-                NonFiniteOutputError, WildcardError)
+                NonFiniteOutputError, WildcardError, UpscalerError)
     try:
         return command(args, settings)
     except expected as exc:

@@ -19,6 +19,7 @@ from backend.model_manager import ModelManager
 from backend.progress import JobControl
 from backend.request import GeneratedImage, GenerationRequest, GenerationResult, check_dimension
 from backend.styles import StyleDatabase
+from backend.upscalers import Interrupted
 from backend.version import INFOTEXT_VERSION
 from backend.wildcards import Wildcards
 
@@ -36,6 +37,7 @@ def generate(
     # 1. Check inputs
     request.validate()
     sampler, schedule = samplers.resolve(request.sampler, request.schedule_type)
+    upscaler = _upscaler(manager, request)
     with manager.lock:
         # 2. Activate the checkpoint (a no-op when it is already active)
         model = manager.activate(request.checkpoint, request.vae)
@@ -73,15 +75,36 @@ def generate(
                 # 6. Decode, restore the untouched parts of an inpainted image, save
                 lora_hashes = networks.lora_hashes()
                 for index, image in enumerate(vae_codec.decode(model, latents)):
-                    hashes = {"Lora hashes": lora_hashes,
-                              "TI hashes": networks.ti_hashes(*networks.strip(texts[index])[0])}
+                    if source is not None:
+                        image = source.restore(image)
+                    extra = {"Lora hashes": lora_hashes,
+                             "TI hashes": networks.ti_hashes(*networks.strip(texts[index])[0])}
+                    if upscaler is not None:
+                        image = _upscale(manager, run, upscaler, image, control, extra, result.warnings)
                     result.images.append(_finish_image(
-                        model, run, sampler, schedule, source, batch, index, image, output_dir, now, texts[index],
-                        hashes))
+                        model, run, sampler, schedule, batch, index, image, output_dir, now, texts[index], extra))
         finally:
             networks.close()  # the base weights, bit for bit
         result.interrupted = control.interrupted
         return result
+
+
+def _upscaler(manager: ModelManager, request: GenerationRequest) -> str | None:
+    """The upscaler to run after decoding, checked before any denoising (an unknown name fails fast)."""
+    if not request.upscaler or request.upscaler == "None":
+        return None
+    return manager.upscalers.find(request.upscaler).name
+
+
+def _upscale(manager, run, upscaler: str, image, control: JobControl, extra: dict, warnings: list[str]):
+    try:
+        image = manager.upscalers.upscale(image, upscaler, scale=run.upscale_by,
+                                          should_stop=lambda: control.interrupted)
+    except Interrupted:
+        warnings.append("interrupted while upscaling: the image is kept at its generated size")
+        return image
+    extra.update({"Postprocess upscaler": upscaler, "Postprocess upscale by": run.upscale_by})
+    return image
 
 
 def _apply_styles(run: GenerationRequest, styles: StyleDatabase, warnings: list[str]) -> GenerationRequest:
@@ -134,7 +157,7 @@ def _seeds(run: GenerationRequest, position: int) -> tuple[int, int]:
     return run.seed + position, run.subseed
 
 
-def infotext_parameters(model, run, sampler, schedule, seed, subseed, networks: dict | None = None) -> dict:
+def infotext_parameters(model, run, sampler, schedule, seed, subseed, extra: dict | None = None) -> dict:
     params = {
         "Steps": run.steps,
         "Sampler": sampler.name,
@@ -154,7 +177,7 @@ def infotext_parameters(model, run, sampler, schedule, seed, subseed, networks: 
         "Denoising strength": run.denoising_strength if run.init_image is not None else None,
         "Clip skip": run.clip_skip if run.clip_skip > 1 else None,
         "RNG": "CPU",  # noise is drawn on the CPU, so A1111 reproduces it with this setting
-        **(networks or {}),  # Lora hashes, TI hashes
+        **(extra or {}),  # Lora hashes, TI hashes, the postprocessing upscaler
         "Emphasis": run.emphasis if run.emphasis != "Original" else None,
         "Styles array": json.dumps(list(run.styles)) if run.styles else None,
     }
@@ -167,13 +190,11 @@ def infotext_parameters(model, run, sampler, schedule, seed, subseed, networks: 
     return params
 
 
-def _finish_image(model, run, sampler, schedule, source, batch, index, image, output_dir, now,
-                  texts: tuple[str, str], networks: dict) -> GeneratedImage:
+def _finish_image(model, run, sampler, schedule, batch, index, image, output_dir, now,
+                  texts: tuple[str, str], extra: dict) -> GeneratedImage:
     seed, subseed = _seeds(run, batch * run.batch_size + index)
-    if source is not None:
-        image = source.restore(image)
     prompt, negative = texts
-    params = infotext_parameters(model, run, sampler, schedule, seed, subseed, networks)
+    params = infotext_parameters(model, run, sampler, schedule, seed, subseed, extra)
     # The expanded prompt is the prompt (the PNG reproduces alone); the template is recorded beside it.
     if prompt != run.prompt:
         params["Wildcard prompt"] = run.prompt

@@ -11,10 +11,13 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from backend import checkpoints, devices, diffusers_folder, model_detection
 from backend.checkpoints import CheckpointLoadError, Components
 from backend.embeddings import EmbeddingLibrary
 from backend.lora import LoraLibrary
+from backend.upscalers import UPSCALER_FOLDERS, UpscalerLibrary
 from backend.model_detection import CheckpointFormatError
 from backend.model_index import ModelFile, ModelIndex, ModelNotFoundError
 from backend.sd_model import StableDiffusionModel
@@ -47,6 +50,8 @@ class ModelManager:
         self.loras = LoraLibrary(settings.model_dir("lora"), self.index.hashes, settings.lora_cache_mb)
         self.embeddings = EmbeddingLibrary(settings.model_dir("embeddings"), self.index.hashes)
         self.placement = devices.placement(settings)
+        self.upscalers = UpscalerLibrary([settings.model_dir(kind) for kind in UPSCALER_FOLDERS],
+                                         self.placement.device, half=self.placement.dtype == torch.float16)
         self._loader = loader
         self._cache: OrderedDict[Path, StableDiffusionModel] = OrderedDict()
         self._active: StableDiffusionModel | None = None
@@ -75,6 +80,7 @@ class ModelManager:
         self.index.refresh()
         self.loras.refresh()
         self.embeddings.refresh()
+        self.upscalers.refresh()
 
     # -- activation ------------------------------------------------------------------------------
     def default_checkpoint(self) -> ModelFile:

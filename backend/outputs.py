@@ -50,10 +50,13 @@ def next_number(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def png_info(infotext: str | None) -> PngImagePlugin.PngInfo:
+def png_info(infotext: str | None, chunks: dict[str, str] | None = None) -> PngImagePlugin.PngInfo:
+    """PNG text chunks: `parameters` (the infotext) and any others (Extras' `postprocessing`)."""
     info = PngImagePlugin.PngInfo()
     if infotext:
         info.add_text("parameters", infotext)
+    for key, value in (chunks or {}).items():
+        info.add_text(key, value)
     return info
 
 
@@ -65,6 +68,7 @@ def save_image(
     now: dt.datetime | None = None,
     name: str | None = None,
     save_txt: bool = False,
+    chunks: dict[str, str] | None = None,
 ) -> Path:
     """Write `image` as the next numbered PNG (`NNNNN-<name or seed>.png`) in `folder/<date>/` and
     return its path; with `save_txt`, the infotext also goes to a `.txt` file of the same name.
@@ -78,7 +82,7 @@ def save_image(
     fd, tmp = tempfile.mkstemp(dir=target_dir, prefix=".saving-", suffix=".png")
     try:
         with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=png_info(infotext))
+            image.save(handle, format="PNG", pnginfo=png_info(infotext, chunks))
         number = next_number(target_dir)
         while True:
             path = target_dir / f"{number:05d}-{name or seed}.png"

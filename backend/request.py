@@ -54,6 +54,9 @@ class GenerationRequest:
     inpaint_area: str = "Whole picture"
     only_masked_padding: int = 32
     invert_mask: bool = False
+    # after decoding
+    upscaler: str | None = None  # an upscaler name ("R-ESRGAN 4x+", "Lanczos", ...); None or "None": off
+    upscale_by: float = 2.0
     # outputs
     save_images: bool = True
     output_dir: Path | None = None
@@ -89,6 +92,7 @@ class GenerationRequest:
         need(self.inpaint_area in INPAINT_AREAS, f"inpaint area must be one of: {', '.join(INPAINT_AREAS)}")
         need(self.mask_blur >= 0 and self.only_masked_padding >= 0, "mask blur and padding must be 0 or more")
         need(self.mask is None or self.init_image is not None, "a mask needs an init image to inpaint")
+        need(0 < self.upscale_by <= 8, f"upscale by must be above 0 and at most 8, not {self.upscale_by}")
         for name in ("seed_resize_from_w", "seed_resize_from_h"):
             value = getattr(self, name)
             need(value <= 0 or value % 8 == 0, f"{name} must be a multiple of 8 (or 0 to turn it off)")

@@ -15,6 +15,7 @@ MODEL_FOLDERS = {
     "lora": "Lora",
     "esrgan": "ESRGAN",
     "realesrgan": "RealESRGAN",
+    "swinir": "SwinIR",
     "gfpgan": "GFPGAN",
     "codeformer": "Codeformer",
     "embeddings": "embeddings",
