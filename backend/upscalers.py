@@ -11,6 +11,7 @@ out-of-memory error halves the tile and tries again.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -96,12 +97,14 @@ def _ramp(length: int, fade: int, start: bool, end: bool) -> torch.Tensor:
     return weights
 
 
-def _starts(length: int, tile: int, overlap: int) -> list[int]:
+def _layout(length: int, tile: int, overlap: int) -> tuple[list[int], int]:
+    """(tile starts, tile length) along one side: the fewest tiles of at most `tile` pixels that
+    overlap by at least `overlap`, spread evenly so that little is computed twice."""
     if length <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]
+        return [0], length
+    count = math.ceil((length - overlap) / (tile - overlap))
+    size = min(tile, math.ceil((length + (count - 1) * overlap) / count))
+    return [round(i * (length - size) / (count - 1)) for i in range(count)], size
 
 
 def tiled_apply(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, scale: int,
@@ -110,22 +113,20 @@ def tiled_apply(model: Callable[[torch.Tensor], torch.Tensor], image: torch.Tens
     _, channels, height, width = image.shape
     if tile.size <= 0 or (height <= tile.size and width <= tile.size):
         return model(image)
-    size = tile.size
-    overlap = min(tile.overlap, size // 2)
+    overlap = min(tile.overlap, tile.size // 2)
     out = torch.zeros(image.shape[0], channels, height * scale, width * scale, dtype=torch.float32,
                       device=image.device)
     total = torch.zeros(1, 1, height * scale, width * scale, dtype=torch.float32, device=image.device)
-    ys, xs = _starts(height, size, overlap), _starts(width, size, overlap)
+    (ys, tile_h), (xs, tile_w) = _layout(height, tile.size, overlap), _layout(width, tile.size, overlap)
     for y in ys:
         for x in xs:
             if should_stop():
                 raise Interrupted
-            piece = image[:, :, y:y + size, x:x + size]
-            result = model(piece).float()
+            result = model(image[:, :, y:y + tile_h, x:x + tile_w]).float()
             h, w = result.shape[2], result.shape[3]
-            # Fade over the part shared with the neighbour (its real extent: the last tile may overlap more).
-            weight = (_ramp(h, overlap * scale, y > 0, y + size < height)[:, None]
-                      * _ramp(w, overlap * scale, x > 0, x + size < width)[None, :]).to(image.device)
+            # Fade in over the overlap on each side that has a neighbour; weights are normalised below.
+            weight = (_ramp(h, overlap * scale, y > 0, y + tile_h < height)[:, None]
+                      * _ramp(w, overlap * scale, x > 0, x + tile_w < width)[None, :]).to(image.device)
             out[:, :, y * scale:y * scale + h, x * scale:x * scale + w] += result * weight
             total[:, :, y * scale:y * scale + h, x * scale:x * scale + w] += weight
     return out / total

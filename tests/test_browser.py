@@ -384,3 +384,18 @@ def test_extra_networks_card_puts_the_lora_in_the_prompt_and_the_image_records_i
     page.wait_for_function("!document.querySelector('#txt2img_prompt textarea').value.includes('<lora:')")
     page.fill("#txt2img_extra_search input, #txt2img_extra_search textarea", "nothing-called-this")
     page.wait_for_function("!document.querySelector('#txt2img_extra_cards').innerText.includes('easel-outlined')")
+
+
+def test_extras_upscales_an_uploaded_image(page, tmp_path):
+    source = tmp_path / "small.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(source)
+    page.click("button[role=tab]:has-text('Extras')")
+    page.set_input_files("#extras_image input[type=file]", str(source))
+    page.locator("#extras_image img").first.wait_for()
+    set_number(page, "#extras_scale input[type=number]", 2)
+    page.click("#extras_generate")
+    wait_for_text(page, "#extras_info", "Postprocess upscaler: Lanczos")
+    assert "Postprocess upscale by: 2" in page.inner_text("#extras_info")
+    images = gallery_images(page, "extras")
+    assert [image.size for image in images] == [(80, 48)]
+    screenshot(page, "extras")

@@ -27,6 +27,8 @@ from backend import clip_tokenizer, conditioning, infotext, outputs
 from backend.embeddings import NO_EMBEDDINGS, EncoderVocabulary
 from backend.extra_networks import parse_tags
 from backend.generation import generate
+from backend.postprocess import ExtrasRequest, run_extras
+from backend.upscalers import UpscalerError
 from backend.images import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
 from backend.model_manager import ModelManager
 from backend.request import EMPHASIS_MODES, MIN_SIZE, GenerationRequest
@@ -657,6 +659,98 @@ class EaselUI:
         top["vae"].input(switch_vae, inputs=top["vae"], outputs=[self.model_status, top["vae"]],
                          concurrency_id="device", concurrency_limit=1, api_visibility="private")
 
+    def _extras_tab(self) -> None:
+        """A1111's Extras: upscale one image, uploaded files, or a folder of images."""
+        ctx = self.ctx
+        names = ctx.manager.upscalers.names
+        with gr.Row():
+            with gr.Column():
+                with gr.Tabs():
+                    with gr.Tab("Single image", id="single") as single_tab:
+                        single = gr.Image(type="pil", label="Source", elem_id="extras_image", image_mode="RGB")
+                    with gr.Tab("Batch process", id="batch") as batch_tab:
+                        files = gr.File(file_count="multiple", label="Images", elem_id="extras_files")
+                    with gr.Tab("Batch from directory", id="folder") as folder_tab:
+                        input_dir = gr.Textbox(label="Input directory (on the server)", elem_id="extras_input_dir")
+                        output_dir = gr.Textbox(label="Output directory (empty: outputs/extras-images)",
+                                                elem_id="extras_output_dir")
+                source = gr.State("single")
+                for tab, name in ((single_tab, "single"), (batch_tab, "batch"), (folder_tab, "folder")):
+                    tab.select(lambda name=name: name, outputs=source, queue=False, api_visibility="private")
+                with gr.Tabs():
+                    with gr.Tab("Scale by") as by_tab:
+                        scale = gr.Slider(1, 8, value=4, step=0.05, label="Resize", elem_id="extras_scale")
+                    with gr.Tab("Scale to") as to_tab:
+                        with gr.Row():
+                            width = gr.Number(512, label="Width", precision=0, elem_id="extras_width")
+                            height = gr.Number(512, label="Height", precision=0, elem_id="extras_height")
+                            crop = gr.Checkbox(True, label="Crop to fit")
+                resize_mode = gr.State("by")
+                by_tab.select(lambda: "by", outputs=resize_mode, queue=False, api_visibility="private")
+                to_tab.select(lambda: "to", outputs=resize_mode, queue=False, api_visibility="private")
+                with gr.Row():
+                    upscaler = gr.Dropdown(names, value=names[1] if len(names) > 1 else names[0], label="Upscaler 1",
+                                           elem_id="extras_upscaler_1")
+                    upscaler_2 = gr.Dropdown(names, value="None", label="Upscaler 2", elem_id="extras_upscaler_2")
+                    visibility = gr.Slider(0, 1, value=0, step=0.01, label="Upscaler 2 visibility")
+                refresh = gr.Button("🔄 Rescan upscaler folders", size="sm")
+                run_button = gr.Button("Generate", variant="primary", elem_id="extras_generate")
+            with gr.Column():
+                gallery = gr.Gallery(label="Result", columns=2, height=420, format="png", elem_id="extras_gallery",
+                                     buttons=["download", "fullscreen"], interactive=False)
+                info = gr.HTML("", elem_id="extras_info")
+
+        def rescan():
+            ctx.manager.upscalers.refresh()
+            choices = ctx.manager.upscalers.names
+            return gr.Dropdown(choices=choices), gr.Dropdown(choices=choices)
+
+        refresh.click(rescan, outputs=[upscaler, upscaler_2], queue=False, api_visibility="private")
+
+        def run(source, image, uploads, folder_in, folder_out, mode, scale, width, height, crop, first, second,
+                visibility):
+            images = self._extras_inputs(source, image, uploads, folder_in)
+            request = ExtrasRequest(
+                upscaler=first, scale=float(scale), resize_to=(int(width), int(height)) if mode == "to" else None,
+                crop=bool(crop), upscaler_2=second, upscaler_2_visibility=float(visibility),
+                output_dir=Path(folder_out) if source == "folder" and folder_out.strip() else None)
+            try:
+                results = run_extras(ctx.manager.upscalers, images, request, ctx.settings.output_root)
+            except UpscalerError as exc:
+                raise gr.Error(str(exc)) from exc
+            text = results[0].postprocessing if results else ""
+            return [str(r.path) for r in results], f"<div class='easel-infotext'>{html.escape(text)}</div>"
+
+        run_button.click(run, inputs=[source, single, files, input_dir, output_dir, resize_mode, scale, width, height,
+                                      crop, upscaler, upscaler_2, visibility],
+                         outputs=[gallery, info], concurrency_id="device", concurrency_limit=1,
+                         api_visibility="private")
+
+    def _extras_inputs(self, source: str, image, uploads, folder: str) -> list[Image.Image]:
+        """The images of the chosen source; a file that is not an image names itself in the error."""
+        if source == "single":
+            return [_need(image, "Drop an image into Source first")]
+        if source == "batch":
+            paths = [Path(getattr(f, "name", f)) for f in (uploads or [])]
+            if not paths:
+                raise gr.Error("Add image files first")
+        else:
+            folder_path = Path(folder.strip())
+            if not folder.strip() or not folder_path.is_dir():
+                raise gr.Error(f"Input directory '{folder}' does not exist on the server")
+            paths = sorted(p for p in folder_path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+            if not paths:
+                raise gr.Error(f"No images in {folder_path}")
+        images = []
+        for path in paths:
+            try:
+                loaded = Image.open(path)
+                loaded.load()
+            except OSError as exc:
+                raise gr.Error(f"{path.name} is not an image Easel can read: {exc}") from exc
+            images.append(loaded)
+        return images
+
     def _png_info_tab(self) -> None:
         with gr.Row():
             with gr.Column():
@@ -776,6 +870,8 @@ class EaselUI:
                     self.pages["txt2img"] = self._generation_controls("txt2img")
                 with gr.Tab("img2img", id="img2img"):
                     self.pages["img2img"] = self._generation_controls("img2img")
+                with gr.Tab("Extras", id="extras"):
+                    self._extras_tab()
                 with gr.Tab("PNG Info", id="pnginfo"):
                     self._png_info_tab()
                 with gr.Tab("Settings", id="settings"):
