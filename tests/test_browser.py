@@ -399,3 +399,17 @@ def test_extras_upscales_an_uploaded_image(page, tmp_path):
     images = gallery_images(page, "extras")
     assert [image.size for image in images] == [(80, 48)]
     screenshot(page, "extras")
+
+
+def test_send_to_extras_carries_the_image_and_its_parameters(page):
+    page.fill("#txt2img_prompt textarea", "a large green star on a black background, center")
+    set_number(page, "#txt2img_seed input", 21)
+    generate(page)
+    page.click("#txt2img_send_to_extras")
+    page.locator("#extras_image img").first.wait_for()
+    set_number(page, "#extras_scale input[type=number]", 2)
+    page.click("#extras_generate")
+    wait_for_text(page, "#extras_info", "Postprocess upscale by: 2")
+    [image] = gallery_images(page, "extras")
+    assert image.size == (128, 128)
+    assert "Seed: 21" in image.info.get("parameters", "")  # the generation's infotext travels along

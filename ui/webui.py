@@ -256,6 +256,7 @@ class EaselUI:
                     c["_open_folder"] = gr.Button("📂 Open folder", size="sm")
                     c["_to_img2img"] = gr.Button("Send to img2img", size="sm", elem_id=f"{mode}_send_to_img2img")
                     c["_to_inpaint"] = gr.Button("Send to inpaint", size="sm", elem_id=f"{mode}_send_to_inpaint")
+                    c["_to_extras"] = gr.Button("Send to extras", size="sm", elem_id=f"{mode}_send_to_extras")
                 c["_infotext"] = gr.HTML("", elem_id=f"{mode}_infotext")
         # Per-browser state
         c["_infotexts"] = gr.State([])
@@ -588,6 +589,18 @@ class EaselUI:
         c["_to_inpaint"].click(lambda *a: send(*a, inpaint=True), inputs=inputs, outputs=outputs, queue=False,
                                api_visibility="private")
 
+        def to_extras(paths, selected):
+            if not paths:
+                raise gr.Error("generate an image first")
+            # The saved PNG itself, so its parameters reach Extras' result.
+            path = paths[selected if 0 <= selected < len(paths) else 0]
+            return gr.Tabs(selected="extras"), gr.Tabs(selected="single"), "single", str(path)
+
+        extras = self.extras
+        c["_to_extras"].click(to_extras, inputs=[c["_paths"], c["_selected"]],
+                              outputs=[self.tabs, extras["sources"], extras["source"], extras["image"]], queue=False,
+                              api_visibility="private")
+
     # -- tabs ------------------------------------------------------------------------------------------
     def _top_bar(self) -> dict[str, Any]:
         ctx = self.ctx
@@ -665,9 +678,10 @@ class EaselUI:
         names = ctx.manager.upscalers.names
         with gr.Row():
             with gr.Column():
-                with gr.Tabs():
+                with gr.Tabs() as source_tabs:
                     with gr.Tab("Single image", id="single") as single_tab:
-                        single = gr.Image(type="pil", label="Source", elem_id="extras_image", image_mode="RGB")
+                        # A file path, not a decoded image: the PNG's parameters must reach the result.
+                        single = gr.Image(type="filepath", label="Source", elem_id="extras_image")
                     with gr.Tab("Batch process", id="batch") as batch_tab:
                         files = gr.File(file_count="multiple", label="Images", elem_id="extras_files")
                     with gr.Tab("Batch from directory", id="folder") as folder_tab:
@@ -675,6 +689,7 @@ class EaselUI:
                         output_dir = gr.Textbox(label="Output directory (empty: outputs/extras-images)",
                                                 elem_id="extras_output_dir")
                 source = gr.State("single")
+                self.extras = {"sources": source_tabs, "source": source, "image": single}
                 for tab, name in ((single_tab, "single"), (batch_tab, "batch"), (folder_tab, "folder")):
                     tab.select(lambda name=name: name, outputs=source, queue=False, api_visibility="private")
                 with gr.Tabs():
@@ -729,8 +744,8 @@ class EaselUI:
     def _extras_inputs(self, source: str, image, uploads, folder: str) -> list[Image.Image]:
         """The images of the chosen source; a file that is not an image names itself in the error."""
         if source == "single":
-            return [_need(image, "Drop an image into Source first")]
-        if source == "batch":
+            paths = [Path(_need(image, "Drop an image into Source first"))]
+        elif source == "batch":
             paths = [Path(getattr(f, "name", f)) for f in (uploads or [])]
             if not paths:
                 raise gr.Error("Add image files first")
