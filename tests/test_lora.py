@@ -190,9 +190,11 @@ def test_changing_strength_does_not_read_the_file_again(sd1_manager):
 def test_loras_from_the_negative_prompt_apply_and_are_stripped(sd1_manager):
     model = sd1_manager.activate()
     sd1_lora(sd1_manager.settings, model)
+    plain = generate(sd1_manager, request(negative_prompt="blurry"))
     in_negative = generate(sd1_manager, request(negative_prompt="blurry <lora:detail:1>"))
     in_prompt = generate(sd1_manager, request("a red star <lora:detail:1>", negative_prompt="blurry"))
-    assert torch.equal(pixels(in_negative), pixels(in_prompt))
+    assert not torch.equal(pixels(in_negative), pixels(plain))  # it applied
+    assert torch.equal(pixels(in_negative), pixels(in_prompt))  # and the tag text itself was not encoded
 
 
 def test_missing_corrupt_and_mismatched_loras_are_skipped_with_a_warning(sd1_manager, tiny_models):
