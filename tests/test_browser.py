@@ -89,9 +89,25 @@ def screenshot(page, name: str) -> None:
 
 
 def set_number(page, selector: str, value) -> None:
+    """Type a number and commit it. A slider inside an accordion that has just opened can still be
+    mounting and reset the typed value, so for sliders wait until the range input shows it too, and
+    type again if it does not."""
     field = page.locator(selector).first
-    field.fill(str(value))
-    field.press("Tab")
+    container = selector.split(" ")[0]
+    for attempt in range(3):
+        field.fill(str(value))
+        field.press("Tab")
+        if page.locator(f"{container} input[type=range]").count() == 0:
+            return
+        try:
+            page.wait_for_function(
+                """([sel, value]) => [...document.querySelectorAll(`${sel} input`)]
+                    .every(e => Number(e.value) === Number(value))""",
+                arg=[container, value], timeout=5_000)
+            return
+        except playwright.TimeoutError:
+            if attempt == 2:
+                raise
 
 
 def wait_for_text(page, selector: str, text: str) -> None:
