@@ -81,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--invert-mask", action="store_true", default=None)
     gen.add_argument("--no-save", dest="save_images", action="store_false", default=None,
                      help="do not write files (nothing is printed)")
+    gen.add_argument("--enable-hr", action="store_true", default=None,
+                     help="hires fix: a second pass at --hr-scale times the size (denoised by --denoising-strength)")
+    gen.add_argument("--hr-scale", type=float, help="hires fix upscale factor (default 2)")
+    gen.add_argument("--hr-resize-x", type=int, help="hires fix target width instead of --hr-scale")
+    gen.add_argument("--hr-resize-y", type=int, help="hires fix target height instead of --hr-scale")
+    gen.add_argument("--hr-upscaler", help="Latent (default), Latent (bicubic), ..., or an upscaler name")
+    gen.add_argument("--hr-second-pass-steps", type=int, help="hires steps (default: --steps)")
+    gen.add_argument("--hr-sampler", help="hires sampler (default: --sampler)")
+    gen.add_argument("--hr-prompt", help="hires prompt (default: --prompt)")
+    gen.add_argument("--hr-negative-prompt", help="hires negative prompt (default: --negative-prompt)")
     gen.add_argument("--upscaler", help="upscale each image after decoding: Lanczos, Nearest, R-ESRGAN 4x+, ...")
     gen.add_argument("--upscale-by", type=float, help="factor for --upscaler (default 2)")
     extras = commands.add_parser("extras", help="upscale existing images (A1111's Extras) and print the paths")
@@ -120,7 +130,9 @@ _REQUEST_ARGS = (
     "prompt", "negative_prompt", "checkpoint", "vae", "steps", "sampler", "schedule_type", "cfg_scale", "seed",
     "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "width", "height", "batch_size",
     "batch_count", "clip_skip", "denoising_strength", "resize_mode", "mask_blur", "masked_content",
-    "inpaint_area", "only_masked_padding", "invert_mask", "save_images", "upscaler", "upscale_by",
+    "inpaint_area", "only_masked_padding", "invert_mask", "save_images", "upscaler", "upscale_by", "enable_hr",
+    "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "hr_sampler", "hr_prompt",
+    "hr_negative_prompt",
 )
 
 

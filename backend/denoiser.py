@@ -28,6 +28,8 @@ class BatchInputs:
     conds: list[Conditioning]  # per image (wildcards can give each image its own prompt)
     source: InitSource | None
     seeds: list[tuple[int, int]]  # (seed, variation seed) per image
+    phase: str = ""  # reported with progress ("Hires" for the hires fix's second pass)
+    share: tuple[float, float] = (0.0, 1.0)  # (start, length) of this pass within the batch's progress
 
 
 def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobControl, batch: int) -> torch.Tensor | None:
@@ -86,7 +88,7 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
                 known = _each(schedulers, lambda i, s: s.add_noise(
                     init_latents[i : i + 1], start_noise[i : i + 1], timesteps[step + 1 : step + 2]))
                 latents = known * (1 - mask) + latents * mask
-            _report(model, control, outputs[0], latents, step, len(timesteps), batch, run.batch_count)
+            _report(model, control, outputs[0], latents, step, len(timesteps), batch, inputs)
     if blend:
         latents = init_latents * (1 - mask) + latents * mask
     return latents
@@ -203,9 +205,9 @@ class _BatchGuidance:
         return out
 
 
-def _report(model, control: JobControl, output, latents, step: int, steps: int, batch: int, batches: int) -> None:
+def _report(model, control: JobControl, output, latents, step: int, steps: int, batch: int, inputs: BatchInputs) -> None:
     image = None
     if control.wants_preview(step + 1):
         denoised = getattr(output, "pred_original_sample", None)
         image = preview.cheap_preview((denoised if denoised is not None else latents[:1])[0], model.family)
-    control.report(Progress(step + 1, steps, batch, batches, image))
+    control.report(Progress(step + 1, steps, batch, inputs.run.batch_count, image, inputs.phase, inputs.share))

@@ -13,7 +13,7 @@ import logging
 import random
 from pathlib import Path
 
-from backend import conditioning, denoiser, infotext, init_image, noise, outputs, samplers, vae_codec
+from backend import conditioning, denoiser, hires, infotext, init_image, noise, outputs, samplers, vae_codec
 from backend.extra_networks import NetworkSession
 from backend.model_manager import ModelManager
 from backend.progress import JobControl
@@ -38,6 +38,7 @@ def generate(
     request.validate()
     sampler, schedule = samplers.resolve(request.sampler, request.schedule_type)
     upscaler = _upscaler(manager, request)
+    hires_plan = _HiresPlan.check(manager, request, sampler)
     with manager.lock:
         # 2. Activate the checkpoint (a no-op when it is already active)
         model = manager.activate(request.checkpoint, request.vae)
@@ -45,6 +46,10 @@ def generate(
         height = request.height or model.native_size
         check_dimension("width", width)
         check_dimension("height", height)
+        if hires_plan is not None:
+            hires_plan.size = hires.target_size(request.with_changes(width=width, height=height))
+            check_dimension("hires width", hires_plan.size[0])
+            check_dimension("hires height", hires_plan.size[1])
         # 3. Resolve seeds: -1 means random, and the seed used is reported
         seed = noise.resolve_seed(request.seed, rng)
         subseed = noise.resolve_seed(request.subseed, rng) if request.subseed_strength > 0 else -1
@@ -68,16 +73,31 @@ def generate(
                 seeds = [_seeds(run, p) for p in positions]
                 texts = [prompts.texts(p) for p in positions]
                 conds = prompts.conditioning_for_batch(texts)
-                inputs = denoiser.BatchInputs(run, sampler, schedule, conds, source, seeds)
+                share = (0.0, hires.first_pass_share(run) if hires_plan is not None else 1.0)
+                inputs = denoiser.BatchInputs(run, sampler, schedule, conds, source, seeds, share=share)
                 latents = denoiser.denoise(model, inputs, control, batch)
                 if latents is None:  # skipped or interrupted
                     continue
-                # 6. Decode, restore the untouched parts of an inpainted image, save
                 lora_hashes = networks.lora_hashes()
+                # 6. Hires fix: upscale the latents, then a second pass at the large size
+                if hires_plan is not None:
+                    hires_conds = prompts.conditioning_for_batch(
+                        [prompts.hires_texts(p, t) for p, t in zip(positions, texts)], hires_plan.steps(run))
+                    large = hires.second_pass(model, run, hires_plan.sampler, schedule, hires_conds, seeds, latents,
+                                              hires_plan.size, manager.upscalers, control, batch)
+                    if large is None and not control.interrupted:  # skipped
+                        continue
+                    if large is None:
+                        result.warnings.append("interrupted during the hires pass: the image is kept at "
+                                               f"the first pass's size, {width}x{height}")
+                    else:
+                        latents = large
+                # 7. Decode, restore the untouched parts of an inpainted image, save
                 for index, image in enumerate(vae_codec.decode(model, latents)):
                     if source is not None:
                         image = source.restore(image)
-                    extra = {"Lora hashes": lora_hashes,
+                    extra = {**(hires_plan.infotext(run, sampler) if hires_plan is not None else {}),
+                             "Lora hashes": lora_hashes,
                              "TI hashes": networks.ti_hashes(*networks.strip(texts[index])[0])}
                     if upscaler is not None:
                         image = _upscale(manager, run, upscaler, image, control, extra, result.warnings)
@@ -94,6 +114,30 @@ def _upscaler(manager: ModelManager, request: GenerationRequest) -> str | None:
     if not request.upscaler or request.upscaler == "None":
         return None
     return manager.upscalers.find(request.upscaler).name
+
+
+class _HiresPlan:
+    """The hires fix of a txt2img request, checked before any denoising."""
+
+    def __init__(self, upscaler: str, sampler: samplers.Sampler):
+        self.upscaler, self.sampler = upscaler, sampler
+        self.size: tuple[int, int] = (0, 0)
+
+    @classmethod
+    def check(cls, manager: ModelManager, request: GenerationRequest, sampler: samplers.Sampler) -> _HiresPlan | None:
+        if not request.enable_hr or request.init_image is not None:  # img2img ignores it, as A1111 does
+            return None
+        upscaler = hires.check_upscaler(request.hr_upscaler, manager.upscalers)
+        if request.hr_sampler and request.hr_sampler != hires.SAME_SAMPLER:
+            sampler = samplers.resolve(request.hr_sampler, request.schedule_type)[0]
+        return cls(upscaler, sampler)
+
+    @staticmethod
+    def steps(run: GenerationRequest) -> int:
+        return run.hr_second_pass_steps or run.steps
+
+    def infotext(self, run: GenerationRequest, first_sampler: samplers.Sampler) -> dict:
+        return hires.infotext(run, self.upscaler, self.sampler.name, first_sampler.name)
 
 
 def _upscale(manager, run, upscaler: str, image, control: JobControl, extra: dict, warnings: list[str]):
@@ -128,24 +172,32 @@ class _PromptTexts:
     def texts(self, position: int) -> tuple[str, str]:
         run = self.run
         seed = run.seed if run.same_wildcards else _seeds(run, position)[0]
-        pair = []
-        for text in (run.prompt, run.negative_prompt):
-            expansion = self.wildcards.expand(text, seed)
-            self.warnings.extend(w for w in expansion.warnings if w not in self.warnings)
-            pair.append(expansion.text)
-        return pair[0], pair[1]
+        return self._expand(run.prompt, seed), self._expand(run.negative_prompt, seed)
 
-    def conditioning_for_batch(self, texts: list[tuple[str, str]]) -> list[conditioning.Conditioning]:
+    def hires_texts(self, position: int, texts: tuple[str, str]) -> tuple[str, str]:
+        """The hires pass's prompts: its own (wildcards expanded with the image's seed) or the first pass's."""
+        run = self.run
+        seed = run.seed if run.same_wildcards else _seeds(run, position)[0]
+        own = [self._expand(text, seed) if text else None for text in (run.hr_prompt, run.hr_negative_prompt)]
+        return own[0] or texts[0], own[1] or texts[1]
+
+    def _expand(self, text: str, seed: int) -> str:
+        expansion = self.wildcards.expand(text, seed)
+        self.warnings.extend(w for w in expansion.warnings if w not in self.warnings)
+        return expansion.text
+
+    def conditioning_for_batch(self, texts: list[tuple[str, str]], steps: int | None = None
+                               ) -> list[conditioning.Conditioning]:
         stripped = [self.networks.strip(pair) for pair in texts]
         applied = self.networks.activate(stripped[0][1])  # A1111: the batch's first prompt's LoRAs
-        return [self._conditioning(*pair, applied) for pair, _ in stripped]
+        return [self._conditioning(*pair, applied, steps or self.run.steps) for pair, _ in stripped]
 
-    def _conditioning(self, prompt: str, negative: str, applied: tuple) -> conditioning.Conditioning:
-        key = (prompt, negative, applied)  # a text-encoder LoRA changes the encoding
+    def _conditioning(self, prompt: str, negative: str, applied: tuple, steps: int) -> conditioning.Conditioning:
+        key = (prompt, negative, applied, steps)  # a text-encoder LoRA changes the encoding
         if key not in self._encoded:
             run = self.run
             self._encoded[key] = conditioning.encode_for_generation(
-                self.model, prompt, negative, run.steps, run.clip_skip, run.emphasis, self.networks.embedding_set)
+                self.model, prompt, negative, steps, run.clip_skip, run.emphasis, self.networks.embedding_set)
         return self._encoded[key]
 
 
@@ -174,7 +226,7 @@ def infotext_parameters(model, run, sampler, schedule, seed, subseed, extra: dic
         "Seed resize from": (
             f"{run.seed_resize_from_w}x{run.seed_resize_from_h}" if run.seed_resize_from_w > 0 else None
         ),
-        "Denoising strength": run.denoising_strength if run.init_image is not None else None,
+        "Denoising strength": run.denoising_strength if run.init_image is not None or run.enable_hr else None,
         "Clip skip": run.clip_skip if run.clip_skip > 1 else None,
         "RNG": "CPU",  # noise is drawn on the CPU, so A1111 reproduces it with this setting
         **(extra or {}),  # Lora hashes, TI hashes, the postprocessing upscaler

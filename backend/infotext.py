@@ -69,7 +69,7 @@ def _unquote(value: str) -> str:
 def parse_infotext(text: str) -> dict[str, str]:
     """Infotext -> {"Prompt", "Negative prompt", key: value, ...}, values as strings.
 
-    `Size` also yields "Size-1"/"Size-2" (width/height, A1111's names); a legacy joined sampler
+    A `WxH` value also yields "<key>-1"/"<key>-2" ("Size-1" is the width, as A1111 names them); a legacy joined sampler
     name ("DPM++ 2M Karras") is split into Sampler and Schedule type.
     """
     from backend import samplers
@@ -91,8 +91,8 @@ def parse_infotext(text: str) -> dict[str, str]:
     for key, value in found:
         key, value = key.strip(), _unquote(value)
         result[key] = value
-        if key == "Size" and (size := _SIZE.match(value)):
-            result["Size-1"], result["Size-2"] = size.group(1), size.group(2)
+        if size := _SIZE.match(value):
+            result[f"{key}-1"], result[f"{key}-2"] = size.group(1), size.group(2)
     if "Sampler" in result and "Schedule type" not in result:
         try:
             sampler, schedule = samplers.resolve(result["Sampler"])
@@ -124,7 +124,16 @@ _REQUEST_FIELDS = {
     "Denoising strength": ("denoising_strength", float),
     "Clip skip": ("clip_skip", int),
     "Emphasis": ("emphasis", str),
+    "Hires upscale": ("hr_scale", float),
+    "Hires resize-1": ("hr_resize_x", int),
+    "Hires resize-2": ("hr_resize_y", int),
+    "Hires steps": ("hr_second_pass_steps", int),
+    "Hires upscaler": ("hr_upscaler", str),
+    "Hires sampler": ("hr_sampler", str),
+    "Hires prompt": ("hr_prompt", str),
+    "Hires negative prompt": ("hr_negative_prompt", str),
 }
+_HIRES_KEYS = ("Hires upscale", "Hires upscaler", "Hires resize-1")
 
 
 def request_fields(parameters: Mapping[str, str]) -> dict[str, Any]:
@@ -139,4 +148,6 @@ def request_fields(parameters: Mapping[str, str]) -> dict[str, Any]:
             continue
     if "Seed resize from" in parameters and (size := _SIZE.match(parameters["Seed resize from"])):
         fields["seed_resize_from_w"], fields["seed_resize_from_h"] = int(size.group(1)), int(size.group(2))
+    # A1111's paste: hires fix is on exactly when the infotext has its keys
+    fields["enable_hr"] = "Denoising strength" in parameters and any(k in parameters for k in _HIRES_KEYS)
     return fields

@@ -12,15 +12,18 @@ from PIL import Image
 
 @dataclass(frozen=True)
 class Progress:
-    step: int  # steps done in the current batch
-    steps: int  # steps per batch
+    step: int  # steps done in the current pass of the current batch
+    steps: int  # steps of this pass
     batch: int  # current batch index (batch count)
     batches: int
     preview: Image.Image | None = None
+    phase: str = ""  # "" for the main pass, "Hires" for the hires fix's second pass
+    share: tuple[float, float] = (0.0, 1.0)  # (start, length) of this pass within its batch, as fractions
 
     @property
     def fraction(self) -> float:
-        return (self.batch * self.steps + self.step) / max(1, self.batches * self.steps)
+        start, length = self.share
+        return (self.batch + start + length * self.step / max(1, self.steps)) / max(1, self.batches)
 
 
 class JobControl:

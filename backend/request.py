@@ -54,6 +54,16 @@ class GenerationRequest:
     inpaint_area: str = "Whole picture"
     only_masked_padding: int = 32
     invert_mask: bool = False
+    # hires fix (txt2img): a second img2img pass at a larger size; `denoising_strength` is its strength
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_resize_x: int = 0  # a target size instead of hr_scale (0: use the scale)
+    hr_resize_y: int = 0
+    hr_upscaler: str = "Latent"  # a latent mode (HIRES_LATENT_MODES) or any upscaler name
+    hr_second_pass_steps: int = 0  # 0: the first pass's steps
+    hr_sampler: str | None = None  # None: the first pass's sampler
+    hr_prompt: str = ""  # "": the first pass's prompt
+    hr_negative_prompt: str = ""
     # after decoding
     upscaler: str | None = None  # an upscaler name ("R-ESRGAN 4x+", "Lanczos", ...); None or "None": off
     upscale_by: float = 2.0
@@ -93,6 +103,13 @@ class GenerationRequest:
         need(self.mask_blur >= 0 and self.only_masked_padding >= 0, "mask blur and padding must be 0 or more")
         need(self.mask is None or self.init_image is not None, "a mask needs an init image to inpaint")
         need(0 < self.upscale_by <= 8, f"upscale by must be above 0 and at most 8, not {self.upscale_by}")
+        if self.enable_hr:
+            need(1 <= self.hr_scale <= 8, f"hires upscale must be between 1 and 8, not {self.hr_scale}")
+            need(0 <= self.hr_second_pass_steps <= MAX_STEPS, f"hires steps must be between 0 and {MAX_STEPS}")
+            for name in ("hr_resize_x", "hr_resize_y"):
+                value = getattr(self, name)
+                need(value == 0 or MIN_SIZE <= value <= MAX_SIZE,
+                     f"{name} must be 0 (use the scale) or between {MIN_SIZE} and {MAX_SIZE}, not {value}")
         for name in ("seed_resize_from_w", "seed_resize_from_h"):
             value = getattr(self, name)
             need(value <= 0 or value % 8 == 0, f"{name} must be a multiple of 8 (or 0 to turn it off)")

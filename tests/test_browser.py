@@ -186,6 +186,37 @@ def test_same_seed_twice_is_identical_and_send_to_img2img_carries_image_and_prom
     screenshot(page, "img2img")
 
 
+def test_hires_fix_makes_the_large_image_and_pastes_back_from_png_info(page, server):
+    _, settings = server
+    page.fill("#txt2img_prompt textarea", "a large red star on a blue background, top left")
+    set_number(page, "#txt2img_seed input", 31)
+    page.click("text=Hires. fix")
+    page.check("#txt2img_enable_hr input[type=checkbox]")
+    set_number(page, "#txt2img_hr_scale input[type=number]", 1.5)
+    set_number(page, "#txt2img_hires_steps input[type=number]", 4)
+    set_number(page, "#txt2img_denoising_strength input[type=number]", 0.4)
+    generate(page)
+    images = gallery_images(page)
+    assert [image.size for image in images] == [(96, 96)]
+    shown = page.inner_text("#txt2img_infotext")
+    assert "Size: 64x64" in shown and "Hires upscale: 1.5" in shown and "Hires steps: 4" in shown, shown
+    assert "Denoising strength: 0.4" in shown and "Hires upscaler: Latent" in shown
+    # the saved PNG, dropped on PNG Info and sent to txt2img, turns the hires fix on with its settings
+    saved = sorted((settings.output_root / "txt2img-images").rglob("*-31.png"))[-1]
+    page.reload()
+    page.wait_for_selector("#txt2img_prompt textarea")
+    page.click("button[role=tab]:has-text('PNG Info')")
+    page.set_input_files("#pnginfo_image input[type=file]", str(saved))
+    wait_for_text(page, "#pnginfo_html", "Hires upscale")
+    page.click("#pnginfo_send_to_txt2img")
+    page.wait_for_function("() => document.querySelector('#txt2img_prompt textarea').value.includes('red star')")
+    page.click("text=Hires. fix")
+    page.wait_for_function("() => document.querySelector('#txt2img_enable_hr input')?.checked")
+    assert page.input_value("#txt2img_hr_scale input[type=number]") == "1.5"
+    assert page.input_value("#txt2img_hires_steps input[type=number]") == "4"
+    screenshot(page, "txt2img-hires")
+
+
 def test_interrupt_returns_to_ready_with_the_finished_images(page):
     page.fill("#txt2img_prompt textarea", "a large green star on a white background, top left")
     set_number(page, "#txt2img_steps input[type=number]", 150)

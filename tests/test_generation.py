@@ -108,7 +108,7 @@ def test_img2img_runs_the_strength_share_of_steps_and_stays_near_the_input(sd1_m
     deviation = {}
     for strength in (0.1, 0.3, 1.0):
         calls.clear()
-        result = generate(sd1_manager, GenerationRequest(
+        generate(sd1_manager, GenerationRequest(
             prompt="a red star", init_image=source, denoising_strength=strength, sampler="Euler", seed=1,
             steps=20, width=64, height=64, save_images=False))
         assert len(calls) == int(20 * strength)

@@ -31,7 +31,7 @@ class Running:
         if self.progress is None:
             return "Waiting for the device..." if self.elapsed < 0.5 else f"Preparing... {self.elapsed:.0f}s"
         p = self.progress
-        text = f"Step {p.step}/{p.steps}"
+        text = f"{p.phase + ' step' if p.phase else 'Step'} {p.step}/{p.steps}"
         if p.batches > 1:
             text += f" · batch {p.batch + 1}/{p.batches}"
         text += f" · {p.fraction:.0%} · {self.elapsed:.0f}s"

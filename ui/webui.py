@@ -27,16 +27,17 @@ from backend import clip_tokenizer, conditioning, infotext, outputs
 from backend.embeddings import NO_EMBEDDINGS, EncoderVocabulary
 from backend.extra_networks import parse_tags
 from backend.generation import generate
-from backend.postprocess import ExtrasRequest, run_extras
-from backend.upscalers import UpscalerError
+from backend.hires import HIRES_LATENT_MODES, SAME_SAMPLER
 from backend.images import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
 from backend.model_manager import ModelManager
+from backend.postprocess import ExtrasRequest, run_extras
 from backend.request import EMPHASIS_MODES, MIN_SIZE, GenerationRequest
 from backend.samplers import SAMPLER_NAMES, SCHEDULE_TYPES
+from backend.styles import Style, StyleDatabase
+from backend.upscalers import UpscalerError
 from backend.wildcards import Wildcards
 from ui import extra_networks, jobs
 from ui.options import Options, save_options
-from backend.styles import Style, StyleDatabase
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +240,8 @@ class EaselUI:
                     with gr.Row():
                         c["seed_resize_from_w"] = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from width")
                         c["seed_resize_from_h"] = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from height")
+                if mode == "txt2img":
+                    self._hires_controls(c)
                 with gr.Accordion("Wildcards", open=False):
                     c["_wildcards"] = gr.Dataset(
                         components=[gr.Textbox(visible=False), gr.Textbox(visible=False)], headers=["wildcard", "lines"],
@@ -264,6 +267,29 @@ class EaselUI:
         c["_selected"] = gr.State(0)
         c["_last_seed"] = gr.State(-1)
         return c
+
+    def _hires_controls(self, c: dict[str, Any]) -> None:
+        upscalers = [*HIRES_LATENT_MODES, *(n for n in self.ctx.manager.upscalers.names if n != "None")]
+        with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hires"):
+            c["enable_hr"] = gr.Checkbox(False, label="Hires. fix: upscale, then a second pass at the large size",
+                                         elem_id="txt2img_enable_hr")
+            with gr.Row():
+                c["hr_upscaler"] = gr.Dropdown(upscalers, value="Latent", label="Upscaler", elem_id="txt2img_hr_upscaler")
+                c["hr_second_pass_steps"] = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: same as sampling)",
+                                                      elem_id="txt2img_hires_steps")
+                c["denoising_strength"] = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength",
+                                                    elem_id="txt2img_denoising_strength")
+            with gr.Row():
+                c["hr_scale"] = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by", elem_id="txt2img_hr_scale")
+                c["hr_resize_x"] = gr.Slider(0, 2048, value=0, step=8, label="Resize width to", elem_id="txt2img_hr_resize_x")
+                c["hr_resize_y"] = gr.Slider(0, 2048, value=0, step=8, label="Resize height to",
+                                             elem_id="txt2img_hr_resize_y")
+            c["hr_sampler"] = gr.Dropdown([SAME_SAMPLER, *SAMPLER_NAMES], value=SAME_SAMPLER, label="Hires sampling method",
+                                          elem_id="txt2img_hr_sampler")
+            with gr.Row():
+                c["hr_prompt"] = gr.Textbox(label="Hires prompt (empty: the prompt)", lines=2, elem_id="txt2img_hr_prompt")
+                c["hr_negative_prompt"] = gr.Textbox(label="Hires negative prompt (empty: the negative prompt)", lines=2,
+                                                     elem_id="txt2img_hr_neg_prompt")
 
     def _extra_networks_panel(self, c: dict[str, Any], mode: str) -> None:
         with gr.Accordion("Extra networks", open=False, elem_id=f"{mode}_extra_networks"):
@@ -333,7 +359,8 @@ class EaselUI:
         fields = {name: values[component] for name, component in page.items()
                   if not name.startswith("_") and component in values}
         for name in ("steps", "width", "height", "batch_count", "batch_size", "seed", "subseed",
-                     "seed_resize_from_w", "seed_resize_from_h", "mask_blur", "only_masked_padding"):
+                     "seed_resize_from_w", "seed_resize_from_h", "mask_blur", "only_masked_padding",
+                     "hr_second_pass_steps", "hr_resize_x", "hr_resize_y"):
             if fields.get(name) is not None:
                 fields[name] = int(fields[name])
         if "invert_mask" in fields:
