@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--lowvram", action="store_true", help="stream weights to the GPU layer by layer (slow)")
     model.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a busy machine)")
     model.add_argument("--checkpoint-cache", type=int, default=1, help="checkpoints kept loaded (default 1)")
+    model.add_argument("--no-download", action="store_true",
+                       help="never download missing standard GFPGAN/CodeFormer/Real-ESRGAN weights on first use")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     server = parser.add_argument_group("web UI server")
     server.add_argument("--listen", action="store_true", help="serve on 0.0.0.0 (reachable from the network)")
@@ -91,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--hr-sampler", help="hires sampler (default: --sampler)")
     gen.add_argument("--hr-prompt", help="hires prompt (default: --prompt)")
     gen.add_argument("--hr-negative-prompt", help="hires negative prompt (default: --negative-prompt)")
+    gen.add_argument("--restore-faces", action="store_true", default=None, help="restore faces after decoding")
+    gen.add_argument("--face-restorer", choices=("CodeFormer", "GFPGAN"), help="default CodeFormer")
+    gen.add_argument("--face-visibility", type=float, help="restored image blended over the original, 0-1 (default 1)")
+    gen.add_argument("--codeformer-weight", type=float, help="0 = strongest, 1 = weakest (default 0.5)")
+    gen.add_argument("--save-before-face-restoration", action="store_true", default=None,
+                     help="also save each image as it was before face restoration")
     gen.add_argument("--upscaler", help="upscale each image after decoding: Lanczos, Nearest, R-ESRGAN 4x+, ...")
     gen.add_argument("--upscale-by", type=float, help="factor for --upscaler (default 2)")
     extras = commands.add_parser("extras", help="upscale existing images (A1111's Extras) and print the paths")
@@ -101,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     extras.add_argument("--no-crop", dest="crop", action="store_false", help="with --resize-to: stretch, no crop")
     extras.add_argument("--upscaler-2", default="None", help="a second upscaler blended over the first")
     extras.add_argument("--upscaler-2-visibility", type=float, default=0.0)
+    extras.add_argument("--face-restorer", choices=("GFPGAN", "CodeFormer"),
+                        help="restore faces with this model, blended by --face-visibility")
+    extras.add_argument("--face-visibility", type=float, default=1.0, help="with --face-restorer, 0-1 (default 1)")
+    extras.add_argument("--gfpgan-visibility", type=float, default=0.0, help="GFPGAN over the result, 0 (off) to 1")
+    extras.add_argument("--codeformer-visibility", type=float, default=0.0,
+                        help="CodeFormer over the result, 0 (off) to 1")
+    extras.add_argument("--codeformer-weight", type=float, default=0.0, help="0 = strongest (default), 1 = weakest")
     extras.add_argument("--out", type=Path, help="output folder (default <outputs>/extras-images)")
     return parser
 
@@ -123,6 +138,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         threads=args.threads,
         checkpoint_cache_size=args.checkpoint_cache,
         default_checkpoint=args.ckpt,
+        allow_downloads=not args.no_download,
     )
 
 
@@ -132,7 +148,8 @@ _REQUEST_ARGS = (
     "batch_count", "clip_skip", "denoising_strength", "resize_mode", "mask_blur", "masked_content",
     "inpaint_area", "only_masked_padding", "invert_mask", "save_images", "upscaler", "upscale_by", "enable_hr",
     "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "hr_sampler", "hr_prompt",
-    "hr_negative_prompt",
+    "hr_negative_prompt", "restore_faces", "face_restorer", "face_visibility", "codeformer_weight",
+    "save_before_face_restoration",
 )
 
 
@@ -158,11 +175,18 @@ def run_extras(args: argparse.Namespace, settings: Settings) -> int:
         except ValueError:
             raise RequestError(f"--resize-to takes WIDTHxHEIGHT, such as 1024x768, not {args.resize_to}") from None
         resize_to = (width, height)
+    if args.face_restorer == "GFPGAN":
+        args.gfpgan_visibility = args.face_visibility
+    elif args.face_restorer == "CodeFormer":
+        args.codeformer_visibility = args.face_visibility
     request = ExtrasRequest(upscaler=args.upscaler, scale=args.scale, resize_to=resize_to, crop=args.crop,
                             upscaler_2=args.upscaler_2, upscaler_2_visibility=args.upscaler_2_visibility,
-                            output_dir=args.out)
+                            gfpgan_visibility=args.gfpgan_visibility, codeformer_visibility=args.codeformer_visibility,
+                            codeformer_weight=args.codeformer_weight, output_dir=args.out)
     manager = ModelManager(settings)
-    for result in run_extras(manager.upscalers, images, request, settings.output_root):
+    for result in run_extras(manager.upscalers, images, request, settings.output_root, faces=manager.faces):
+        for note in result.notes:
+            print(note, file=sys.stderr)
         print(result.path)
     return 0
 
@@ -187,6 +211,8 @@ def run_generate(args: argparse.Namespace, settings: Settings) -> int:
     request = GenerationRequest(**fields)
     manager = ModelManager(settings)
     result = generate(manager, request)
+    for line in result.notes + [f"warning: {w}" for w in result.warnings]:
+        print(line, file=sys.stderr)
     for path in result.paths:
         print(path)
     return 1 if result.interrupted else 0
@@ -234,9 +260,10 @@ def _run_reporting_errors(command, args, settings) -> int:
     from backend.samplers import SamplerError
     from backend.upscalers import UpscalerError
     from backend.wildcards import WildcardError
+    from backend.faces import FaceRestorationError
 
     expected = (CheckpointLoadError, CheckpointFormatError, ModelNotFoundError, RequestError, SamplerError,
-                NonFiniteOutputError, WildcardError, UpscalerError)
+                NonFiniteOutputError, WildcardError, UpscalerError, FaceRestorationError)
     try:
         return command(args, settings)
     except expected as exc:

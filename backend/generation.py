@@ -38,6 +38,7 @@ def generate(
     request.validate()
     sampler, schedule = samplers.resolve(request.sampler, request.schedule_type)
     upscaler = _upscaler(manager, request)
+    face_restorer = _face_restorer(manager, request)
     hires_plan = _HiresPlan.check(manager, request, sampler)
     with manager.lock:
         # 2. Activate the checkpoint (a no-op when it is already active)
@@ -99,10 +100,15 @@ def generate(
                     extra = {**(hires_plan.infotext(run, sampler) if hires_plan is not None else {}),
                              "Lora hashes": lora_hashes,
                              "TI hashes": networks.ti_hashes(*networks.strip(texts[index])[0])}
+                    before_faces = None
+                    if face_restorer is not None:
+                        before_faces = image
+                        image = _restore_faces(manager, run, face_restorer, image, control, extra, result)
                     if upscaler is not None:
                         image = _upscale(manager, run, upscaler, image, control, extra, result.warnings)
                     result.images.append(_finish_image(
-                        model, run, sampler, schedule, batch, index, image, output_dir, now, texts[index], extra))
+                        model, run, sampler, schedule, batch, index, image, output_dir, now, texts[index], extra,
+                        before_faces if run.save_before_face_restoration else None))
         finally:
             networks.close()  # the base weights, bit for bit
         result.interrupted = control.interrupted
@@ -138,6 +144,26 @@ class _HiresPlan:
 
     def infotext(self, run: GenerationRequest, first_sampler: samplers.Sampler) -> dict:
         return hires.infotext(run, self.upscaler, self.sampler.name, first_sampler.name)
+
+
+def _face_restorer(manager: ModelManager, request: GenerationRequest) -> str | None:
+    """The face restorer to run after decoding, its weights found (or fetched) before any denoising."""
+    if not request.restore_faces:
+        return None
+    name = manager.faces.find(request.face_restorer)
+    manager.faces.weights(name)
+    return name
+
+
+def _restore_faces(manager, run, name: str, image, control: JobControl, extra: dict, result: GenerationResult):
+    restoration = manager.faces.restore(image, name, run.face_visibility, run.codeformer_weight,
+                                        should_stop=lambda: control.interrupted)
+    note = (f"Face restoration ({name}): {restoration.faces} face{'s' * (restoration.faces != 1)} found by "
+            f"{restoration.detector}")
+    if note not in result.notes:
+        result.notes.append(note)
+    extra["Face restoration"] = name
+    return restoration.image
 
 
 def _upscale(manager, run, upscaler: str, image, control: JobControl, extra: dict, warnings: list[str]):
@@ -243,7 +269,7 @@ def infotext_parameters(model, run, sampler, schedule, seed, subseed, extra: dic
 
 
 def _finish_image(model, run, sampler, schedule, batch, index, image, output_dir, now,
-                  texts: tuple[str, str], extra: dict) -> GeneratedImage:
+                  texts: tuple[str, str], extra: dict, before_faces=None) -> GeneratedImage:
     seed, subseed = _seeds(run, batch * run.batch_size + index)
     prompt, negative = texts
     params = infotext_parameters(model, run, sampler, schedule, seed, subseed, extra)
@@ -258,5 +284,8 @@ def _finish_image(model, run, sampler, schedule, batch, index, image, output_dir
         when = now or dt.datetime.now()
         name = outputs.expand_filename_pattern(run.filename_pattern, outputs.filename_values(
             prompt, seed, model.name, sampler.name, run.steps, run.cfg_scale, run.width, run.height, when))
+        if before_faces is not None:  # A1111's "save a copy of the image before doing face restoration"
+            outputs.save_image(before_faces, output_dir, seed, text, when,
+                               name=f"{name or seed}-before-face-restoration")
         path = outputs.save_image(image, output_dir, seed, text, when, name=name, save_txt=run.save_txt)
     return GeneratedImage(image, seed, subseed, prompt, negative, text, path)

@@ -124,6 +124,7 @@ _REQUEST_FIELDS = {
     "Denoising strength": ("denoising_strength", float),
     "Clip skip": ("clip_skip", int),
     "Emphasis": ("emphasis", str),
+    "Face restoration": ("face_restorer", str),
     "Hires upscale": ("hr_scale", float),
     "Hires resize-1": ("hr_resize_x", int),
     "Hires resize-2": ("hr_resize_y", int),
@@ -148,6 +149,7 @@ def request_fields(parameters: Mapping[str, str]) -> dict[str, Any]:
             continue
     if "Seed resize from" in parameters and (size := _SIZE.match(parameters["Seed resize from"])):
         fields["seed_resize_from_w"], fields["seed_resize_from_h"] = int(size.group(1)), int(size.group(2))
+    fields["restore_faces"] = "Face restoration" in parameters
     # A1111's paste: hires fix is on exactly when the infotext has its keys
     fields["enable_hr"] = "Denoising strength" in parameters and any(k in parameters for k in _HIRES_KEYS)
     return fields

@@ -17,6 +17,7 @@ from backend import checkpoints, devices, diffusers_folder, model_detection
 from backend.checkpoints import CheckpointLoadError, Components
 from backend.embeddings import EmbeddingLibrary
 from backend.lora import LoraLibrary
+from backend.faces import FaceRestorers
 from backend.upscalers import UPSCALER_FOLDERS, UpscalerLibrary
 from backend.model_detection import CheckpointFormatError
 from backend.model_index import ModelFile, ModelIndex, ModelNotFoundError
@@ -51,7 +52,11 @@ class ModelManager:
         self.embeddings = EmbeddingLibrary(settings.model_dir("embeddings"), self.index.hashes)
         self.placement = devices.placement(settings)
         self.upscalers = UpscalerLibrary([settings.model_dir(kind) for kind in UPSCALER_FOLDERS],
-                                         self.placement.device, half=self.placement.dtype == torch.float16)
+                                         self.placement.device, half=self.placement.dtype == torch.float16,
+                                         download_folder=settings.model_dir("realesrgan") if settings.allow_downloads
+                                         else None)
+        self.faces = FaceRestorers(settings.model_dir("gfpgan"), settings.model_dir("codeformer"),
+                                   self.placement.device, allow_download=settings.allow_downloads)
         self._loader = loader
         self._cache: OrderedDict[Path, StableDiffusionModel] = OrderedDict()
         self._active: StableDiffusionModel | None = None

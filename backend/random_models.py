@@ -2,6 +2,8 @@
 
 `build(family, scale)` makes the components of an SD 1.x, SD 2.x or SDXL model (tiny, or at the
 real size), and `save_original` / `save_diffusers` write them in the formats users download.
+`rrdbnet_state` / `compact_state` give (shrunk) Real-ESRGAN weights, and `save_face_restorers`
+writes GFPGAN v1.4 and CodeFormer files with their real layouts, as their releases ship them.
 """
 
 from __future__ import annotations
@@ -141,3 +143,62 @@ def save_diffusers(model: dict, folder: Path) -> Path:
         index[name.replace("text_encoder", "tokenizer")] = ["transformers", "CLIPTokenizer"]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+# -- upscalers and face restorers ----------------------------------------------------------------
+def rrdbnet_state(features: int = 8, blocks: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """RealESRGAN_x4plus's key layout (conv_first, body.N.rdbM.convK, conv_up1/2, conv_hr, conv_last),
+    shrunk: 8 features, one block (the grow channels stay 32, as in the architecture)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+
+    def conv(name: str, out_channels: int, in_channels: int) -> None:
+        scale = 0.5 / (in_channels * 9) ** 0.5
+        state[f"{name}.weight"] = torch.randn(out_channels, in_channels, 3, 3, generator=generator) * scale
+        state[f"{name}.bias"] = torch.randn(out_channels, generator=generator) * 0.01
+
+    conv("conv_first", features, 3)
+    for block in range(blocks):
+        for rdb in (1, 2, 3):
+            for index in range(1, 6):
+                conv(f"body.{block}.rdb{rdb}.conv{index}", 32 if index < 5 else features, features + (index - 1) * 32)
+    for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr"):
+        conv(name, features, features)
+    conv("conv_last", 3, features)
+    return state
+
+
+def compact_state(features: int = 8, convs: int = 2, scale: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
+    """realesr-general-x4v3's SRVGGNetCompact layout: body.0 conv, PReLUs between convs, last conv to
+    3 x scale^2 channels (pixel shuffle)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {"body.0.weight": torch.randn(features, 3, 3, 3, generator=generator) * 0.2,
+             "body.0.bias": torch.zeros(features), "body.1.weight": torch.full((features,), 0.25)}
+    index = 2
+    for _ in range(convs):
+        state[f"body.{index}.weight"] = torch.randn(features, features, 3, 3, generator=generator) * 0.1
+        state[f"body.{index}.bias"] = torch.zeros(features)
+        state[f"body.{index + 1}.weight"] = torch.full((features,), 0.25)
+        index += 2
+    state[f"body.{index}.weight"] = torch.randn(3 * scale * scale, features, 3, 3, generator=generator) * 0.1
+    state[f"body.{index}.bias"] = torch.zeros(3 * scale * scale)
+    return state
+
+
+def save_face_restorers(gfpgan_dir: Path, codeformer_dir: Path, seed: int = 0) -> tuple[Path, Path]:
+    """`GFPGANv1.4.pth` (the full GFPGANv1Clean, 86M parameters: spandrel reads only that size) and
+    `codeformer-v0.1.0.pth` (CodeFormer with one transformer layer instead of nine), both as
+    `{"params_ema": state}` like the released files, with random weights."""
+    from spandrel.architectures.GFPGAN import GFPGAN
+    from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
+
+    torch.manual_seed(seed)
+    gfpgan = GFPGAN(out_size=512, num_style_feat=512, channel_multiplier=2, decoder_load_path=None,
+                    fix_decoder=False, num_mlp=8, input_is_latent=True, different_w=True, narrow=1, sft_half=True)
+    codeformer = CodeFormer(dim_embd=512, n_head=8, n_layers=1, codebook_size=1024, latent_size=256,
+                            connect_list=["32", "64", "128", "256"], fix_modules=["quantize", "generator"])
+    paths = Path(gfpgan_dir) / "GFPGANv1.4.pth", Path(codeformer_dir) / "codeformer-v0.1.0.pth"
+    for model, path in zip((gfpgan, codeformer), paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"params_ema": model.state_dict()}, path)
+    return paths

@@ -64,7 +64,12 @@ class GenerationRequest:
     hr_sampler: str | None = None  # None: the first pass's sampler
     hr_prompt: str = ""  # "": the first pass's prompt
     hr_negative_prompt: str = ""
-    # after decoding
+    # after decoding: face restoration, then upscaling
+    restore_faces: bool = False
+    face_restorer: str = "CodeFormer"  # or "GFPGAN" (A1111's setting "Face restoration model")
+    codeformer_weight: float = 0.5  # 0: strongest restoration, 1: weakest (A1111)
+    face_visibility: float = 1.0  # the restored image blended over the original
+    save_before_face_restoration: bool = False  # also save the image as it was before restoration
     upscaler: str | None = None  # an upscaler name ("R-ESRGAN 4x+", "Lanczos", ...); None or "None": off
     upscale_by: float = 2.0
     # outputs
@@ -102,6 +107,8 @@ class GenerationRequest:
         need(self.inpaint_area in INPAINT_AREAS, f"inpaint area must be one of: {', '.join(INPAINT_AREAS)}")
         need(self.mask_blur >= 0 and self.only_masked_padding >= 0, "mask blur and padding must be 0 or more")
         need(self.mask is None or self.init_image is not None, "a mask needs an init image to inpaint")
+        need(0 <= self.codeformer_weight <= 1, f"CodeFormer weight must be between 0 and 1, not {self.codeformer_weight}")
+        need(0 <= self.face_visibility <= 1, f"face restoration visibility must be between 0 and 1, not {self.face_visibility}")
         need(0 < self.upscale_by <= 8, f"upscale by must be above 0 and at most 8, not {self.upscale_by}")
         if self.enable_hr:
             need(1 <= self.hr_scale <= 8, f"hires upscale must be between 1 and 8, not {self.hr_scale}")
@@ -140,6 +147,7 @@ class GenerationResult:
     images: list[GeneratedImage] = field(default_factory=list)
     interrupted: bool = False
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what ran, for the status line (e.g. the face detector)
 
     @property
     def seeds(self) -> list[int]:

@@ -43,6 +43,9 @@ class Settings:
     checkpoint_cache_size: int = 1
     lora_cache_mb: int = 1024  # parsed LoRA files kept in memory, least recently used dropped first
     default_checkpoint: str | None = None
+    # Standard face restoration and upscaler weights missing on first use are downloaded from their
+    # release URLs (A1111 does this); the command line turns it on unless --no-download.
+    allow_downloads: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

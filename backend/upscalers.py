@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from backend import downloads
 from backend.model_index import ModelFile, scan
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ KNOWN_NAMES = {
     "003_realSR_BSRGAN_DFOWMFC_s64w8_SwinIR-L_x4_GAN": "SwinIR 4x",
     "SwinIR_4x": "SwinIR 4x",
 }
+# Standard models fetched on first use when downloads are allowed (A1111 does the same).
+DOWNLOADABLE = {"R-ESRGAN 4x+": "RealESRGAN_x4plus.pth", "R-ESRGAN 4x+ Anime6B": "RealESRGAN_x4plus_anime_6B.pth"}
 MAX_PASSES = 3  # model applications to reach a scale (A1111 stops at 3 too)
 MIN_TILE = 32
 
@@ -155,8 +158,9 @@ class UpscalerLibrary:
     (never loaded twice while cached)."""
 
     def __init__(self, folders: list[Path], device: torch.device | None = None, half: bool = False,
-                 cache_size: int = 1):
+                 cache_size: int = 1, download_folder: Path | None = None):
         self.folders = [Path(f) for f in folders]
+        self.download_folder = Path(download_folder) if download_folder else None  # None: no downloads
         self.device = device or torch.device("cpu")
         self.half = half and self.device.type == "cuda"
         self.cache_size = cache_size
@@ -180,7 +184,9 @@ class UpscalerLibrary:
 
     @property
     def names(self) -> list[str]:
-        return [NONE] + [u.name for u in self.upscalers]
+        present = [u.name for u in self.upscalers]
+        fetchable = [name for name in DOWNLOADABLE if name not in present] if self.download_folder else []
+        return [NONE] + present + fetchable
 
     def find(self, name: str) -> UpscalerInfo:
         for upscaler in self.upscalers:
@@ -190,6 +196,14 @@ class UpscalerLibrary:
         for upscaler in self.upscalers:
             if upscaler.name.lower() == name.lower():
                 return upscaler
+        if name in DOWNLOADABLE:
+            folder = self.download_folder or (self.folders[-1] if self.folders else Path("models", "RealESRGAN"))
+            try:
+                downloads.ensure(DOWNLOADABLE[name], folder, allowed=self.download_folder is not None)
+            except downloads.DownloadError as error:
+                raise UpscalerError(f"upscaler '{name}': {error}") from None
+            self.refresh()
+            return self.find(name)
         folders = ", ".join(str(f) for f in self.folders)
         raise UpscalerError(f"upscaler '{name}' not found; available: {', '.join(self.names[1:])}. "
                             f"Put the model file into one of: {folders}")

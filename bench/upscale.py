@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from backend.random_models import rrdbnet_state  # noqa: E402
 from backend.upscalers import TileSettings, UpscalerLibrary, tiled_apply  # noqa: E402
-from tests.test_upscalers import rrdbnet_state  # noqa: E402
 
 
 def main() -> None:

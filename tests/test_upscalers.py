@@ -9,46 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from backend.upscalers import (TileSettings, UpscalerError, UpscalerLibrary, load_model, tiled_apply)
-
-
-def rrdbnet_state(features: int = 8, blocks: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-    """RealESRGAN_x4plus's key layout (conv_first, body.N.rdbM.convK, conv_up1/2, conv_hr, conv_last),
-    shrunk: 8 features, one block (the grow channels stay 32, as in the architecture)."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-
-    def conv(name: str, out_channels: int, in_channels: int) -> None:
-        scale = 0.5 / (in_channels * 9) ** 0.5
-        state[f"{name}.weight"] = torch.randn(out_channels, in_channels, 3, 3, generator=generator) * scale
-        state[f"{name}.bias"] = torch.randn(out_channels, generator=generator) * 0.01
-
-    conv("conv_first", features, 3)
-    for block in range(blocks):
-        for rdb in (1, 2, 3):
-            for index in range(1, 6):
-                conv(f"body.{block}.rdb{rdb}.conv{index}", 32 if index < 5 else features, features + (index - 1) * 32)
-    for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr"):
-        conv(name, features, features)
-    conv("conv_last", 3, features)
-    return state
-
-
-def compact_state(features: int = 8, convs: int = 2, scale: int = 4, seed: int = 1) -> dict[str, torch.Tensor]:
-    """realesr-general-x4v3's SRVGGNetCompact layout: body.0 conv, PReLUs between convs, last conv to
-    3 x scale^2 channels (pixel shuffle)."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {"body.0.weight": torch.randn(features, 3, 3, 3, generator=generator) * 0.2,
-             "body.0.bias": torch.zeros(features), "body.1.weight": torch.full((features,), 0.25)}
-    index = 2
-    for _ in range(convs):
-        state[f"body.{index}.weight"] = torch.randn(features, features, 3, 3, generator=generator) * 0.1
-        state[f"body.{index}.bias"] = torch.zeros(features)
-        state[f"body.{index + 1}.weight"] = torch.full((features,), 0.25)
-        index += 2
-    state[f"body.{index}.weight"] = torch.randn(3 * scale * scale, features, 3, 3, generator=generator) * 0.1
-    state[f"body.{index}.bias"] = torch.zeros(3 * scale * scale)
-    return state
+from backend.random_models import compact_state, rrdbnet_state
+from backend.upscalers import TileSettings, UpscalerError, UpscalerLibrary, load_model, tiled_apply
 
 
 @pytest.fixture
@@ -217,3 +179,13 @@ def test_extras_command_line(settings, capsys, tmp_path):
     assert code == 1 and "error: cannot read --image" in capsys.readouterr().err
     code = app.main(["--data-dir", str(settings.data_dir), "extras", "--image", str(first), "--upscaler", "4x-Nope"])
     assert code == 1 and "error: upscaler '4x-Nope' not found" in capsys.readouterr().err
+
+
+def test_a_missing_standard_upscaler_names_its_file_and_folder(tmp_path):
+    offline = UpscalerLibrary([tmp_path / "ESRGAN", tmp_path / "RealESRGAN"])
+    assert "R-ESRGAN 4x+" not in offline.names  # listed only where it can be fetched
+    with pytest.raises(UpscalerError, match="RealESRGAN_x4plus.pth is not in .*RealESRGAN and downloads are off: "
+                                            "download https://github.com/xinntao/Real-ESRGAN"):
+        offline.find("R-ESRGAN 4x+")
+    online = UpscalerLibrary([tmp_path / "RealESRGAN"], download_folder=tmp_path / "RealESRGAN")
+    assert online.names[-2:] == ["R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B"]

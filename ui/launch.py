@@ -89,6 +89,7 @@ def launch(settings, server: ServerOptions, config_path: Path | None = None, blo
     if settings.checkpoint_cache_size == 1 and options.checkpoint_cache != 1:
         settings = settings.with_changes(checkpoint_cache_size=options.checkpoint_cache)
     manager = ModelManager(settings)
+    manager.faces.release_after_use = options.face_restoration_unload
     try:
         model = manager.activate()
         logger.info("Loaded %s", model.label)

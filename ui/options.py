@@ -41,6 +41,11 @@ class Options:
     emphasis: str = "Original"
     # Wildcards: one expansion for the whole batch instead of one per image
     same_wildcards: bool = False
+    # Face restoration (A1111's settings of the same names)
+    face_restoration_model: str = "CodeFormer"
+    code_former_weight: float = 0.5  # 0: strongest, 1: weakest
+    save_images_before_face_restoration: bool = False
+    face_restoration_unload: bool = False  # free the model after each use (small GPUs)
 
     def validate(self) -> None:
         if self.checkpoint_cache < 1:
@@ -53,6 +58,10 @@ class Options:
             raise ValueError("default CFG scale must be 0 or more")
         if self.emphasis not in EMPHASIS_MODES:
             raise ValueError(f"emphasis must be one of: {', '.join(EMPHASIS_MODES)}")
+        if self.face_restoration_model not in ("CodeFormer", "GFPGAN"):
+            raise ValueError("face restoration model must be CodeFormer or GFPGAN")
+        if not 0 <= self.code_former_weight <= 1:
+            raise ValueError("CodeFormer weight must be between 0 and 1")
         if self.live_preview_every < 0:
             raise ValueError("live preview period must be 0 (off) or more")
 

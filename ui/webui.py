@@ -26,6 +26,7 @@ from PIL import Image
 from backend import clip_tokenizer, conditioning, infotext, outputs
 from backend.embeddings import NO_EMBEDDINGS, EncoderVocabulary
 from backend.extra_networks import parse_tags
+from backend.faces import FaceRestorationError
 from backend.generation import generate
 from backend.hires import HIRES_LATENT_MODES, SAME_SAMPLER
 from backend.images import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
@@ -160,7 +161,8 @@ def progress_html(event: jobs.Running) -> str:
 
 def describe_error(exc: BaseException) -> str:
     expected = ("RequestError", "SamplerError", "ModelNotFoundError", "NoCheckpointError", "CheckpointLoadError",
-                "CheckpointFormatError", "NonFiniteOutputError", "WildcardError", "Error")
+                "CheckpointFormatError", "NonFiniteOutputError", "WildcardError", "FaceRestorationError",
+                "DownloadError", "UpscalerError", "Error")
     name = type(exc).__name__
     return str(exc) if name in expected else f"{name}: {exc}"
 
@@ -229,6 +231,8 @@ class EaselUI:
                 if mode == "img2img":
                     c["denoising_strength"] = gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength",
                                                         elem_id="img2img_denoising_strength")
+                c["restore_faces"] = gr.Checkbox(False, label="Restore faces (the model is chosen in Settings)",
+                                                 elem_id=f"{mode}_restore_faces")
                 with gr.Row():
                     c["seed"] = gr.Number(-1, label="Seed", precision=0, elem_id=f"{mode}_seed", scale=4)
                     c["_random_seed"] = gr.Button("🎲", scale=0, min_width=40, elem_id=f"{mode}_random_seed")
@@ -384,6 +388,9 @@ class EaselUI:
             styles=tuple(values.get(page["_styles"]) or ()),
             same_wildcards=options.same_wildcards,
             save_txt=options.save_txt,
+            face_restorer=options.face_restoration_model,
+            codeformer_weight=options.code_former_weight,
+            save_before_face_restoration=options.save_images_before_face_restoration,
         )
 
     # -- events ------------------------------------------------------------------------------------
@@ -451,6 +458,7 @@ class EaselUI:
         status = f"{len(result.images)} image{'s' * (len(result.images) != 1)} in {event.elapsed:.1f}s"
         if result.interrupted:
             status = "Interrupted · " + status
+        status += "".join(f"<br>{html.escape(n)}" for n in result.notes)
         if result.warnings:
             status += "".join(f"<br>⚠ {w}" for w in result.warnings)
         return {
@@ -735,6 +743,12 @@ class EaselUI:
                                            elem_id="extras_upscaler_1")
                     upscaler_2 = gr.Dropdown(names, value="None", label="Upscaler 2", elem_id="extras_upscaler_2")
                     visibility = gr.Slider(0, 1, value=0, step=0.01, label="Upscaler 2 visibility")
+                with gr.Row():
+                    gfpgan = gr.Slider(0, 1, value=0, step=0.001, label="GFPGAN visibility", elem_id="extras_gfpgan")
+                    codeformer = gr.Slider(0, 1, value=0, step=0.001, label="CodeFormer visibility",
+                                           elem_id="extras_codeformer")
+                    codeformer_weight = gr.Slider(0, 1, value=0, step=0.001, label="CodeFormer weight (0 = strongest)",
+                                                  elem_id="extras_codeformer_weight")
                 refresh = gr.Button("🔄 Rescan upscaler folders", size="sm")
                 run_button = gr.Button("Generate", variant="primary", elem_id="extras_generate")
             with gr.Column():
@@ -750,21 +764,24 @@ class EaselUI:
         refresh.click(rescan, outputs=[upscaler, upscaler_2], queue=False, api_visibility="private")
 
         def run(source, image, uploads, folder_in, folder_out, mode, scale, width, height, crop, first, second,
-                visibility):
+                visibility, gfpgan_visibility, codeformer_visibility, weight):
             images = self._extras_inputs(source, image, uploads, folder_in)
             request = ExtrasRequest(
                 upscaler=first, scale=float(scale), resize_to=(int(width), int(height)) if mode == "to" else None,
                 crop=bool(crop), upscaler_2=second, upscaler_2_visibility=float(visibility),
-                output_dir=Path(folder_out) if source == "folder" and folder_out.strip() else None)
+                gfpgan_visibility=float(gfpgan_visibility), codeformer_visibility=float(codeformer_visibility),
+                codeformer_weight=float(weight), output_dir=Path(folder_out) if source == "folder" and folder_out.strip() else None)
             try:
-                results = run_extras(ctx.manager.upscalers, images, request, ctx.settings.output_root)
-            except UpscalerError as exc:
+                results = run_extras(ctx.manager.upscalers, images, request, ctx.settings.output_root,
+                                     faces=ctx.manager.faces)
+            except (UpscalerError, FaceRestorationError) as exc:
                 raise gr.Error(str(exc)) from exc
             text = results[0].postprocessing if results else ""
-            return [str(r.path) for r in results], f"<div class='easel-infotext'>{html.escape(text)}</div>"
+            notes = "".join(f"<br>{html.escape(n)}" for n in (results[0].notes if results else []))
+            return [str(r.path) for r in results], f"<div class='easel-infotext'>{html.escape(text)}{notes}</div>"
 
         run_button.click(run, inputs=[source, single, files, input_dir, output_dir, resize_mode, scale, width, height,
-                                      crop, upscaler, upscaler_2, visibility],
+                                      crop, upscaler, upscaler_2, visibility, gfpgan, codeformer, codeformer_weight],
                          outputs=[gallery, info], concurrency_id="device", concurrency_limit=1,
                          api_visibility="private")
 
@@ -880,6 +897,14 @@ class EaselUI:
                 "same_wildcards": gr.Checkbox(o.same_wildcards, label="Same wildcard picks for every image of a batch"),
                 "live_preview_every": gr.Slider(0, 50, value=o.live_preview_every, step=1,
                                                 label="Live preview every N steps (0: off)"),
+                "face_restoration_model": gr.Radio(["CodeFormer", "GFPGAN"], value=o.face_restoration_model,
+                                                   label="Face restoration model"),
+                "code_former_weight": gr.Slider(0, 1, value=o.code_former_weight, step=0.01,
+                                                label="CodeFormer weight (0 = strongest, 1 = weakest)"),
+                "save_images_before_face_restoration": gr.Checkbox(
+                    o.save_images_before_face_restoration, label="Also save each image before face restoration"),
+                "face_restoration_unload": gr.Checkbox(o.face_restoration_unload,
+                                                       label="Free the face restoration model after each use"),
             }
             apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit")
             result = gr.HTML(elem_id="settings_result")
@@ -891,6 +916,7 @@ class EaselUI:
             for name in ("checkpoint_cache", "default_steps", "live_preview_every"):
                 typed[name] = int(typed[name])
             typed["default_cfg_scale"] = float(typed["default_cfg_scale"])
+            typed["code_former_weight"] = float(typed["code_former_weight"])
             candidate = replace(ctx.options, **typed)
             try:
                 save_options(candidate, ctx.options_path)
@@ -898,6 +924,7 @@ class EaselUI:
                 return _error_html(f"Not saved: {exc}")
             ctx.options = candidate
             ctx.manager.set_cache_size(candidate.checkpoint_cache)
+            ctx.manager.faces.release_after_use = candidate.face_restoration_unload
             return f"<div>Saved to {ctx.options_path}; applied.</div>"
 
         apply.click(apply_settings, inputs=[controls[n] for n in names], outputs=result, queue=False,
