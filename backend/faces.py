@@ -185,7 +185,8 @@ def load_restorer(path: Path, device: torch.device):
 
 
 class FaceRestorers:
-    """GFPGAN and CodeFormer over the faces of an image; one loaded model at a time."""
+    """GFPGAN and CodeFormer over the faces of an image. Loaded models stay loaded (one file per
+    restorer, never loaded twice) unless `release_after_use` frees them after each image."""
 
     def __init__(self, gfpgan_dir: Path, codeformer_dir: Path, device: torch.device | None = None,
                  allow_download: bool = False, release_after_use: bool = False):
@@ -193,7 +194,7 @@ class FaceRestorers:
         self.device = device or torch.device("cpu")
         self.allow_download = allow_download
         self.release_after_use = release_after_use
-        self._loaded: tuple[Path, object] | None = None
+        self._loaded: dict[str, tuple[Path, object]] = {}  # restorer name -> (file, descriptor)
         self._detector = None
         self._lock = threading.Lock()
         self.loads = 0
@@ -228,11 +229,12 @@ class FaceRestorers:
 
     def model(self, name: str):
         path = self.weights(name)
-        if self._loaded is None or self._loaded[0] != path:
-            self._loaded = None  # one at a time: free the other before loading
-            self._loaded = (path, load_restorer(path, self.device))
+        loaded = self._loaded.get(name)
+        if loaded is None or loaded[0] != path:
+            self._loaded.pop(name, None)  # free a replaced file before loading its successor
+            loaded = self._loaded[name] = (path, load_restorer(path, self.device))
             self.loads += 1
-        return self._loaded[1]
+        return loaded[1]
 
     def detector(self):
         if self._detector is None:
@@ -248,7 +250,7 @@ class FaceRestorers:
 
     def release(self) -> None:
         with self._lock:
-            self._loaded = None
+            self._loaded.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -277,7 +279,7 @@ class FaceRestorers:
                 restored = self._run(descriptor, crop_face(rgb, matrix), codeformer_weight)
                 canvas = paste_face(canvas, restored, matrix)
             if self.release_after_use:
-                self._loaded = None
+                self._loaded.clear()
         result = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8))
         if visibility < 1:
             result = Image.blend(source, result, visibility)

@@ -161,6 +161,7 @@ class UpscalerLibrary:
                  cache_size: int = 1, download_folder: Path | None = None):
         self.folders = [Path(f) for f in folders]
         self.download_folder = Path(download_folder) if download_folder else None  # None: no downloads
+        self.release_after_use = False  # free loaded models after each upscale (a setting, for small GPUs)
         self.device = device or torch.device("cpu")
         self.half = half and self.device.type == "cuda"
         self.cache_size = cache_size
@@ -244,6 +245,8 @@ class UpscalerLibrary:
             if current.width >= width and current.height >= height:
                 break
             current = self._apply(descriptor, current, tile, should_stop)
+        if self.release_after_use:
+            self.release()
         if current.size == (width, height):
             return current
         return current.resize((width, height), Image.LANCZOS)

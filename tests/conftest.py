@@ -55,6 +55,15 @@ def model_files(tmp_path_factory, tiny_models) -> dict[str, Path]:
     return files
 
 
+@pytest.fixture(scope="session")
+def face_model_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """models/GFPGAN and models/Codeformer folders holding GFPGANv1.4.pth and codeformer-v0.1.0.pth
+    (random weights, released layout)."""
+    root = tmp_path_factory.mktemp("face-models")
+    random_models.save_face_restorers(root / "GFPGAN", root / "Codeformer")
+    return root / "GFPGAN", root / "Codeformer"
+
+
 @pytest.fixture
 def settings(tmp_path, tokenizer_cache) -> Settings:
     """An empty data folder; the tokenizer vocabulary cache is shared across tests."""

@@ -50,9 +50,12 @@ def start_server(data_dir: Path, tokenizer_cache: Path, **server_options):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tokenizer_cache):
+def server(tmp_path_factory, tokenizer_cache, face_model_dirs):
     data_dir = tmp_path_factory.mktemp("ui-data")
     ckpt = data_dir / "models" / "Stable-diffusion"
+    (data_dir / "models").mkdir()
+    for source in face_model_dirs:  # GFPGAN and CodeFormer files (random weights) for the Extras test
+        (data_dir / "models" / source.name).symlink_to(source, target_is_directory=True)
     demo, url, settings = start_server(data_dir, tokenizer_cache)
     # A second copy to switch to, and a broken file that must not take the app down.
     shutil.copy(DEFAULT_MODEL, ckpt / "second-copy.safetensors")
@@ -446,6 +449,24 @@ def test_extras_upscales_an_uploaded_image(page, tmp_path):
     images = gallery_images(page, "extras")
     assert [image.size for image in images] == [(80, 48)]
     screenshot(page, "extras")
+
+
+def test_extras_restores_the_face_of_a_photo(page, tmp_path):
+    skimage_data = pytest.importorskip("skimage.data")
+    photo = Image.fromarray(skimage_data.astronaut())
+    photo.save(tmp_path / "astronaut.png")
+    page.click("button[role=tab]:has-text('Extras')")
+    page.set_input_files("#extras_image input[type=file]", str(tmp_path / "astronaut.png"))
+    page.locator("#extras_image img").first.wait_for()
+    set_number(page, "#extras_scale input[type=number]", 1)
+    set_number(page, "#extras_gfpgan input[type=number]", 1)
+    page.click("#extras_generate")
+    wait_for_text(page, "#extras_info", "GFPGAN: 1 face found by OpenCV Haar cascades")
+    assert "GFPGAN visibility: 1" in page.inner_text("#extras_info")
+    [image] = gallery_images(page, "extras")
+    changed = np.abs(np.asarray(image.convert("RGB"), dtype=np.int16) - np.asarray(photo, dtype=np.int16)).sum(2) > 0
+    assert image.size == photo.size and 0.05 < changed.mean() < 0.3 and not changed[330:].any()
+    screenshot(page, "extras-faces")
 
 
 def test_send_to_extras_carries_the_image_and_its_parameters(page):

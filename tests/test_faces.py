@@ -18,7 +18,6 @@ from backend.generation import generate
 from backend.infotext import parse_infotext, request_fields
 from backend.postprocess import ExtrasRequest, run_extras
 from backend.progress import JobControl
-from backend.random_models import save_face_restorers
 from backend.request import GenerationRequest
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -27,13 +26,6 @@ skimage_data = pytest.importorskip("skimage.data")
 @pytest.fixture(scope="session")
 def astronaut() -> Image.Image:
     return Image.fromarray(skimage_data.astronaut())
-
-
-@pytest.fixture(scope="session")
-def face_model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("face-models")
-    save_face_restorers(root / "GFPGAN", root / "Codeformer")
-    return root / "GFPGAN", root / "Codeformer"
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +211,15 @@ def test_extras_command_line_restores_faces(face_model_dirs, astronaut, tmp_path
     with Image.open(captured.out.strip()) as saved:
         assert saved.info["postprocessing"] == "GFPGAN visibility: 0.5"
         assert saved.size == astronaut.size
+
+
+def test_models_load_once_unless_released_after_use(face_model_dirs, astronaut, monkeypatch):
+    monkeypatch.setattr(FaceRestorers, "_run", lambda self, descriptor, crop, weight: crop.astype(np.float32))
+    kept = FaceRestorers(*face_model_dirs)
+    for name in ("GFPGAN", "CodeFormer", "GFPGAN", "CodeFormer"):
+        kept.restore(astronaut, name)
+    assert kept.loads == 2
+    released = FaceRestorers(*face_model_dirs, release_after_use=True)
+    for name in ("GFPGAN", "GFPGAN"):
+        released.restore(astronaut, name)
+    assert released.loads == 2 and released._loaded == {}

@@ -189,3 +189,15 @@ def test_a_missing_standard_upscaler_names_its_file_and_folder(tmp_path):
         offline.find("R-ESRGAN 4x+")
     online = UpscalerLibrary([tmp_path / "RealESRGAN"], download_folder=tmp_path / "RealESRGAN")
     assert online.names[-2:] == ["R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B"]
+
+
+def test_upscaler_models_load_once_unless_released_after_use(library):
+    image = Image.new("RGB", (16, 16), (90, 30, 200))
+    for _ in range(3):
+        library.upscale(image, "R-ESRGAN 4x+", scale=4)
+    assert library.loads == 1
+    library.release_after_use = True
+    for _ in range(2):
+        library.upscale(image, "R-ESRGAN 4x+", scale=4)
+        assert not library._models  # freed after the image
+    assert library.loads == 2  # the cached model was used once more, then loaded again

@@ -90,6 +90,7 @@ def launch(settings, server: ServerOptions, config_path: Path | None = None, blo
         settings = settings.with_changes(checkpoint_cache_size=options.checkpoint_cache)
     manager = ModelManager(settings)
     manager.faces.release_after_use = options.face_restoration_unload
+    manager.upscalers.release_after_use = options.upscaler_unload
     try:
         model = manager.activate()
         logger.info("Loaded %s", model.label)

@@ -46,6 +46,7 @@ class Options:
     code_former_weight: float = 0.5  # 0: strongest, 1: weakest
     save_images_before_face_restoration: bool = False
     face_restoration_unload: bool = False  # free the model after each use (small GPUs)
+    upscaler_unload: bool = False  # the same for upscaler models
 
     def validate(self) -> None:
         if self.checkpoint_cache < 1:

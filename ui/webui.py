@@ -905,6 +905,7 @@ class EaselUI:
                     o.save_images_before_face_restoration, label="Also save each image before face restoration"),
                 "face_restoration_unload": gr.Checkbox(o.face_restoration_unload,
                                                        label="Free the face restoration model after each use"),
+                "upscaler_unload": gr.Checkbox(o.upscaler_unload, label="Free upscaler models after each use"),
             }
             apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit")
             result = gr.HTML(elem_id="settings_result")
@@ -925,6 +926,7 @@ class EaselUI:
             ctx.options = candidate
             ctx.manager.set_cache_size(candidate.checkpoint_cache)
             ctx.manager.faces.release_after_use = candidate.face_restoration_unload
+            ctx.manager.upscalers.release_after_use = candidate.upscaler_unload
             return f"<div>Saved to {ctx.options_path}; applied.</div>"
 
         apply.click(apply_settings, inputs=[controls[n] for n in names], outputs=result, queue=False,
