@@ -124,7 +124,11 @@ class RetinaFaceDetector:
             found = self.net.detect_faces(np.ascontiguousarray(rgb[:, :, ::-1]), 0.97)  # facexlib reads BGR
         faces = []
         for row in found:
+            if not np.isfinite(row[:15]).all():
+                continue
             x1, y1, x2, y2 = (int(round(v)) for v in row[:4])
+            if x2 <= max(0, x1) or y2 <= max(0, y1) or x1 >= rgb.shape[1] or y1 >= rgb.shape[0]:
+                continue  # empty, or outside the image
             faces.append(Face((x1, y1, x2 - x1, y2 - y1), np.asarray(row[5:15], dtype=np.float32).reshape(5, 2)))
         return sorted(faces, key=lambda f: -f.box[2] * f.box[3])
 
