@@ -162,6 +162,7 @@ class UpscalerLibrary:
         self.folders = [Path(f) for f in folders]
         self.download_folder = Path(download_folder) if download_folder else None  # None: no downloads
         self.release_after_use = False  # free loaded models after each upscale (a setting, for small GPUs)
+        self.tile = TileSettings()  # a setting: A1111's ESRGAN_tile / ESRGAN_tile_overlap
         self.device = device or torch.device("cpu")
         self.half = half and self.device.type == "cuda"
         self.cache_size = cache_size
@@ -232,9 +233,11 @@ class UpscalerLibrary:
             torch.cuda.empty_cache()
 
     def upscale(self, image: Image.Image, name: str, scale: float | None = None,
-                size: tuple[int, int] | None = None, tile: TileSettings = TileSettings(),
+                size: tuple[int, int] | None = None, tile: TileSettings | None = None,
                 should_stop: Callable[[], bool] = lambda: False) -> Image.Image:
-        """`image` upscaled by `name` to exactly `size` (or `scale` times its size)."""
+        """`image` upscaled by `name` to exactly `size` (or `scale` times its size), in tiles of
+        `tile` (default: the library's `tile` setting)."""
+        tile = tile or self.tile
         width, height = target_size(image, scale, size)
         upscaler = self.find(name)
         if upscaler.file is None:

@@ -12,10 +12,11 @@ from PIL import Image
 
 import app
 from backend.progress import Progress
+from backend.styles import Style, StyleDatabase, merge_prompt
+from backend.upscalers import TileSettings
 from ui import jobs
 from ui.launch import LaunchError, ServerOptions, check_public, credentials, parse_auth
 from ui.options import Options, load_options, save_options
-from backend.styles import Style, StyleDatabase, merge_prompt
 from ui.webui import fields_from_infotext, mask_from_editor, token_counter
 
 
@@ -40,6 +41,11 @@ def test_invalid_options_are_refused_and_the_old_file_stays(tmp_path):
         save_options(Options(default_steps=0), path)
     assert json.loads(path.read_text())["default_steps"] == 30
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left behind
+    for bad, message in ((dict(ESRGAN_tile=-1), "tile size"), (dict(code_former_weight=2.0), "CodeFormer weight"),
+                         (dict(face_restoration_model="GPEN"), "CodeFormer or GFPGAN")):
+        with pytest.raises(ValueError, match=message):
+            save_options(Options(**bad), path)
+    assert Options(ESRGAN_tile=96, ESRGAN_tile_overlap=4).upscaler_tile() == TileSettings(96, 4)
 
 
 # -- styles -------------------------------------------------------------------------------------------

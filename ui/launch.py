@@ -91,6 +91,7 @@ def launch(settings, server: ServerOptions, config_path: Path | None = None, blo
     manager = ModelManager(settings)
     manager.faces.release_after_use = options.face_restoration_unload
     manager.upscalers.release_after_use = options.upscaler_unload
+    manager.upscalers.tile = options.upscaler_tile()
     try:
         model = manager.activate()
         logger.info("Loaded %s", model.label)

@@ -47,6 +47,9 @@ class Options:
     save_images_before_face_restoration: bool = False
     face_restoration_unload: bool = False  # free the model after each use (small GPUs)
     upscaler_unload: bool = False  # the same for upscaler models
+    # Upscaler tiles (A1111's names): input pixels per tile side (0: no tiling) and overlap
+    ESRGAN_tile: int = 192
+    ESRGAN_tile_overlap: int = 8
 
     def validate(self) -> None:
         if self.checkpoint_cache < 1:
@@ -63,8 +66,15 @@ class Options:
             raise ValueError("face restoration model must be CodeFormer or GFPGAN")
         if not 0 <= self.code_former_weight <= 1:
             raise ValueError("CodeFormer weight must be between 0 and 1")
+        if self.ESRGAN_tile < 0 or not 0 <= self.ESRGAN_tile_overlap <= 128:
+            raise ValueError("upscaler tile size must be 0 (no tiles) or more, and its overlap 0-128")
         if self.live_preview_every < 0:
             raise ValueError("live preview period must be 0 (off) or more")
+
+    def upscaler_tile(self):
+        from backend.upscalers import TileSettings
+
+        return TileSettings(self.ESRGAN_tile, self.ESRGAN_tile_overlap)
 
     def output_dir(self, mode: str) -> Path | None:
         folder = self.outdir_txt2img if mode == "txt2img" else self.outdir_img2img

@@ -906,6 +906,10 @@ class EaselUI:
                 "face_restoration_unload": gr.Checkbox(o.face_restoration_unload,
                                                        label="Free the face restoration model after each use"),
                 "upscaler_unload": gr.Checkbox(o.upscaler_unload, label="Free upscaler models after each use"),
+                "ESRGAN_tile": gr.Slider(0, 512, value=o.ESRGAN_tile, step=16,
+                                         label="Upscaler tile size (0: no tiling; smaller uses less memory)"),
+                "ESRGAN_tile_overlap": gr.Slider(0, 48, value=o.ESRGAN_tile_overlap, step=1,
+                                                 label="Upscaler tile overlap, pixels"),
             }
             apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit")
             result = gr.HTML(elem_id="settings_result")
@@ -914,7 +918,7 @@ class EaselUI:
 
         def apply_settings(*values):
             typed = dict(zip(names, values))
-            for name in ("checkpoint_cache", "default_steps", "live_preview_every"):
+            for name in ("checkpoint_cache", "default_steps", "live_preview_every", "ESRGAN_tile", "ESRGAN_tile_overlap"):
                 typed[name] = int(typed[name])
             typed["default_cfg_scale"] = float(typed["default_cfg_scale"])
             typed["code_former_weight"] = float(typed["code_former_weight"])
@@ -927,6 +931,7 @@ class EaselUI:
             ctx.manager.set_cache_size(candidate.checkpoint_cache)
             ctx.manager.faces.release_after_use = candidate.face_restoration_unload
             ctx.manager.upscalers.release_after_use = candidate.upscaler_unload
+            ctx.manager.upscalers.tile = candidate.upscaler_tile()
             return f"<div>Saved to {ctx.options_path}; applied.</div>"
 
         apply.click(apply_settings, inputs=[controls[n] for n in names], outputs=result, queue=False,
