@@ -50,7 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--gradio-auth", metavar="USER:PASS[,USER2:PASS2]", help="require a login")
     server.add_argument("--gradio-auth-path", type=Path, metavar="FILE", help="file with user:password lines")
     server.add_argument("--insecure", action="store_true",
-                        help="allow --listen/--share without --gradio-auth (anyone can use the server)")
+                        help="allow --listen/--share without --gradio-auth / --api-auth (anyone can use the server)")
+    server.add_argument("--api", action="store_true", help="serve A1111's REST API (/sdapi/v1) and Easel's job API "
+                        "(/easel/v1/jobs) on the same port; docs at /docs")
+    server.add_argument("--nowebui", action="store_true", help="serve the API only, without the web UI")
+    server.add_argument("--api-auth", metavar="USER:PASS[,USER2:PASS2]", help="HTTP Basic users of the API")
+    server.add_argument("--api-admin", metavar="USER[,USER2]",
+                        help="API users who may interrupt or cancel any job (others: only their own)")
 
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     gen = commands.add_parser("generate", help="generate images headless and print their paths")
@@ -241,7 +247,10 @@ def run_webui(args: argparse.Namespace, settings: Settings) -> int:
     from ui.launch import LaunchError, ServerOptions, launch
 
     server = ServerOptions(listen=args.listen, port=args.port, share=args.share, auth=args.gradio_auth,
-                           auth_path=args.gradio_auth_path, insecure=args.insecure)
+                           auth_path=args.gradio_auth_path, insecure=args.insecure, api=args.api or args.nowebui,
+                           nowebui=args.nowebui, api_auth=args.api_auth, api_admin=args.api_admin,
+                           flags={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                  if k not in ("gradio_auth", "api_auth")})
     try:
         launch(settings, server)
     except LaunchError as exc:

@@ -63,6 +63,9 @@ class ModelManager:
         self._vae_choice = VAE_AUTOMATIC
         self.lock = threading.RLock()
         self.load_count = 0
+        # The server's current checkpoint (A1111's `sd_model_checkpoint` option): what a request that
+        # names none runs on, even after another request switched to its own checkpoint.
+        self.selected: str | None = None
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -118,6 +121,13 @@ class ModelManager:
             if vae is not None:
                 self._vae_choice = vae
             self._apply_vae(model, self._vae_choice)
+            return model
+
+    def select(self, name: str | None = None) -> StableDiffusionModel:
+        """Activate `name` and make it the server's current checkpoint."""
+        with self.lock:
+            model = self.activate(name)
+            self.selected = model.file.filename
             return model
 
     def _load(self, file: ModelFile) -> StableDiffusionModel:

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import app
+from backend.job_queue import DeviceQueue, JobCancelled
 from backend.progress import Progress
 from backend.styles import Style, StyleDatabase, merge_prompt
 from backend.upscalers import TileSettings
@@ -109,7 +110,8 @@ def test_run_streams_progress_then_the_result_or_the_error():
         release.wait(5)
         return "done"
 
-    events = jobs.run(work, job, poll=0.01)
+    device = DeviceQueue()
+    events = jobs.run(work, job, device, poll=0.01)
     first = next(events)
     while first.progress is None:
         first = next(events)
@@ -121,8 +123,37 @@ def test_run_streams_progress_then_the_result_or_the_error():
     def broken(control):
         raise ValueError("bad sampler")
 
-    *_, last = list(jobs.run(broken, jobs.SessionJob(), poll=0.01))
+    *_, last = list(jobs.run(broken, jobs.SessionJob(), device, poll=0.01))
     assert isinstance(last.error, ValueError) and last.result is None
+
+
+def test_device_queue_runs_jobs_in_arrival_order_and_reports_positions():
+    device = DeviceQueue()
+    gate, running, order = threading.Event(), threading.Event(), []
+
+    def work(name):
+        def run(control):
+            if name == "first":
+                running.set()
+                gate.wait(5)
+            order.append(name)
+            return name
+        return run
+
+    first = device.submit(work("first"), owner="a")
+    assert running.wait(5) and device.current is first and device.position(first) == 0
+    queued = [device.submit(work(f"job{i}"), owner="b") for i in range(3)]
+    cancelled = device.submit(work("never"), owner="c")
+    waiting = jobs.Running(None, 0.0, device.position(queued[1]))
+    assert [device.position(j) for j in queued] == [1, 2, 3] and device.queue_length == 4
+    assert waiting.describe() == "Waiting in the queue: 2 jobs ahead"
+    device.cancel(cancelled)
+    gate.set()
+    assert [j.wait(5) for j in queued] == ["job0", "job1", "job2"]
+    assert order == ["first", "job0", "job1", "job2"] and first.status == "done"
+    assert cancelled.status == "cancelled" and device.queue_length == 0
+    with pytest.raises(JobCancelled):
+        cancelled.wait(1)
 
 
 # -- small helpers ---------------------------------------------------------------------------------------

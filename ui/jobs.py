@@ -1,8 +1,9 @@
-"""Running one browser session's generation in a worker thread and streaming its progress.
+"""Running one browser session's generation through the device queue and streaming its progress.
 
 Each browser session (gradio's session hash) has at most one job. Its `JobControl` is created when
-the user presses Generate, before the job waits in the device queue, so Interrupt works while it
-waits too, and Interrupt/Skip only ever reach that session's own job.
+the user presses Generate, before the job waits in the device queue (shared with the REST API, in
+arrival order), so Interrupt works while it waits too, and Interrupt/Skip only ever reach that
+session's own job.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from backend.job_queue import DeviceQueue
 from backend.progress import JobControl, Progress
 
 
@@ -20,6 +22,7 @@ from backend.progress import JobControl, Progress
 class Running:
     progress: Progress | None
     elapsed: float
+    position: int = 0  # jobs ahead in the device queue (0: running)
 
     @property
     def eta(self) -> float | None:
@@ -28,6 +31,8 @@ class Running:
         return self.elapsed / self.progress.fraction * (1 - self.progress.fraction)
 
     def describe(self) -> str:
+        if self.position > 0:
+            return f"Waiting in the queue: {self.position} job{'s' * (self.position != 1)} ahead"
         if self.progress is None:
             return "Waiting for the device..." if self.elapsed < 0.5 else f"Preparing... {self.elapsed:.0f}s"
         p = self.progress
@@ -89,29 +94,25 @@ class JobRegistry:
                 del self._jobs[session]
 
 
-def run(work: Callable[[JobControl], Any], job: SessionJob, poll: float = 0.2) -> Iterator[Running | Finished]:
-    """Run `work(job.control)` in a thread; yield `Running` as progress arrives (and every `poll`
-    seconds), then one `Finished` with the result or the exception."""
-    outcome: dict[str, Any] = {}
+def run(work: Callable[[JobControl], Any], job: SessionJob, device: DeviceQueue, owner: str = "ui",
+        kind: str = "generation", poll: float = 0.2) -> Iterator[Running | Finished]:
+    """Queue `work(job.control)` on the device queue; yield `Running` as progress arrives (and every
+    `poll` seconds, with the queue position while waiting), then one `Finished` with the result or
+    the exception."""
     started = time.perf_counter()
-
-    def target() -> None:
-        try:
-            outcome["result"] = work(job.control)
-        except BaseException as exc:  # reported to the browser, not lost in a thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, name="easel-generation", daemon=True)
-    thread.start()
+    queued = device.submit(work, owner, kind, control=job.control)
     latest: Progress | None = None
     updates = job.updates
-    while thread.is_alive():
+    while not queued.done:
         try:
             latest = updates.get(timeout=poll)
             while not updates.empty():  # only the newest matters
                 latest = updates.get_nowait()
         except queue.Empty:
             pass
-        yield Running(latest, time.perf_counter() - started)
-    thread.join()
-    yield Finished(outcome.get("result"), outcome.get("error"), time.perf_counter() - started)
+        if not queued.done:
+            yield Running(latest, time.perf_counter() - started, device.position(queued))
+    try:
+        yield Finished(queued.wait(), None, queued.elapsed)
+    except BaseException as exc:  # reported to the browser, not lost in a thread
+        yield Finished(None, exc, queued.elapsed)

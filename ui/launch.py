@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,11 @@ class ServerOptions:
     auth: str | None = None  # "user:pass,user2:pass2"
     auth_path: Path | None = None
     insecure: bool = False
+    api: bool = False  # A1111's REST API and the job API on the same server
+    nowebui: bool = False  # the API alone
+    api_auth: str | None = None  # "user:pass,user2:pass2" for the API (HTTP Basic)
+    api_admin: str | None = None  # "user,user2": API users who may stop anyone's job
+    flags: dict | None = None  # the command line, for /sdapi/v1/cmd-flags (passwords left out)
 
     @property
     def public(self) -> bool:
@@ -56,11 +62,22 @@ def credentials(options: ServerOptions) -> list[tuple[str, str]]:
     return pairs
 
 
-def check_public(options: ServerOptions, pairs: list[tuple[str, str]]) -> None:
-    """A server reachable from other machines needs a password unless --insecure says otherwise."""
-    if not options.public or pairs:
+def check_public(options: ServerOptions, pairs: list[tuple[str, str]],
+                 api_pairs: list[tuple[str, str]] | None = None) -> None:
+    """A server reachable from other machines needs a password (for the UI, and for the API when it is
+    served) unless --insecure says otherwise."""
+    if not options.public:
         return
     flag = "--share" if options.share else "--listen"
+    if options.api and not api_pairs:
+        if options.insecure:
+            logger.warning("*** %s with --api and no --api-auth (--insecure): anyone who can reach this server can "
+                           "use its API ***", flag)
+        else:
+            raise LaunchError(f"{flag} with --api makes the API reachable from other machines, so it needs a "
+                              "password: add --api-auth user:password (--insecure starts it without one)")
+    if pairs or options.nowebui:
+        return
     if options.insecure:
         logger.warning("*** %s without a password (--insecure): anyone who can reach this server can use it "
                        "and read its files ***", flag)
@@ -77,7 +94,8 @@ def launch(settings, server: ServerOptions, config_path: Path | None = None, blo
     for key, value in OFFLINE_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
     pairs = credentials(server)
-    check_public(server, pairs)
+    api_pairs = parse_auth(server.api_auth) if server.api_auth else []
+    check_public(server, pairs, api_pairs)
 
     from backend.model_manager import ModelManager
     from ui.options import CONFIG_NAME, load_options
@@ -93,12 +111,23 @@ def launch(settings, server: ServerOptions, config_path: Path | None = None, blo
     manager.upscalers.release_after_use = options.upscaler_unload
     manager.upscalers.tile = options.upscaler_tile()
     try:
-        model = manager.activate()
+        model = manager.select()
         logger.info("Loaded %s", model.label)
     except Exception as exc:  # the UI still starts; the top bar shows the error and lets the user pick
         logger.error("No model loaded at start: %s", exc)
     context = UIContext(manager, options, config_path, StyleDatabase(settings.styles_file),
                         public=server.public)
+    api = None
+    if server.api:
+        from ui.api import ApiAccess, EaselApi, parse_admins
+
+        try:
+            access = ApiAccess.from_pairs(api_pairs, parse_admins(server.api_admin))
+        except ValueError as exc:
+            raise LaunchError(str(exc)) from exc
+        api = EaselApi(context, access, server.flags or {})
+    if server.nowebui:
+        return serve_api_only(api, server, block)
     demo = build_ui(context)
     demo.queue(default_concurrency_limit=1)
     # Served files: outputs, card placeholders (cache), and the previews beside LoRAs and embeddings.
@@ -117,6 +146,10 @@ def launch(settings, server: ServerOptions, config_path: Path | None = None, blo
         quiet=False,
         footer_links=["settings"],
     )
+    if api is not None:
+        api.mount(app)
+        logger.info("API at %s/sdapi/v1 and %s/easel/v1/jobs, docs at %s/docs", local_url.rstrip("/"),
+                    local_url.rstrip("/"), local_url.rstrip("/"))
     if server.share and not share_url:
         logger.error("The share link could not be created (it needs the network to reach gradio's tunnel); "
                      "still serving at %s", local_url)
@@ -124,3 +157,46 @@ def launch(settings, server: ServerOptions, config_path: Path | None = None, blo
     if block:
         demo.block_thread()
     return demo, local_url, share_url
+
+
+class ApiServer:
+    """`--nowebui`: the API alone, on uvicorn in a background thread."""
+
+    def __init__(self, app, host: str, port: int):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="easel-api", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+        while not self.server.started and self.thread.is_alive():
+            self.thread.join(0.05)
+        if not self.server.started:
+            raise LaunchError("the API server could not start (is the port in use?)")
+
+    def block_thread(self) -> None:
+        try:
+            self.thread.join()
+        except KeyboardInterrupt:
+            self.close()
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def serve_api_only(api, server: ServerOptions, block: bool):
+    from fastapi import FastAPI
+
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, title="Easel API")
+    api.mount(app)
+    host = "0.0.0.0" if server.listen else "127.0.0.1"
+    port = server.port or 7861  # A1111's --nowebui port
+    handle = ApiServer(app, host, port)
+    handle.start()
+    url = f"http://127.0.0.1:{port}/"
+    logger.info("API only at %ssdapi/v1, docs at %sdocs", url, url)
+    if block:
+        handle.block_thread()
+    return handle, url, None

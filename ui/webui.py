@@ -3,8 +3,8 @@ Settings, all on one `ModelManager`.
 
 Every generation control is registered under the name of the `GenerationRequest` field it sets, and
 handlers receive `{component: value}` dicts, so nothing depends on the order of a positional list.
-Generation events share one queue (`concurrency_id="device"`, one at a time); per-browser state lives
-in `gr.State` and the session hash keys each browser's own job.
+Generation and Extras jobs go through the device queue shared with the REST API (arrival order, one
+at a time); per-browser state lives in `gr.State` and the session hash keys each browser's own job.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from backend.faces import FaceRestorationError
 from backend.generation import generate
 from backend.hires import HIRES_LATENT_MODES, SAME_SAMPLER
 from backend.images import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
+from backend.job_queue import DeviceQueue
 from backend.model_manager import ModelManager
 from backend.postprocess import ExtrasRequest, run_extras
 from backend.request import EMPHASIS_MODES, MIN_SIZE, GenerationRequest
@@ -69,6 +70,7 @@ class UIContext:
     options_path: Path
     styles: StyleDatabase
     jobs: jobs.JobRegistry = field(default_factory=jobs.JobRegistry)
+    device: DeviceQueue = field(default_factory=DeviceQueue)  # shared with the REST API
     public: bool = False  # served beyond this machine: no server-side folder opening
     _tokenizer: Any = None
 
@@ -418,7 +420,8 @@ class EaselUI:
                 yield {c["_progress"]: _error_html(message)}
                 return
             try:
-                for event in jobs.run(lambda control: generate(ctx.manager, generation, control), job):
+                for event in jobs.run(lambda control: generate(ctx.manager, generation, control), job, ctx.device,
+                                      owner=f"ui:{session}", kind=mode):
                     if isinstance(event, jobs.Running):
                         update = {c["_progress"]: progress_html(event)}
                         if event.progress is not None and event.progress.preview is not None:
@@ -435,7 +438,7 @@ class EaselUI:
         outputs = [c["_progress"], c["_preview"], c["_gallery"], c["_infotext"], c["_infotexts"], c["_paths"],
                    c["_selected"], c["_last_seed"]]
         c["_generate"].click(prepare, outputs=buttons, queue=False).then(
-            run, inputs=inputs, outputs=outputs, concurrency_id="device", concurrency_limit=1,
+            run, inputs=inputs, outputs=outputs, concurrency_limit=None,  # the device queue orders the jobs
             show_progress="hidden", api_visibility="private",
         ).then(restore, outputs=buttons, queue=False)
         def interrupt(request: gr.Request) -> None:  # only this browser's job
@@ -678,7 +681,7 @@ class EaselUI:
             old_size = previous.native_size if previous is not None else None
             yield {self.model_status: f"<div>Loading {name}...</div>"}
             try:
-                model = ctx.manager.activate(name)
+                model = ctx.manager.select(name)
             except Exception as exc:  # a broken file must not take the app down
                 logger.error("Loading %s failed", name, exc_info=exc)
                 yield {self.model_status: self._model_status(f"Cannot load {name}: {describe_error(exc)}"),
@@ -772,8 +775,10 @@ class EaselUI:
                 gfpgan_visibility=float(gfpgan_visibility), codeformer_visibility=float(codeformer_visibility),
                 codeformer_weight=float(weight), output_dir=Path(folder_out) if source == "folder" and folder_out.strip() else None)
             try:
-                results = run_extras(ctx.manager.upscalers, images, request, ctx.settings.output_root,
-                                     faces=ctx.manager.faces)
+                results = ctx.device.submit(
+                    lambda control: run_extras(ctx.manager.upscalers, images, request, ctx.settings.output_root,
+                                               should_stop=lambda: control.interrupted, faces=ctx.manager.faces),
+                    owner="ui:extras", kind="extras").wait()
             except (UpscalerError, FaceRestorationError) as exc:
                 raise gr.Error(str(exc)) from exc
             text = results[0].postprocessing if results else ""
@@ -782,8 +787,7 @@ class EaselUI:
 
         run_button.click(run, inputs=[source, single, files, input_dir, output_dir, resize_mode, scale, width, height,
                                       crop, upscaler, upscaler_2, visibility, gfpgan, codeformer, codeformer_weight],
-                         outputs=[gallery, info], concurrency_id="device", concurrency_limit=1,
-                         api_visibility="private")
+                         outputs=[gallery, info], concurrency_limit=None, api_visibility="private")
 
     def _extras_inputs(self, source: str, image, uploads, folder: str) -> list[Image.Image]:
         """The images of the chosen source; a file that is not an image names itself in the error."""

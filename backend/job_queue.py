@@ -1,0 +1,194 @@
+"""The one queue in front of the device: every generation (web UI, REST API, job API) waits here and
+runs in arrival order, one at a time, on a single worker thread.
+
+A job has an id, an owner (who may cancel it), its own `JobControl` (interrupt and skip reach only
+that job), progress and an ETA while it runs, and its result or error when done. Finished jobs are
+kept for a while so that their results can be fetched later.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from backend.progress import JobControl, Progress
+
+logger = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FINISHED = (DONE, FAILED, CANCELLED)
+
+
+class JobCancelled(Exception):
+    """The job was cancelled before it started."""
+
+
+@dataclass(eq=False)
+class Job:
+    work: Callable[[JobControl], Any] = field(repr=False)
+    owner: str
+    kind: str
+    control: JobControl = field(repr=False)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    number: int = 0  # arrival order
+    status: str = QUEUED
+    progress: Progress | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    result: Any = field(default=None, repr=False)
+    error: BaseException | None = None
+    request: Any = field(default=None, repr=False)  # what the client sent (the job API answers in its shape)
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def fraction(self) -> float:
+        if self.status == DONE:
+            return 1.0
+        return self.progress.fraction if self.progress is not None and self.status == RUNNING else 0.0
+
+    @property
+    def elapsed(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.finished or time.time()) - self.started
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left, from the time taken so far and the fraction done; None before the first step."""
+        if self.status != RUNNING or self.fraction <= 0:
+            return None
+        return self.elapsed / self.fraction * (1 - self.fraction)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """The result, once the job has finished; re-raises the job's error."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"job {self.id} still {self.status}")
+        if self.status == CANCELLED:
+            raise JobCancelled(f"job {self.id} was cancelled before it started")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class DeviceQueue:
+    """First come, first served; one worker thread runs the jobs."""
+
+    def __init__(self, keep_finished: int = 200):
+        self.keep_finished = keep_finished
+        self._pending: deque[Job] = deque()
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._current: Job | None = None
+        self._numbers = itertools.count(1)
+        self._condition = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._stopping = False
+
+    # -- submitting and finding ------------------------------------------------------------------
+    def submit(self, work: Callable[[JobControl], Any], owner: str, kind: str = "generation",
+               control: JobControl | None = None, preview_every: int = 0) -> Job:
+        job = Job(work, owner, kind, control or JobControl(preview_every=preview_every))
+        listener = job.control.on_progress
+
+        def on_progress(progress: Progress) -> None:
+            job.progress = progress
+            if listener is not None:
+                listener(progress)
+
+        job.control.on_progress = on_progress
+        with self._condition:
+            job.number = next(self._numbers)
+            self._jobs[job.id] = job
+            self._pending.append(job)
+            self._start_worker()
+            self._condition.notify_all()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._condition:
+            return self._jobs.get(job_id)
+
+    def jobs_of(self, owner: str) -> list[Job]:
+        with self._condition:
+            return [job for job in self._jobs.values() if job.owner == owner]
+
+    @property
+    def current(self) -> Job | None:
+        return self._current
+
+    @property
+    def queue_length(self) -> int:
+        """Jobs waiting, not counting the one running."""
+        with self._condition:
+            return len(self._pending)
+
+    def position(self, job: Job) -> int:
+        """How many jobs run before this one: the running job and those queued ahead (0 once it runs)."""
+        with self._condition:
+            if job.status != QUEUED:
+                return 0
+            for index, waiting in enumerate(self._pending):
+                if waiting is job:
+                    return index + (self._current is not None)
+        return 0
+
+    # -- control ---------------------------------------------------------------------------------
+    def cancel(self, job: Job) -> None:
+        """A waiting job leaves the queue; a running one is interrupted (it keeps finished images)."""
+        with self._condition:
+            if job.status == QUEUED:
+                self._pending.remove(job)
+                self._finish(job, CANCELLED)
+                return
+        job.control.interrupt()
+
+    def shutdown(self) -> None:
+        with self._condition:
+            self._stopping = True
+            for job in list(self._pending):
+                self._finish(job, CANCELLED)
+            self._pending.clear()
+            self._condition.notify_all()
+
+    # -- the worker ------------------------------------------------------------------------------
+    def _start_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._run, name="easel-device-queue", daemon=True)
+            self._worker.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._pending and not self._stopping:
+                    self._condition.wait()
+                if self._stopping:
+                    return
+                job = self._pending.popleft()
+                job.status, job.started = RUNNING, time.time()
+                self._current = job
+            try:
+                job.result = job.work(job.control)
+                status = DONE
+            except BaseException as error:  # the job's own failure, reported to its client
+                job.error = error
+                status = FAILED
+            with self._condition:
+                self._current = None
+                self._finish(job, status)
+
+    def _finish(self, job: Job, status: str) -> None:
+        job.status, job.finished = status, time.time()
+        job._done.set()
+        finished = [j for j in self._jobs.values() if j.done]
+        for old in finished[: max(0, len(finished) - self.keep_finished)]:
+            del self._jobs[old.id]

@@ -1,0 +1,146 @@
+"""Request and response bodies of A1111's `/sdapi/v1` API (field names, types and defaults as A1111's
+API, so a payload gives there what it gives here), and of Easel's job API.
+
+Unknown fields are accepted and ignored, as A1111 does: clients send fields for features (refiner,
+ControlNet units, ...) that a server may not have.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Txt2ImgRequest(_Body):
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] = Field(default_factory=list)
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    sampler_index: str = "Euler"  # A1111's older field; used when sampler_name is not given
+    scheduler: str | None = None  # "Automatic", "Karras", ... or A1111's names "karras", "sgm_uniform", ...
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    denoising_strength: float | None = None
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+    override_settings_restore_afterwards: bool = True
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    script_name: str | None = None
+    infotext: str | None = None  # A1111 >= 1.7: fills the fields the request does not set
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    init_images: list[str] = Field(default_factory=list)  # base64 images (a data: prefix is allowed)
+    resize_mode: int = 0  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale (as 0)
+    denoising_strength: float | None = 0.75
+    mask: str | None = None
+    mask_blur: int = 4
+    inpainting_fill: int = 0  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    inpaint_full_res: bool = True  # "Only masked"
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    include_init_images: bool = False
+
+
+class GenerationResponse(BaseModel):
+    images: list[str] | None = Field(description="base64 PNGs (no data: prefix), carrying their infotext")
+    parameters: dict[str, Any]
+    info: str = Field(description="a JSON string: seeds, prompts, infotexts, ... as A1111's")
+
+
+class ExtrasOptions(_Body):
+    resize_mode: int = 0  # 0 scale by upscaling_resize, 1 scale to upscaling_resize_w x _h
+    show_extras_results: bool = True
+    gfpgan_visibility: float = 0.0
+    codeformer_visibility: float = 0.0
+    codeformer_weight: float = 0.0
+    upscaling_resize: float = 2.0
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = 0.0
+    upscale_first: bool = False
+
+
+class ExtrasSingleRequest(ExtrasOptions):
+    image: str = ""
+
+
+class ExtrasSingleResponse(BaseModel):
+    html_info: str
+    image: str | None = None
+
+
+class FileData(_Body):
+    data: str
+    name: str = ""
+
+
+class ExtrasBatchRequest(ExtrasOptions):
+    imageList: list[FileData] = Field(default_factory=list)  # noqa: N815 - A1111's field name
+
+
+class ExtrasBatchResponse(BaseModel):
+    html_info: str
+    images: list[str]
+
+
+class PngInfoRequest(_Body):
+    image: str
+
+
+class PngInfoResponse(BaseModel):
+    info: str
+    items: dict[str, Any]
+    parameters: dict[str, Any]
+
+
+class ProgressResponse(BaseModel):
+    progress: float
+    eta_relative: float
+    state: dict[str, Any]
+    current_image: str | None = None
+    textinfo: str | None = None
+    current_task: str | None = None
+    queue_length: int = Field(0, description="jobs waiting for the device (Easel)")
+
+
+class JobStatus(BaseModel):
+    id: str
+    kind: str
+    status: str = Field(description="queued, running, done, failed or cancelled")
+    position: int = Field(description="jobs to run before this one (0 once it runs)")
+    queue_length: int
+    progress: float
+    eta_relative: float | None
+    step: int | None = None
+    steps: int | None = None
+    error: str | None = None
