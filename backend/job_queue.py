@@ -152,13 +152,19 @@ class DeviceQueue:
                 return
         job.control.interrupt()
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Cancel the waiting jobs, interrupt the running one and wait for the worker to end."""
         with self._condition:
             self._stopping = True
             for job in list(self._pending):
                 self._finish(job, CANCELLED)
             self._pending.clear()
+            if self._current is not None:
+                self._current.control.interrupt()
             self._condition.notify_all()
+            worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout)
 
     # -- the worker ------------------------------------------------------------------------------
     def _start_worker(self) -> None:

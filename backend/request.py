@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -119,7 +120,11 @@ class GenerationRequest:
                      f"{name} must be 0 (use the scale) or between {MIN_SIZE} and {MAX_SIZE}, not {value}")
         for name in ("seed_resize_from_w", "seed_resize_from_h"):
             value = getattr(self, name)
-            need(value <= 0 or value % 8 == 0, f"{name} must be a multiple of 8 (or 0 to turn it off)")
+            need(value <= 0 or value % 8 == 0 and value <= MAX_SIZE,
+                 f"{name} must be a multiple of 8 up to {MAX_SIZE} (or 0 to turn it off)")
+        for name in ("seed", "subseed"):
+            need(getattr(self, name) < 2**64, f"{name} must be below 2^64 (or -1 for a random one)")
+        need(math.isfinite(self.cfg_scale), "CFG scale must be a finite number")
 
 
 def check_dimension(name: str, value: int) -> None:

@@ -281,3 +281,22 @@ def test_openapi_lists_the_api_and_docs_are_served(server):
         assert path in spec["paths"]
     assert not any(path.startswith("/gradio_api") for path in spec["paths"])
     assert "swagger" in get(server, "/docs").text.lower()
+
+
+def test_nowebui_serves_the_api_alone(tmp_path, tokenizer_cache):
+    from ui.launch import ServerOptions, launch
+
+    ckpt = tmp_path / "models" / "Stable-diffusion"
+    ckpt.mkdir(parents=True)
+    shutil.copy(DEFAULT_MODEL, ckpt / DEFAULT_MODEL.name)
+    shutil.copytree(tokenizer_cache, tmp_path / "cache", dirs_exist_ok=True)
+    handle, url, _ = launch(Settings(data_dir=tmp_path), ServerOptions(port=free_port(), nowebui=True, api=True),
+                            block=False)
+    try:
+        made = requests.post(f"{url}sdapi/v1/txt2img", json={"prompt": "a red star", **SMALL, "seed": 1}).json()
+        assert decoded(made["images"][0]).size == (64, 64)
+        assert requests.get(f"{url}sdapi/v1/samplers").status_code == 200
+        assert requests.get(url).status_code == 404  # no web UI
+        assert "/sdapi/v1/txt2img" in requests.get(f"{url}openapi.json").json()["paths"]
+    finally:
+        handle.close()

@@ -86,6 +86,23 @@ def test_a_public_server_needs_auth_unless_insecure(flags):
     check_public(ServerOptions(), [])  # local only: fine
 
 
+@pytest.mark.parametrize("flags", [{"listen": True}, {"share": True}])
+def test_a_public_api_needs_api_auth_unless_insecure(flags):
+    with pytest.raises(LaunchError, match="--api-auth user:password"):
+        check_public(ServerOptions(**flags, api=True), [("ui", "pw")], [])
+    check_public(ServerOptions(**flags, api=True), [("ui", "pw")], [("api", "pw")])
+    check_public(ServerOptions(**flags, api=True, nowebui=True), [], [("api", "pw")])  # no UI: no UI login
+    check_public(ServerOptions(**flags, api=True, insecure=True), [], [])
+    check_public(ServerOptions(api=True), [], [])  # local only: fine
+
+
+def test_app_refuses_a_public_api_without_auth(capsys, tmp_path):
+    assert app.main(["--data-dir", str(tmp_path), "--listen", "--gradio-auth", "u:p", "--api"]) == 2
+    assert "--api-auth user:password" in capsys.readouterr().err
+    assert app.main(["--data-dir", str(tmp_path), "--api", "--api-auth", "u:p", "--api-admin", "v"]) == 2
+    assert "--api-admin names v, who are not in --api-auth" in capsys.readouterr().err
+
+
 def test_app_refuses_to_share_without_auth_and_says_how(capsys, tmp_path):
     assert app.main(["--data-dir", str(tmp_path), "--share"]) == 2
     err = capsys.readouterr().err

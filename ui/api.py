@@ -39,6 +39,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image, UnidentifiedImageError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend import infotext, outputs, samplers
 from backend.faces import RESTORERS
@@ -143,7 +144,7 @@ class A1111Route(APIRoute):
                 problems = error.errors()
                 return error_body(422, "RequestValidationError", problems, getattr(error, "body", ""),
                                   "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in problems))
-            except HTTPException as error:
+            except StarletteHTTPException as error:  # FastAPI's HTTPException, and Starlette's (bad bodies)
                 response = error_body(error.status_code, "HTTPException", error.detail)
                 for key, value in (error.headers or {}).items():
                     response.headers[key] = value

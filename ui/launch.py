@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -117,6 +118,7 @@ def launch(settings, server: ServerOptions, config_path: Path | None = None, blo
         logger.error("No model loaded at start: %s", exc)
     context = UIContext(manager, options, config_path, StyleDatabase(settings.styles_file),
                         public=server.public)
+    atexit.register(context.device.shutdown)  # never leave the process while the device thread runs torch
     api = None
     if server.api:
         from ui.api import ApiAccess, EaselApi, parse_admins
