@@ -200,6 +200,7 @@ def run_extras(args: argparse.Namespace, settings: Settings) -> int:
 def run_generate(args: argparse.Namespace, settings: Settings) -> int:
     from PIL import Image
 
+    from backend.extensions import ExtensionRegistry
     from backend.generation import generate
     from backend.model_manager import ModelManager
     from backend.request import GenerationRequest
@@ -216,6 +217,7 @@ def run_generate(args: argparse.Namespace, settings: Settings) -> int:
                 raise SystemExit(f"error: cannot read --{name.replace('_', '-')} {path}: {exc}") from exc
     request = GenerationRequest(**fields)
     manager = ModelManager(settings)
+    manager.extensions = ExtensionRegistry(Path(settings.data_dir) / "extensions")
     result = generate(manager, request)
     for line in result.notes + [f"warning: {w}" for w in result.warnings]:
         print(line, file=sys.stderr)

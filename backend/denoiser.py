@@ -7,13 +7,14 @@ Each image has its own CPU generator and its own scheduler instance; only the UN
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from backend import images, init_image, noise, preview, samplers, vae_codec
 from backend.conditioning import Conditioning
+from backend.extensions import NO_EXTENSIONS, ExtensionRegistry, Guidance, Step
 from backend.init_image import InitSource
 from backend.progress import JobControl, Progress
 from backend.request import GenerationRequest
@@ -30,6 +31,8 @@ class BatchInputs:
     seeds: list[tuple[int, int]]  # (seed, variation seed) per image
     phase: str = ""  # reported with progress ("Hires" for the hires fix's second pass)
     share: tuple[float, float] = (0.0, 1.0)  # (start, length) of this pass within the batch's progress
+    extensions: ExtensionRegistry = NO_EXTENSIONS  # their `step` and `guidance` callbacks run here
+    warnings: list[str] = field(default_factory=list)  # where failing extensions are named
 
 
 def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobControl, batch: int) -> torch.Tensor | None:
@@ -68,7 +71,8 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
                                                               timesteps[:1]))
     extra_channels = _inpaint_conditioning(model, inputs.source, n, latent_hw) if model.is_inpainting else None
     blend = mask is not None and not model.is_inpainting
-    guidance = _BatchGuidance(model, inputs.conds, run)
+    guidance = _BatchGuidance(model, inputs.conds, run, _guidance_hook(inputs, schedulers[0], len(timesteps)))
+    stepped = inputs.extensions.has("step")
     step_kwargs = [_step_kwargs(s, g) for s, g in zip(schedulers, generators)]
     # 3. Denoising loop
     with torch.no_grad(), model.use(model.unet):
@@ -89,6 +93,10 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
                     init_latents[i : i + 1], start_noise[i : i + 1], timesteps[step + 1 : step + 2]))
                 latents = known * (1 - mask) + latents * mask
             _report(model, control, outputs[0], latents, step, len(timesteps), batch, inputs)
+            if stepped and _step_event(inputs, step, len(timesteps), t, latents, box := {}):
+                latents = box["latents"]
+                if box["stop"]:
+                    break
     if blend:
         latents = init_latents * (1 - mask) + latents * mask
     return latents
@@ -151,8 +159,8 @@ class _Guidance:
     uncond + sum(weight * cfg * (cond - uncond)). Without guidance (CFG 1, one subprompt) the negative
     pass is skipped."""
 
-    def __init__(self, model, cond: Conditioning, n: int, run: GenerationRequest):
-        self.model, self.cond, self.n, self.run = model, cond, n, run
+    def __init__(self, model, cond: Conditioning, n: int, run: GenerationRequest, hook=None):
+        self.model, self.cond, self.n, self.run, self.hook = model, cond, n, run, hook
         self.skip_negative = run.cfg_scale == 1 and len(cond.positive) == 1
         self._cached: tuple | None = None
 
@@ -184,17 +192,21 @@ class _Guidance:
         uncond, result = outputs[0], outputs[0].clone()
         for (weight, _), cond in zip(self.cond.positive, outputs[1:]):
             result += (cond - uncond) * (weight * self.run.cfg_scale)
+        if self.hook is not None:  # extensions see the conditional prediction at CFG 1 and the combination
+            conditional = uncond + sum((c - uncond) * w for (w, _), c in zip(self.cond.positive, outputs[1:]))
+            result = self.hook(step, t, model_input[:, : uncond.shape[1]], conditional, uncond, result)
         return result
 
 
 class _BatchGuidance:
     """Images sharing a prompt run through the UNet together; each distinct prompt is its own pass."""
 
-    def __init__(self, model, conds: list[Conditioning], run: GenerationRequest):
+    def __init__(self, model, conds: list[Conditioning], run: GenerationRequest, hook=None):
         groups: dict[int, list[int]] = {}
         for index, cond in enumerate(conds):
             groups.setdefault(id(cond), []).append(index)
-        self.groups = [(indices, _Guidance(model, conds[indices[0]], len(indices), run)) for indices in groups.values()]
+        self.groups = [(indices, _Guidance(model, conds[indices[0]], len(indices), run, hook))
+                       for indices in groups.values()]
 
     def predict(self, model_input: torch.Tensor, t, step: int) -> torch.Tensor:
         if len(self.groups) == 1:
@@ -203,6 +215,46 @@ class _BatchGuidance:
         for indices, guidance in self.groups:
             out[indices] = guidance.predict(model_input[indices], t, step)
         return out
+
+
+def _step_event(inputs: BatchInputs, step: int, steps: int, t, latents, box: dict) -> bool:
+    """Extensions' `step` callbacks; fills `box` with the (maybe replaced) latents and the stop flag."""
+    box.update(latents=latents, stop=False)
+
+    def make(extension):
+        return Step(step + 1, steps, float(t), box["latents"], inputs.run,
+                    inputs.extensions.args(extension, inputs.run.script_args))
+
+    def after(event: Step) -> None:
+        box["latents"] = event.latents
+        box["stop"] = box["stop"] or event.stop
+
+    inputs.extensions.emit("step", make, inputs.warnings, after)
+    return True
+
+
+def _guidance_hook(inputs: BatchInputs, scheduler, steps: int):
+    """A function (step, t, model_input, cond, uncond, prediction) -> prediction running the
+    extensions' `guidance` callbacks, or None when none listens."""
+    registry = inputs.extensions
+    if not registry.has("guidance"):
+        return None
+    alphas = scheduler.alphas_cumprod
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+
+    def hook(step, t, model_input, cond, uncond, prediction):
+        index = min(len(alphas) - 1, max(0, int(round(float(t)))))
+        box = {"prediction": prediction}
+
+        def make(extension):
+            return Guidance(step, steps, float(t), cond, uncond, box["prediction"], inputs.run.cfg_scale,
+                            prediction_type, float(alphas[index]), model_input,
+                            registry.args(extension, inputs.run.script_args))
+
+        registry.emit("guidance", make, inputs.warnings, lambda event: box.update(prediction=event.prediction))
+        return box["prediction"]
+
+    return hook
 
 
 def _report(model, control: JobControl, output, latents, step: int, steps: int, batch: int, inputs: BatchInputs) -> None:

@@ -82,3 +82,17 @@ def _load_libc():
 
 
 _libc = _load_libc()
+
+
+def memory_report() -> dict:
+    """A1111's `/sdapi/v1/memory`: RAM (this process and the system) and CUDA memory."""
+    import psutil
+
+    process, system = psutil.Process(), psutil.virtual_memory()
+    ram = {"free": system.available, "used": process.memory_info().rss, "total": system.total}
+    cuda: dict = {"error": "CUDA is not available"}
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        cuda = {"system": {"free": free, "used": total - free, "total": total},
+                "active": {"current": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()}}
+    return {"ram": ram, "cuda": cuda}

@@ -14,10 +14,11 @@ import random
 from pathlib import Path
 
 from backend import conditioning, denoiser, hires, infotext, init_image, noise, outputs, samplers, vae_codec
+from backend.extensions import AfterImage, BeforeGeneration, ScriptRun
 from backend.extra_networks import NetworkSession
 from backend.model_manager import ModelManager
 from backend.progress import JobControl
-from backend.request import GeneratedImage, GenerationRequest, GenerationResult, check_dimension
+from backend.request import GeneratedImage, GenerationRequest, GenerationResult, RequestError, check_dimension
 from backend.styles import StyleDatabase
 from backend.upscalers import Interrupted
 from backend.version import INFOTEXT_VERSION
@@ -34,7 +35,12 @@ def generate(
     now: dt.datetime | None = None,
 ) -> GenerationResult:
     control = control or JobControl()
-    # 1. Check inputs
+    extensions = manager.extensions
+    if request.script_name and request.script_name != "None":
+        return _run_script(manager, request, control, rng, now)
+    early_warnings: list[str] = []
+    # 1. Extensions may change the request; then check it
+    request = _before_generation(extensions, request, early_warnings)
     request.validate()
     sampler, schedule = samplers.resolve(request.sampler, request.schedule_type)
     upscaler = _upscaler(manager, request)
@@ -55,7 +61,7 @@ def generate(
         seed = noise.resolve_seed(request.seed, rng)
         subseed = noise.resolve_seed(request.subseed, rng) if request.subseed_strength > 0 else -1
         run = request.with_changes(seed=seed, subseed=subseed, width=width, height=height)
-        result = GenerationResult(request=run)
+        result = GenerationResult(request=run, warnings=early_warnings)
         if run.styles:  # styles first: their text may hold wildcards too
             run = _apply_styles(run, StyleDatabase(manager.settings.styles_file), result.warnings)
             result.request = run
@@ -75,7 +81,8 @@ def generate(
                 texts = [prompts.texts(p) for p in positions]
                 conds = prompts.conditioning_for_batch(texts)
                 share = (0.0, hires.first_pass_share(run) if hires_plan is not None else 1.0)
-                inputs = denoiser.BatchInputs(run, sampler, schedule, conds, source, seeds, share=share)
+                inputs = denoiser.BatchInputs(run, sampler, schedule, conds, source, seeds, share=share,
+                                              extensions=extensions, warnings=result.warnings)
                 latents = denoiser.denoise(model, inputs, control, batch)
                 if latents is None:  # skipped or interrupted
                     continue
@@ -85,7 +92,8 @@ def generate(
                     hires_conds = prompts.conditioning_for_batch(
                         [prompts.hires_texts(p, t) for p, t in zip(positions, texts)], hires_plan.steps(run))
                     large = hires.second_pass(model, run, hires_plan.sampler, schedule, hires_conds, seeds, latents,
-                                              hires_plan.size, manager.upscalers, control, batch)
+                                              hires_plan.size, manager.upscalers, control, batch,
+                                              extensions, result.warnings)
                     if large is None and not control.interrupted:  # skipped
                         continue
                     if large is None:
@@ -106,6 +114,9 @@ def generate(
                         image = _restore_faces(manager, run, face_restorer, image, control, extra, result)
                     if upscaler is not None:
                         image = _upscale(manager, run, upscaler, image, control, extra, result.warnings)
+                    if extensions.has("after_image"):
+                        image = _after_image(extensions, run, image, batch * run.batch_size + index, texts[index][0],
+                                             extra, result.warnings)
                     result.images.append(_finish_image(
                         model, run, sampler, schedule, batch, index, image, output_dir, now, texts[index], extra,
                         before_faces if run.save_before_face_restoration else None))
@@ -144,6 +155,53 @@ class _HiresPlan:
 
     def infotext(self, run: GenerationRequest, first_sampler: samplers.Sampler) -> dict:
         return hires.infotext(run, self.upscaler, self.sampler.name, first_sampler.name)
+
+
+def _run_script(manager: ModelManager, request: GenerationRequest, control: JobControl, rng, now) -> GenerationResult:
+    """A script's job: it calls `generate` as often as it needs, with this job's control."""
+    script = manager.extensions.script(request.script_name)
+    if script is None:
+        names = ", ".join(s.title for s in manager.extensions.scripts()) or "none installed"
+        raise RequestError(f"script '{request.script_name}' not found; scripts: {names}")
+    plain = request.with_changes(script_name=None)
+    values = next((v for k, v in request.script_args.items() if k.lower() in (script.title.lower(),
+                                                                               script.extension.lower())), {})
+    result = GenerationResult(request=plain)
+
+    def run_one(changed: GenerationRequest) -> GenerationResult:
+        one = generate(manager, changed.with_changes(script_name=None), control, rng, now)
+        result.warnings.extend(w for w in one.warnings if w not in result.warnings)
+        return one
+
+    script.run(ScriptRun(plain, script.args_from(values), run_one, control, result))
+    result.interrupted = control.interrupted
+    return result
+
+
+def _before_generation(extensions, request: GenerationRequest, warnings: list[str]) -> GenerationRequest:
+    if not extensions.has("before_generation"):
+        return request
+    box = {"request": request}
+    extensions.emit("before_generation",
+                    lambda e: BeforeGeneration(box["request"], extensions.args(e, box["request"].script_args)),
+                    warnings, lambda event: box.update(request=event.request))
+    return box["request"]
+
+
+def _after_image(extensions, run: GenerationRequest, image, position: int, prompt: str, extra: dict,
+                 warnings: list[str]):
+    seed = _seeds(run, position)[0]
+    box = {"image": image}
+
+    def make(extension):
+        return AfterImage(box["image"], position, seed, prompt, run, {}, extensions.args(extension, run.script_args))
+
+    def after(event: AfterImage) -> None:
+        box["image"] = event.image
+        extra.update(event.parameters)
+
+    extensions.emit("after_image", make, warnings, after)
+    return box["image"]
 
 
 def _face_restorer(manager: ModelManager, request: GenerationRequest) -> str | None:

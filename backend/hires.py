@@ -63,7 +63,8 @@ def upscaled_latents(model, run: GenerationRequest, latents: torch.Tensor, size:
 
 
 def second_pass(model, run: GenerationRequest, sampler, schedule, conds, seeds, latents: torch.Tensor,
-                size: tuple[int, int], upscalers, control, batch: int) -> torch.Tensor | None:
+                size: tuple[int, int], upscalers, control, batch: int, extensions=None,
+                warnings: list[str] | None = None) -> torch.Tensor | None:
     """The hires pass for one batch; None when skipped or interrupted."""
     try:
         start = upscaled_latents(model, run, latents, size, upscalers, lambda: control.should_stop_batch)
@@ -73,6 +74,8 @@ def second_pass(model, run: GenerationRequest, sampler, schedule, conds, seeds, 
     source = InitSource(original=None, image=None, mask=None, overlay_mask=None, crop=None, latents=start)
     first = first_pass_share(run)
     inputs = denoiser.BatchInputs(hires_run, sampler, schedule, conds, source, seeds, "Hires", (first, 1 - first))
+    if extensions is not None:
+        inputs.extensions, inputs.warnings = extensions, warnings if warnings is not None else []
     return denoiser.denoise(model, inputs, control, batch)
 
 

@@ -17,6 +17,7 @@ from backend import checkpoints, devices, diffusers_folder, model_detection
 from backend.checkpoints import CheckpointLoadError, Components
 from backend.embeddings import EmbeddingLibrary
 from backend.lora import LoraLibrary
+from backend.extensions import NO_EXTENSIONS, ExtensionRegistry
 from backend.faces import FaceRestorers
 from backend.upscalers import UPSCALER_FOLDERS, UpscalerLibrary
 from backend.model_detection import CheckpointFormatError
@@ -66,6 +67,7 @@ class ModelManager:
         # The server's current checkpoint (A1111's `sd_model_checkpoint` option): what a request that
         # names none runs on, even after another request switched to its own checkpoint.
         self.selected: str | None = None
+        self.extensions: ExtensionRegistry = NO_EXTENSIONS  # the app loads extensions/ into this
 
     # -- queries ---------------------------------------------------------------------------------
     @property

@@ -73,6 +73,10 @@ class GenerationRequest:
     save_before_face_restoration: bool = False  # also save the image as it was before restoration
     upscaler: str | None = None  # an upscaler name ("R-ESRGAN 4x+", "Lanczos", ...); None or "None": off
     upscale_by: float = 2.0
+    # extensions: panel values (or the API's alwayson_scripts args) by extension name, and the script
+    # (its title) that makes the job's images instead of one generation, its values under its title
+    script_args: dict = field(default_factory=dict)
+    script_name: str | None = None
     # outputs
     save_images: bool = True
     output_dir: Path | None = None

@@ -45,6 +45,7 @@ def server(tmp_path_factory, tokenizer_cache):
     shutil.copy(DEFAULT_MODEL, ckpt / "second-copy.safetensors")
     shutil.copytree(tokenizer_cache, data / "cache", dirs_exist_ok=True)
     shutil.copytree(ROOT / "models" / "Lora", data / "models" / "Lora")
+    shutil.copytree(ROOT / "extensions", data / "extensions")
     settings = Settings(data_dir=data, default_checkpoint="easel-shapes", checkpoint_cache_size=2)
     port = free_port()
     auth = ",".join(f"{user}:{password}" for user, password in USERS.items())
@@ -218,6 +219,19 @@ def test_unknown_upscaler_in_extras_is_a_clear_error(server):
     assert response.status_code == 422 and "upscaler 'R-ESRGAN 9x' not found" in response.json()["detail"]
     broken = post(server, "/sdapi/v1/txt2img", data=b"{not json", headers={"Content-Type": "application/json"})
     assert broken.status_code == 422
+
+
+def test_alwayson_scripts_reach_the_extensions(server):
+    scripts = get(server, "/sdapi/v1/scripts").json()
+    assert {"cfg rescale", "dynamic thresholding (cfg scale fix)"} <= set(scripts["txt2img"])
+    body = {"prompt": "a large red star", **SMALL, "seed": 3, "cfg_scale": 12}
+    rescaled = post(server, "/sdapi/v1/txt2img", {**body, "alwayson_scripts": {"CFG rescale": {"args": [0.7]}}})
+    assert "CFG Rescale phi: 0.7" in json.loads(rescaled.json()["info"])["infotexts"][0]
+    plain = post(server, "/sdapi/v1/txt2img", body).json()
+    assert "CFG Rescale" not in plain["info"]
+    unknown = post(server, "/sdapi/v1/txt2img", {**body, "alwayson_scripts": {"ADetailer": {"args": [False]}}})
+    assert unknown.status_code == 422 and "ADetailer" in unknown.json()["detail"]
+    assert "cfg rescale" in unknown.json()["detail"]  # and what there is
 
 
 # -- concurrency -----------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ def start_server(data_dir: Path, tokenizer_cache: Path, **server_options):
     shutil.copytree(tokenizer_cache, data_dir / "cache", dirs_exist_ok=True)
     shutil.copytree(ROOT / "wildcards", data_dir / "wildcards")
     shutil.copytree(ROOT / "models" / "Lora", data_dir / "models" / "Lora")
+    shutil.copytree(ROOT / "extensions", data_dir / "extensions")
     settings = Settings(data_dir=data_dir, default_checkpoint="easel-shapes")
     demo, url, _ = launch(settings, ServerOptions(**server_options), block=False)
     return demo, url, settings
@@ -218,6 +219,32 @@ def test_hires_fix_makes_the_large_image_and_pastes_back_from_png_info(page, ser
     assert page.input_value("#txt2img_hr_scale input[type=number]") == "1.5"
     assert page.input_value("#txt2img_hires_steps input[type=number]") == "4"
     screenshot(page, "txt2img-hires")
+
+
+def test_an_extension_panel_reaches_its_extension_and_the_extensions_tab_lists_them(page):
+    page.fill("#txt2img_prompt textarea", "a large red star on a blue background, top left")
+    set_number(page, "#txt2img_seed input", 12)
+    page.click("#txt2img_ext_cfg-rescale button, #txt2img_ext_cfg-rescale >> text=CFG rescale")
+    set_number(page, "#txt2img_ext_cfg-rescale_phi input[type=number]", 0.7)
+    generate(page)
+    assert "CFG Rescale phi: 0.7" in page.inner_text("#txt2img_infotext")
+    page.click("button[role=tab]:has-text('Extensions')")
+    table = page.inner_text("#extensions_table")
+    assert "cfg-rescale" in table and "dynamic-thresholding" in table and "disabled" in table
+    screenshot(page, "extensions")
+
+
+def test_the_script_dropdown_runs_an_xyz_plot(page):
+    page.fill("#txt2img_prompt textarea", "a large red star on a blue background, center")
+    page.locator("#txt2img_script input").fill("X/Y/Z plot")
+    page.keyboard.press("Enter")
+    page.click("#txt2img_script_x-y-z-plot >> text=X/Y/Z plot settings")
+    page.fill("#txt2img_ext_x-y-z-plot_x_values textarea, #txt2img_ext_x-y-z-plot_x_values input", "1, 2")
+    generate(page)
+    images = gallery_images(page)
+    assert len(images) == 3 and images[0].width == 2 * 64 and images[0].height > 64  # grid (with legend), cells
+    assert "X/Y/Z plot: 2 of 2 cells" in page.inner_text("#txt2img_progress")
+    screenshot(page, "txt2img-xyz")
 
 
 def test_interrupt_returns_to_ready_with_the_finished_images(page):

@@ -28,8 +28,6 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-import torch
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.routing import APIRoute
 from fastapi.encoders import jsonable_encoder
@@ -41,7 +39,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from backend import infotext, outputs, samplers
+from backend import devices, infotext, outputs, samplers
 from backend.faces import RESTORERS
 from backend.generation import generate
 from backend.hires import HIRES_LATENT_MODES, SAME_SAMPLER
@@ -188,9 +186,14 @@ class EaselApi:
 
     # -- mounting ----------------------------------------------------------------------------------
     def mount(self, app: FastAPI) -> None:
-        """Add the routes, ahead of the UI's own (`/docs` and `/openapi.json` describe the API)."""
+        """Add the routes, ahead of the UI's own (`/docs` and `/openapi.json` describe the API), and
+        the extensions' routes under `/easel/v1/ext/<name>`."""
         before = len(app.router.routes)
         app.include_router(self.router)
+        for extension in self.ctx.manager.extensions.active:
+            if extension.routes is not None:
+                app.include_router(extension.routes, prefix=f"/easel/v1/ext/{extension.name}",
+                                   dependencies=[Depends(self.caller)], tags=[f"extension {extension.name}"])
         ours = app.router.routes[before:]
         del app.router.routes[before:]
         app.router.routes[:0] = ours
@@ -223,10 +226,20 @@ class EaselApi:
         values = body.model_dump()
         if body.infotext:
             self._fill_from_infotext(values, body)
-        unknown_scripts = [name for name in body.alwayson_scripts if name.lower() not in self.scripts()]
-        if unknown_scripts or body.script_name:
-            missing = unknown_scripts or [body.script_name]
-            raise ApiInputError(f"script not found: {', '.join(missing)} (this server has no such script)")
+        scripts = self.scripts()
+        unknown_scripts = [name for name in body.alwayson_scripts if name.lower() not in scripts]
+        if unknown_scripts:
+            raise ApiInputError(f"script not found: {', '.join(unknown_scripts)}; alwayson scripts here: "
+                                f"{', '.join(scripts) or 'none'}")
+        script_args = {scripts[name.lower()].name: value for name, value in body.alwayson_scripts.items()}
+        script_name = None
+        if body.script_name and body.script_name != "None":
+            script = self.ctx.manager.extensions.script(body.script_name)
+            if script is None or mode not in script.modes:
+                titles = [s.title for s in self.ctx.manager.extensions.scripts(mode)]
+                raise ApiInputError(f"script not found: {body.script_name}; {mode} scripts here: "
+                                    f"{', '.join(titles) or 'none'}")
+            script_name, script_args[script.title] = script.title, list(body.script_args)
         options = self.ctx.options
         fields: dict[str, Any] = dict(
             prompt=values["prompt"], negative_prompt=values["negative_prompt"], styles=tuple(values["styles"]),
@@ -240,7 +253,7 @@ class EaselApi:
             codeformer_weight=options.code_former_weight, emphasis=options.emphasis,
             save_images=values["save_images"], save_before_face_restoration=options.save_images_before_face_restoration,
             checkpoint=self.ctx.manager.selected, output_dir=options.output_dir(mode),
-            filename_pattern=options.filename_pattern,
+            filename_pattern=options.filename_pattern, script_args=script_args, script_name=script_name,
         )
         if values["denoising_strength"] is not None:
             fields["denoising_strength"] = values["denoising_strength"]
@@ -310,7 +323,13 @@ class EaselApi:
             self._raise_for(error)
 
     def scripts(self) -> dict[str, Any]:
-        return {}  # scripts and extensions arrive with the extension API
+        """alwayson_scripts names (lowercased panel titles and extension names) -> extension."""
+        found = {}
+        for extension in self.ctx.manager.extensions.active:
+            if extension.panel is not None:
+                found[extension.panel.title.lower()] = extension
+                found[extension.name.lower()] = extension
+        return found
 
     # -- running -------------------------------------------------------------------------------------
     def submit_generation(self, body: m.Txt2ImgRequest, mode: str, caller: Caller) -> Job:
@@ -530,7 +549,17 @@ class EaselApi:
 
         @r.get("/sdapi/v1/scripts", tags=["models"])
         def scripts():
-            return {"txt2img": list(self.scripts()), "img2img": list(self.scripts())}
+            registry = ctx.manager.extensions
+            return {mode: [e.panel.title.lower() for e in registry.panels(mode)]
+                    + [s.title.lower() for s in registry.scripts(mode)] for mode in ("txt2img", "img2img")}
+
+        @r.get("/sdapi/v1/script-info", tags=["models"])
+        def script_info():
+            return [{"name": e.panel.title.lower(), "is_alwayson": True, "is_img2img": mode == "img2img",
+                     "args": [{"label": c.label, "value": c.default, "minimum": c.minimum, "maximum": c.maximum,
+                               "step": c.step, "choices": list(c.choices) or None} for c in e.panel.controls]}
+                    for e in ctx.manager.extensions.active if e.panel is not None
+                    for mode in e.panel.modes]
 
         @r.get("/sdapi/v1/memory", tags=["settings"])
         def memory():
@@ -674,6 +703,11 @@ class EaselApi:
         changes = {k: v for k, v in body.items() if k in known}
         if "samples_save" in body:
             changes["save_images"] = body["samples_save"]
+        for key, value in changes.items():
+            current = getattr(ctx.options, key)
+            if not isinstance(value, type(current)) and not (isinstance(current, float) and isinstance(value, int)) \
+                    or isinstance(value, bool) and not isinstance(current, bool):
+                raise HTTPException(422, f"option {key} takes a {type(current).__name__}, not {value!r}")
         if changes:
             try:
                 candidate = replace(ctx.options, **changes)
@@ -713,14 +747,7 @@ class EaselApi:
 
     @staticmethod
     def memory() -> dict:
-        process, system = psutil.Process(), psutil.virtual_memory()
-        ram = {"free": system.available, "used": process.memory_info().rss, "total": system.total}
-        cuda: dict[str, Any] = {"error": "CUDA is not available"}
-        if torch.cuda.is_available():
-            free, total = torch.cuda.mem_get_info()
-            cuda = {"system": {"free": free, "used": total - free, "total": total},
-                    "active": {"current": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()}}
-        return {"ram": ram, "cuda": cuda}
+        return devices.memory_report()
 
 
 _ADMIN_NAMES = re.compile(r"[^,\s]+")

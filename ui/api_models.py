@@ -51,7 +51,8 @@ class Txt2ImgRequest(_Body):
     send_images: bool = True
     save_images: bool = False
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
-    script_name: str | None = None
+    script_name: str | None = None  # a script (X/Y/Z plot, ...) that makes the images; see /sdapi/v1/scripts
+    script_args: list[Any] = Field(default_factory=list)  # its control values, in order
     infotext: str | None = None  # A1111 >= 1.7: fills the fields the request does not set
 
 

@@ -98,6 +98,7 @@ def launch(settings, server: ServerOptions, config_path: Path | None = None, blo
     api_pairs = parse_auth(server.api_auth) if server.api_auth else []
     check_public(server, pairs, api_pairs)
 
+    from backend.extensions import ExtensionRegistry
     from backend.model_manager import ModelManager
     from ui.options import CONFIG_NAME, load_options
     from backend.styles import StyleDatabase
@@ -108,6 +109,7 @@ def launch(settings, server: ServerOptions, config_path: Path | None = None, blo
     if settings.checkpoint_cache_size == 1 and options.checkpoint_cache != 1:
         settings = settings.with_changes(checkpoint_cache_size=options.checkpoint_cache)
     manager = ModelManager(settings)
+    manager.extensions = ExtensionRegistry(Path(settings.data_dir) / "extensions", set(options.disabled_extensions))
     manager.faces.release_after_use = options.face_restoration_unload
     manager.upscalers.release_after_use = options.upscaler_unload
     manager.upscalers.tile = options.upscaler_tile()
@@ -117,7 +119,7 @@ def launch(settings, server: ServerOptions, config_path: Path | None = None, blo
     except Exception as exc:  # the UI still starts; the top bar shows the error and lets the user pick
         logger.error("No model loaded at start: %s", exc)
     context = UIContext(manager, options, config_path, StyleDatabase(settings.styles_file),
-                        public=server.public)
+                        public=server.public, authenticated=bool(pairs))
     atexit.register(context.device.shutdown)  # never leave the process while the device thread runs torch
     api = None
     if server.api:

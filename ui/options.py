@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field as dataclass_field, fields
 from pathlib import Path
 
 from backend.request import EMPHASIS_MODES
@@ -50,6 +50,8 @@ class Options:
     # Upscaler tiles (A1111's names): input pixels per tile side (0: no tiling) and overlap
     ESRGAN_tile: int = 192
     ESRGAN_tile_overlap: int = 8
+    # Extensions turned off in the Extensions tab (by folder name); applied at the next start
+    disabled_extensions: list = dataclass_field(default_factory=list)
 
     def validate(self) -> None:
         if self.checkpoint_cache < 1:

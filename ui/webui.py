@@ -72,6 +72,7 @@ class UIContext:
     jobs: jobs.JobRegistry = field(default_factory=jobs.JobRegistry)
     device: DeviceQueue = field(default_factory=DeviceQueue)  # shared with the REST API
     public: bool = False  # served beyond this machine: no server-side folder opening
+    authenticated: bool = False  # the UI asks for a login (--gradio-auth)
     _tokenizer: Any = None
 
     @property
@@ -248,6 +249,7 @@ class EaselUI:
                         c["seed_resize_from_h"] = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from height")
                 if mode == "txt2img":
                     self._hires_controls(c)
+                self._extension_panels(c, mode)
                 with gr.Accordion("Wildcards", open=False):
                     c["_wildcards"] = gr.Dataset(
                         components=[gr.Textbox(visible=False), gr.Textbox(visible=False)], headers=["wildcard", "lines"],
@@ -273,6 +275,41 @@ class EaselUI:
         c["_selected"] = gr.State(0)
         c["_last_seed"] = gr.State(-1)
         return c
+
+    def _extension_panels(self, c: dict[str, Any], mode: str) -> None:
+        """Each extension's panel (values reach it as `event.args`, keys `_ext:<name>:<control>`), and
+        the Script dropdown with each script's controls (keys `_ext:<script title>:<control>`)."""
+        registry = self.ctx.manager.extensions
+        for extension in registry.panels(mode):
+            with gr.Accordion(extension.panel.title, open=False, elem_id=f"{mode}_ext_{extension.name}"):
+                self._controls(c, mode, extension.name, extension.panel.controls)
+        scripts = registry.scripts(mode)
+        if not scripts:
+            return
+        c["script_name"] = gr.Dropdown(["None", *(s.title for s in scripts)], value="None", label="Script",
+                                       elem_id=f"{mode}_script")
+        for script in scripts:
+            slug = _slug(script.title)
+            with gr.Accordion(f"{script.title} settings", open=False, elem_id=f"{mode}_script_{slug}"):
+                self._controls(c, mode, script.title, script.controls, slug)
+
+    @staticmethod
+    def _controls(c: dict[str, Any], mode: str, owner: str, controls, slug: str | None = None) -> None:
+        for control in controls:
+            key, elem_id = f"_ext:{owner}:{control.name}", f"{mode}_ext_{slug or owner}_{control.name}"
+            label, default = control.label, control.default
+            if control.kind == "checkbox":
+                c[key] = gr.Checkbox(bool(default), label=label, elem_id=elem_id)
+            elif control.kind == "slider":
+                c[key] = gr.Slider(control.minimum, control.maximum, value=default, step=control.step, label=label,
+                                   elem_id=elem_id)
+            elif control.kind == "number":
+                c[key] = gr.Number(default, label=label, elem_id=elem_id)
+            elif control.kind == "dropdown":
+                c[key] = gr.Dropdown(list(control.choices), value=default, label=label, elem_id=elem_id)
+            else:  # "text", "textarea"
+                c[key] = gr.Textbox(str(default or ""), label=label, lines=6 if control.kind == "textarea" else 1,
+                                    elem_id=elem_id)
 
     def _hires_controls(self, c: dict[str, Any]) -> None:
         upscalers = [*HIRES_LATENT_MODES, *(n for n in self.ctx.manager.upscalers.names if n != "None")]
@@ -393,13 +430,24 @@ class EaselUI:
             face_restorer=options.face_restoration_model,
             codeformer_weight=options.code_former_weight,
             save_before_face_restoration=options.save_images_before_face_restoration,
+            script_args=self._script_args(page, values),
         )
+
+    @staticmethod
+    def _script_args(page: dict[str, Any], values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        script_args: dict[str, dict[str, Any]] = {}
+        for key, component in page.items():
+            if key.startswith("_ext:") and component in values:
+                name, _, control = key[len("_ext:"):].rpartition(":")
+                script_args.setdefault(name, {})[control] = values[component]
+        return script_args
 
     # -- events ------------------------------------------------------------------------------------
     def _wire_generation(self, mode: str, top: dict[str, Any]) -> None:
         c = self.pages[mode]
         ctx = self.ctx
-        inputs = {comp for name, comp in c.items() if not name.startswith("_")} | {c["_styles"]}
+        inputs = {comp for name, comp in c.items() if not name.startswith("_") or name.startswith("_ext:")}
+        inputs |= {c["_styles"]}
         if mode == "img2img":
             inputs |= {c["_mode"], c["_image"], c["_sketch"], c["_inpaint"], c["_upload_image"], c["_upload_mask"]}
         inputs |= set(top.values())
@@ -879,6 +927,64 @@ class EaselUI:
         values["prompt"], values["negative_prompt"] = unwound
         return [str(n) for n in names]
 
+    def _extensions_rows(self) -> list[list[str]]:
+        rows = []
+        disabled = set(self.ctx.options.disabled_extensions)
+        for extension in self.ctx.manager.extensions.extensions:
+            if extension.error:
+                status = f"failed: {extension.error}"
+            elif not extension.enabled:
+                status = "disabled"
+            else:
+                status = "enabled" + (f" (last error: {extension.last_error})" if extension.last_error else "")
+            marker = extension.path.parent / f"{extension.name}.disabled"
+            wanted = extension.name not in disabled and not marker.exists()
+            if wanted != extension.enabled and not extension.error:
+                status += " · restart to apply the change"
+            rows.append([extension.name, status, extension.panel.title if extension.panel else "",
+                         str(extension.path)])
+        return rows
+
+    def _extensions_tab(self) -> None:
+        ctx = self.ctx
+        registry = ctx.manager.extensions
+        names = [e.name for e in registry.extensions]
+        table = gr.Dataframe(self._extensions_rows(), headers=["extension", "status", "panel", "folder"],
+                             interactive=False, elem_id="extensions_table", wrap=True)
+        enabled = gr.CheckboxGroup(names, value=[e.name for e in registry.extensions if e.enabled],
+                                   label="Enabled (takes effect at the next start)", elem_id="extensions_enabled")
+        apply = gr.Button("Apply", elem_id="extensions_apply")
+        with gr.Row():
+            url = gr.Textbox(label="Install from a git URL", placeholder="https://github.com/user/extension.git",
+                             elem_id="extensions_url", scale=4)
+            install_button = gr.Button("Install", elem_id="extensions_install", scale=1)
+        result = gr.HTML(elem_id="extensions_result")
+
+        def apply_enabled(chosen):
+            candidate = replace(ctx.options, disabled_extensions=sorted(set(names) - set(chosen or [])))
+            try:
+                save_options(candidate, ctx.options_path)
+            except (ValueError, OSError) as exc:
+                return gr.skip(), _error_html(f"Not saved: {exc}")
+            ctx.options = candidate
+            for name in chosen or []:  # enabling also removes an extensions/<name>.disabled marker
+                if registry.folder is not None:
+                    (registry.folder / f"{name}.disabled").unlink(missing_ok=True)
+            return self._extensions_rows(), "<div>Saved; restart Easel to load or unload extensions.</div>"
+
+        def install_from(address):
+            from backend.extensions import InstallError, install
+
+            try:
+                path = install(address, registry.folder or Path(ctx.settings.data_dir) / "extensions",
+                               public=ctx.public, authenticated=ctx.authenticated)
+            except InstallError as exc:
+                return _error_html(str(exc))
+            return f"<div>Installed into {html.escape(str(path))}; restart Easel to load it.</div>"
+
+        apply.click(apply_enabled, inputs=enabled, outputs=[table, result], queue=False, api_visibility="private")
+        install_button.click(install_from, inputs=url, outputs=result, api_visibility="private")
+
     def _settings_tab(self) -> None:
         ctx = self.ctx
         o = ctx.options
@@ -956,6 +1062,17 @@ class EaselUI:
                     self._png_info_tab()
                 with gr.Tab("Settings", id="settings"):
                     self._settings_tab()
+                with gr.Tab("Extensions", id="extensions"):
+                    self._extensions_tab()
+                for extension in self.ctx.manager.extensions.active:
+                    for title, build in extension.tabs:
+                        with gr.Tab(title):
+                            try:
+                                build()
+                            except Exception as exc:  # an extension's tab must not take the UI down
+                                logger.error("Extension %s failed to build its tab", extension.name, exc_info=exc)
+                                extension.last_error = f"its tab failed: {exc}"
+                                gr.HTML(_error_html(f"Extension {extension.name} failed to build this tab: {exc}"))
             for mode in ("txt2img", "img2img"):
                 self._wire_generation(mode, top)
                 self._wire_page_helpers(mode)
@@ -979,6 +1096,10 @@ class EaselUI:
         for _ in ("txt2img", "img2img"):
             values += [o.default_sampler, o.default_steps, o.default_cfg_scale, size, size]
         return values
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in text.lower()).strip("-")
 
 
 def _error_html(message: str) -> str:

@@ -1,0 +1,33 @@
+"""A small example extension: a panel with a signature text, written into the infotext of every
+image, and an API route that says hello. Disabled while `extensions/example.disabled` exists: delete
+that file and restart to try it.
+"""
+
+from __future__ import annotations
+
+from backend.extensions import Control
+
+
+def register(easel) -> None:
+    easel.add_panel("Signature", [Control("text", "Signature written into the infotext", "text", "")])
+    easel.on("before_generation", log_request)
+    easel.on("after_image", sign)
+
+    from fastapi import APIRouter
+
+    router = APIRouter()
+
+    @router.get("/hello")
+    def hello() -> dict:
+        return {"hello": easel.name}
+
+    easel.add_routes(router)
+
+
+def log_request(event) -> None:
+    print(f"[example] generating {event.request.batch_count * event.request.batch_size} image(s)")
+
+
+def sign(event) -> None:
+    if event.args["text"]:
+        event.parameters["Signature"] = event.args["text"]

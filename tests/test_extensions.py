@@ -1,0 +1,208 @@
+"""Extensions: loading from extensions/<name>/extension.py, the events and their fields, failures that
+are named and skipped, disabling, panel arguments (UI and API form), and the built-in CFG scripts
+(dynamic thresholding, CFG rescale) measured on the default model."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backend.extensions import ExtensionRegistry
+from backend.generation import generate
+from backend.infotext import parse_infotext
+from backend.model_manager import ModelManager
+from backend.request import GenerationRequest
+from backend.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(prompt="a red star", negative_prompt="blurry", width=64, height=64, steps=3, seed=7,
+             sampler="Euler", save_images=False)
+
+RECORDER = '''
+from backend.extensions import Control
+
+EVENTS = []
+
+
+def register(easel):
+    easel.add_panel("Recorder", [Control("strength", "Strength", "slider", 1.0, 0.0, 4.0, 0.5),
+                                 Control("note", "Note", "text", "")])
+    for event in ("before_generation", "guidance", "step", "after_image"):
+        easel.on(event, lambda payload, event=event: record(event, payload))
+
+
+def record(event, payload):
+    fields = {"event": event, "args": dict(payload.args)}
+    if event == "before_generation":
+        fields["prompt"] = payload.request.prompt
+        payload.request = payload.request.with_changes(prompt=payload.request.prompt + ", recorded")
+    elif event == "guidance":
+        fields.update(step=payload.step, shapes=(tuple(payload.cond.shape), tuple(payload.uncond.shape),
+                      tuple(payload.prediction.shape)), cfg=payload.cfg_scale, kind=payload.prediction_type)
+    elif event == "step":
+        fields.update(step=payload.step, steps=payload.steps, latents=tuple(payload.latents.shape))
+    else:
+        fields.update(size=payload.image.size, seed=payload.seed, index=payload.index)
+        payload.parameters["Recorded"] = payload.args["strength"]
+    EVENTS.append(fields)
+'''
+
+
+def write(folder: Path, name: str, source: str) -> None:
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    (folder / name / "extension.py").write_text(textwrap.dedent(source))
+
+
+@pytest.fixture
+def extensions_dir(tmp_path) -> Path:
+    folder = tmp_path / "extensions"
+    write(folder, "recorder", RECORDER)
+    write(folder, "broken-import", "import no_such_module_here\n")
+    write(folder, "raises", '''
+        def register(easel):
+            easel.on("after_image", explode)
+
+        def explode(event):
+            raise RuntimeError("kaboom")
+        ''')
+    write(folder, "switched-off", "def register(easel):\n    raise AssertionError('must not load')\n")
+    (folder / "switched-off.disabled").write_text("")
+    return folder
+
+
+def test_extensions_load_in_name_order_and_failures_are_named(extensions_dir):
+    registry = ExtensionRegistry(extensions_dir)
+    assert [e.name for e in registry.extensions] == ["broken-import", "raises", "recorder", "switched-off"]
+    broken = registry.extensions[0]
+    assert "ModuleNotFoundError" in broken.error and "no_such_module_here" in broken.error
+    assert [e.name for e in registry.active] == ["raises", "recorder"]
+    assert registry.extensions[3].enabled is False and registry.extensions[3].error is None
+    assert [e.name for e in ExtensionRegistry(extensions_dir, {"recorder"}).active] == ["raises"]
+
+
+def test_events_arrive_in_order_with_their_fields_and_changes_apply(sd1_manager, extensions_dir):
+    sd1_manager.extensions = ExtensionRegistry(extensions_dir)
+    events = __import__("easel_extensions.recorder", fromlist=["EVENTS"]).EVENTS
+    events.clear()
+    result = generate(sd1_manager, GenerationRequest(**SMALL, batch_size=2,
+                                                     script_args={"Recorder": {"args": [2.5, "hi"]}}))
+    assert [e["event"] for e in events] == (["before_generation"] + ["guidance", "step"] * 3 + ["after_image"] * 2)
+    assert events[0]["prompt"] == "a red star" and events[0]["args"] == {"strength": 2.5, "note": "hi"}
+    guidance, step = events[1], events[2]
+    assert guidance["shapes"] == ((2, 4, 32, 32),) * 3 and guidance["cfg"] == 7.0 and guidance["step"] == 0
+    assert guidance["kind"] == "epsilon"
+    assert step == {"event": "step", "args": {"strength": 2.5, "note": "hi"}, "step": 1, "steps": 3,
+                    "latents": (2, 4, 32, 32)}
+    assert [(e["size"], e["seed"], e["index"]) for e in events[-2:]] == [((64, 64), 7, 0), ((64, 64), 8, 1)]
+    params = parse_infotext(result.images[0].infotext)
+    assert params["Prompt"] == "a red star, recorded" and params["Recorded"] == "2.5"
+    # the extension that raises is named, and the images are still made
+    assert len(result.images) == 2
+    assert any("extension raises failed in after_image (RuntimeError: kaboom); skipped" in w for w in result.warnings)
+
+
+def test_panel_defaults_apply_without_arguments(sd1_manager, extensions_dir):
+    sd1_manager.extensions = ExtensionRegistry(extensions_dir)
+    result = generate(sd1_manager, GenerationRequest(**SMALL))
+    assert parse_infotext(result.images[0].infotext)["Recorded"] == "1"
+
+
+def test_a_step_callback_can_stop_sampling_and_change_latents(sd1_manager, tmp_path):
+    write(tmp_path / "ext", "stopper", '''
+        CALLS = []
+
+        def register(easel):
+            easel.on("step", stop_at_two)
+
+        def stop_at_two(event):
+            CALLS.append(event.step)
+            event.latents = event.latents * 0
+            event.stop = event.step == 2
+        ''')
+    sd1_manager.extensions = ExtensionRegistry(tmp_path / "ext")
+    result = generate(sd1_manager, GenerationRequest(**{**SMALL, "steps": 5}))
+    calls = __import__("easel_extensions.stopper", fromlist=["CALLS"]).CALLS
+    assert calls == [1, 2]
+    pixels = np.asarray(result.images[0].image, dtype=np.int16)
+    zero = generate(ModelManager(sd1_manager.settings), GenerationRequest(**{**SMALL, "steps": 5}))
+    assert np.abs(pixels - np.asarray(zero.images[0].image, dtype=np.int16)).max() > 0
+
+
+# -- the built-in scripts on the default model ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def default_manager(tmp_path_factory, tokenizer_cache) -> ModelManager:
+    import shutil
+
+    data = tmp_path_factory.mktemp("ext-data")
+    shutil.copytree(tokenizer_cache, data / "cache", dirs_exist_ok=True)
+    settings = Settings(data_dir=data, ckpt_dir=ROOT / "models" / "Stable-diffusion", default_checkpoint="easel-shapes")
+    manager = ModelManager(settings)
+    manager.extensions = ExtensionRegistry(ROOT / "extensions")
+    return manager
+
+
+def saturated(result) -> float:
+    values = np.concatenate([np.asarray(i.image).reshape(-1) for i in result.images])
+    return float(((values <= 3) | (values >= 252)).mean())
+
+
+HIGH_CFG = dict(prompt="a large red star on a blue background, center", width=64, height=64, steps=20,
+                cfg_scale=20.0, seed=11, batch_size=4, save_images=False)
+
+
+def test_shipped_extensions_load_and_the_example_is_off(default_manager):
+    registry = default_manager.extensions
+    assert {"cfg-rescale", "dynamic-thresholding"} <= {e.name for e in registry.active}
+    example = next(e for e in registry.extensions if e.name == "example")
+    assert example.enabled is False
+
+
+def test_dynamic_thresholding_reduces_saturation_at_cfg_20_and_is_a_no_op_when_off(default_manager):
+    plain = generate(default_manager, GenerationRequest(**HIGH_CFG))
+    off = generate(default_manager, GenerationRequest(**HIGH_CFG, script_args={
+        "dynamic-thresholding": {"enabled": False, "mimic_scale": 7}}))
+    on = generate(default_manager, GenerationRequest(**HIGH_CFG, script_args={
+        "Dynamic thresholding (CFG scale fix)": {"args": [True, 7.0, 0.995]}}))
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(plain.images, off.images))
+    print(f"saturated pixels at CFG 20: {saturated(plain):.3f} plain, {saturated(on):.3f} with dynamic thresholding")
+    assert saturated(on) < 0.7 * saturated(plain), (saturated(on), saturated(plain))
+    params = parse_infotext(on.images[0].infotext)
+    assert params["Dynamic thresholding mimic scale"] == "7" and params["Dynamic thresholding percentile"] == "0.995"
+    assert "Dynamic thresholding mimic scale" not in parse_infotext(plain.images[0].infotext)
+
+
+def test_cfg_rescale_is_recorded_and_changes_the_image(default_manager):
+    plain = generate(default_manager, GenerationRequest(**{**HIGH_CFG, "batch_size": 1}))
+    zero = generate(default_manager, GenerationRequest(**{**HIGH_CFG, "batch_size": 1},
+                                                       script_args={"CFG rescale": {"phi": 0.0}}))
+    rescaled = generate(default_manager, GenerationRequest(**{**HIGH_CFG, "batch_size": 1},
+                                                           script_args={"cfg-rescale": {"args": [0.7]}}))
+    assert np.array_equal(np.asarray(plain.images[0].image), np.asarray(zero.images[0].image))
+    assert np.abs(np.asarray(plain.images[0].image, dtype=np.int16)
+                  - np.asarray(rescaled.images[0].image, dtype=np.int16)).max() > 10
+    assert parse_infotext(rescaled.images[0].infotext)["CFG Rescale phi"] == "0.7"
+
+
+def test_install_clones_a_git_repository_and_is_refused_on_a_public_server_without_login(tmp_path):
+    import subprocess
+
+    from backend.extensions import InstallError, install
+
+    source = tmp_path / "src" / "my-extension"
+    write(tmp_path / "src", "my-extension", "def register(easel):\n    pass\n")
+    for command in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "x"]):
+        subprocess.run(["git", *command], cwd=source, check=True)
+    folder = tmp_path / "extensions"
+    with pytest.raises(InstallError, match="refused on a public server without a login"):
+        install(f"file://{source}", folder, public=True, authenticated=False)
+    assert not folder.exists()
+    path = install(f"file://{source}", folder, public=True, authenticated=True)
+    assert (path / "extension.py").is_file() and path.name == "my-extension"
+    assert [e.name for e in ExtensionRegistry(folder).active] == ["my-extension"]
+    with pytest.raises(InstallError, match="already exists"):
+        install(f"file://{source}", folder, public=False, authenticated=False)
+    with pytest.raises(InstallError, match="git clone .* failed"):
+        install(f"file://{tmp_path}/nothing-here.git", folder, public=False, authenticated=False)

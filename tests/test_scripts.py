@@ -1,0 +1,130 @@
+"""The built-in scripts written on the extension API, on the shipped default model: X/Y/Z plot (grid size,
+labels, cells and their infotexts, checkpoints loaded once, interrupt) and prompts from file."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backend.extensions import ExtensionRegistry
+from backend.generation import generate
+from backend.infotext import parse_infotext
+from backend.model_manager import ModelManager
+from backend.progress import JobControl
+from backend.request import GenerationRequest, RequestError
+from backend.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = dict(prompt="a large red star on a blue background, center", width=64, height=64, steps=6, seed=21,
+            save_images=False)
+XYZ = "X/Y/Z plot"
+
+
+@pytest.fixture(scope="module")
+def manager(tmp_path_factory, tokenizer_cache) -> ModelManager:
+    data = tmp_path_factory.mktemp("scripts-data")
+    ckpt = data / "models" / "Stable-diffusion"
+    ckpt.mkdir(parents=True)
+    model = ROOT / "models" / "Stable-diffusion" / "easel-shapes.safetensors"
+    shutil.copy(model, ckpt / model.name)
+    shutil.copy(model, ckpt / "second-copy.safetensors")
+    shutil.copytree(tokenizer_cache, data / "cache", dirs_exist_ok=True)
+    manager = ModelManager(Settings(data_dir=data, default_checkpoint="easel-shapes"))
+    manager.extensions = ExtensionRegistry(ROOT / "extensions")
+    return manager
+
+
+def xyz(manager, control=None, **args):
+    request = GenerationRequest(**BASE, script_name=XYZ, script_args={XYZ: args})
+    return generate(manager, request, control)
+
+
+def differing_keys(a: str, b: str) -> set[str]:
+    pa, pb = parse_infotext(a), parse_infotext(b)
+    return {k for k in pa.keys() | pb.keys() if pa.get(k) != pb.get(k)}
+
+
+def test_xyz_plot_makes_a_labelled_2x3_grid_and_six_cells_that_differ_only_in_the_swept_fields(manager):
+    result = xyz(manager, x_type="Steps", x_values="4, 8", y_type="CFG Scale", y_values="3-9 (+3)")
+    grid, *cells = result.images
+    assert len(cells) == 6
+    assert grid.image.width > 2 * 64 and grid.image.height > 3 * 64  # the cells plus the legend
+    left, top = grid.image.width - 2 * 64, grid.image.height - 3 * 64
+    assert 20 < left < 200 and 10 < top < 60
+    legend = np.asarray(grid.image.convert("L"))[:top, left:]
+    assert (legend < 128).any() and (legend > 250).mean() > 0.5  # dark label text on white
+    # each cell sits in the grid where its values put it
+    for cell in cells:
+        params = parse_infotext(cell.infotext)
+        ix, iy = ["4", "8"].index(params["Steps"]), ["3", "6", "9"].index(params["CFG scale"])
+        box = (left + ix * 64, top + iy * 64, left + ix * 64 + 64, top + iy * 64 + 64)
+        assert np.array_equal(np.asarray(grid.image.crop(box)), np.asarray(cell.image.convert("RGB")))
+    for other in cells[1:]:
+        assert differing_keys(cells[0].infotext, other.infotext) <= {"Steps", "CFG scale"}
+    assert result.notes == ["X/Y/Z plot: 6 of 6 cells"]
+
+
+def test_a_checkpoint_axis_loads_each_checkpoint_once(manager):
+    manager.select("easel-shapes")
+    before = manager.load_count
+    request = GenerationRequest(**BASE, checkpoint="easel-shapes.safetensors", script_name=XYZ, script_args={XYZ: {
+        "x_type": "Seed", "x_values": "1, 2, 3", "y_type": "Checkpoint name", "y_values": "second-copy, easel-shapes"}})
+    result = generate(manager, request)
+    models = [parse_infotext(c.infotext)["Model"] for c in result.images[1:]]
+    assert models == ["easel-shapes"] * 3 + ["second-copy"] * 3  # grouped by checkpoint
+    assert manager.load_count - before == 1  # the current model first, then second-copy, loaded once
+    grid = result.images[0].image
+    assert grid.size[1] > 2 * 64 and grid.size[0] > 3 * 64  # rows in the order the axis gave them
+
+
+def test_prompt_search_replace_and_lora_weight_axes(manager):
+    result = xyz(manager, x_type="Prompt S/R", x_values="red, green", y_type="Nothing", include_cells=True)
+    prompts = [parse_infotext(c.infotext)["Prompt"] for c in result.images[1:]]
+    assert prompts == [BASE["prompt"], BASE["prompt"].replace("red", "green")]
+    with pytest.raises(RequestError, match="'purple' .* is not in the prompt"):
+        xyz(manager, x_type="Prompt S/R", x_values="purple, green")
+    lora = GenerationRequest(**{**BASE, "prompt": BASE["prompt"] + " <lora:easel-outlined:1>"}, script_name=XYZ,
+                             script_args={XYZ: {"x_type": "LoRA weight", "x_values": "0, 0.8"}})
+    cells = generate(manager, lora).images[1:]
+    assert [parse_infotext(c.infotext)["Prompt"].split("<lora:")[1] for c in cells] == ["easel-outlined:0>",
+                                                                                      "easel-outlined:0.8>"]
+
+
+def test_bad_axis_values_fail_before_any_generation(manager):
+    events = []
+    with pytest.raises(RequestError, match="'fast' is not a valid Steps value"):
+        xyz(manager, JobControl(on_progress=events.append), x_type="Steps", x_values="4, fast")
+    assert events == []
+
+
+def test_xyz_plot_is_interruptible_between_cells(manager):
+    control = JobControl()
+    control.on_progress = lambda p: control.interrupt() if p.step == 6 else None
+    result = xyz(manager, control, x_type="Seed", x_values="1-4")
+    assert result.interrupted and result.notes == ["X/Y/Z plot: 1 of 4 cells"]
+
+
+def test_prompts_from_file_runs_each_line_with_its_options(manager):
+    lines = "\n".join(["a small blue circle on a white background, top left",
+                       '--prompt "a large green square on a black background" --steps 4 --cfg_scale 5 --seed 9',
+                       "", "a large yellow cross on a purple background, center"])
+    request = GenerationRequest(**BASE, script_name="Prompts from file or textbox",
+                                script_args={"prompts-from-file": {"prompts": lines, "iterate_seed": True}})
+    result = generate(manager, request)
+    params = [parse_infotext(i.infotext) for i in result.images]
+    assert [p["Prompt"] for p in params] == ["a small blue circle on a white background, top left",
+                                            "a large green square on a black background",
+                                            "a large yellow cross on a purple background, center"]
+    assert [p["Seed"] for p in params] == ["21", "9", "23"]  # iterated per line; the option wins on line 2
+    assert params[1]["Steps"] == "4" and params[1]["CFG scale"] == "5" and params[0]["Steps"] == "6"
+    bad = request.with_changes(script_args={"prompts-from-file": {"prompts": "--stepz 4"}})
+    with pytest.raises(RequestError, match="line 1: unknown option '--stepz'"):
+        generate(manager, bad)
+
+
+def test_an_unknown_script_names_the_installed_ones(manager):
+    with pytest.raises(RequestError, match="script 'Loopback' not found; scripts: .*X/Y/Z plot"):
+        generate(manager, GenerationRequest(**BASE, script_name="Loopback"))
