@@ -206,3 +206,35 @@ def test_install_clones_a_git_repository_and_is_refused_on_a_public_server_witho
         install(f"file://{source}", folder, public=False, authenticated=False)
     with pytest.raises(InstallError, match="git clone .* failed"):
         install(f"file://{tmp_path}/nothing-here.git", folder, public=False, authenticated=False)
+
+
+def test_extension_routes_are_served_under_their_prefix_behind_the_api_auth(sd1_manager, tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from backend.styles import StyleDatabase
+    from ui.api import ApiAccess, EaselApi
+    from ui.options import Options
+    from ui.webui import UIContext
+
+    write(tmp_path / "ext", "greeter", '''
+        from fastapi import APIRouter
+
+        def register(easel):
+            router = APIRouter()
+
+            @router.get("/hello")
+            def hello(name: str = "world"):
+                return {"hello": name, "from": easel.name}
+
+            easel.add_routes(router)
+        ''')
+    sd1_manager.extensions = ExtensionRegistry(tmp_path / "ext")
+    context = UIContext(sd1_manager, Options(), tmp_path / "config.json", StyleDatabase(tmp_path / "styles.csv"))
+    app = FastAPI()
+    EaselApi(context, ApiAccess.from_pairs([("ann", "pw")])).mount(app)
+    client = TestClient(app)
+    assert client.get("/easel/v1/ext/greeter/hello", params={"name": "ann"}, auth=("ann", "pw")).json() == \
+        {"hello": "ann", "from": "greeter"}
+    assert client.get("/easel/v1/ext/greeter/hello").status_code == 401
+    context.device.shutdown()
