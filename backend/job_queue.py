@@ -118,9 +118,10 @@ class DeviceQueue:
         with self._condition:
             return self._jobs.get(job_id)
 
-    def jobs_of(self, owner: str) -> list[Job]:
+    def jobs_of(self, owner: str | None = None) -> list[Job]:
+        """The jobs still known (waiting, running, recently finished), of one owner or of everyone."""
         with self._condition:
-            return [job for job in self._jobs.values() if job.owner == owner]
+            return [job for job in self._jobs.values() if owner is None or job.owner == owner]
 
     @property
     def current(self) -> Job | None:

@@ -276,6 +276,9 @@ def test_jobs_submit_poll_result_and_only_the_owner_or_an_admin_cancels(server):
     alone = post(server, "/sdapi/v1/txt2img", {"prompt": "a small red star", **SMALL, "seed": 9}).json()
     assert np.array_equal(pixels(decoded(result["images"][0])), pixels(decoded(alone["images"][0])))
     assert get(server, f"/easel/v1/jobs/{long.json()['id']}").json()["status"] == "done"  # interrupted, kept
+    bobs = {job["id"] for job in get(server, "/easel/v1/jobs", user="bob").json()}
+    everyone = {job["id"] for job in get(server, "/easel/v1/jobs", user="root").json()}
+    assert third["id"] in bobs and waiting["id"] not in bobs and {third["id"], waiting["id"]} <= everyone
 
 
 @pytest.mark.parametrize("auth", [None, ("alice", "wrong"), ("mallory", "wonderland")])

@@ -595,8 +595,7 @@ class EaselApi:
 
         @r.get("/easel/v1/jobs", response_model=list[m.JobStatus], tags=["jobs"])
         def list_jobs(caller: Caller = Depends(self.caller)):
-            device = ctx.device
-            jobs = list(device._jobs.values()) if caller.admin else device.jobs_of(caller.name)
+            jobs = ctx.device.jobs_of(None if caller.admin else caller.name)
             return [self.job_status(job) for job in jobs]
 
         @r.get("/easel/v1/jobs/{job_id}", response_model=m.JobStatus, tags=["jobs"])
