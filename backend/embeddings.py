@@ -138,6 +138,7 @@ class EmbeddingLibrary:
         self._loaded: dict[Path, tuple[tuple, Embedding]] = {}
         self.errors: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._last_set: tuple[tuple, EmbeddingSet] | None = None  # (encoder widths and files, their set)
         self.refresh()
 
     def refresh(self) -> None:
@@ -165,9 +166,27 @@ class EmbeddingLibrary:
         return embedding
 
     def for_model(self, model) -> EmbeddingSet:
-        """Rescans the folder first (files are small; new ones work at once, as in A1111)."""
+        """Rescans the folder first (new files work at once, as in A1111); the set is rebuilt only when a
+        file or the model changed (the token counter asks on every keystroke)."""
         self.refresh()
         widths = [encoder.get_input_embeddings().embedding_dim for encoder in model.text_encoders]
+        signature = (tuple(widths), tuple(self._stamp(f) for f in self._files))  # what the set depends on
+        last = self._last_set
+        if last is not None and last[0] == signature:
+            return last[1]
+        found = self._build(widths)
+        self._last_set = (signature, found)
+        return found
+
+    @staticmethod
+    def _stamp(file: ModelFile) -> tuple:
+        try:
+            stat = file.path.stat()
+        except OSError:
+            return (str(file.path), None, None)
+        return (str(file.path), stat.st_size, stat.st_mtime_ns)
+
+    def _build(self, widths: list[int]) -> EmbeddingSet:
         fitting: dict[str, Embedding] = {}
         parts: dict[str, list[torch.Tensor]] = {}
         skipped = []

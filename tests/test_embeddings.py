@@ -118,3 +118,18 @@ def test_sdxl_embeddings_with_clip_l_and_clip_g(settings, model_files):
     # The SD 1.x embedding's name stays plain text on SDXL.
     assert torch.equal(conditioning.encode_prompt(model, "a sd1only", embeddings=embeddings).context,
                        conditioning.encode_prompt(model, "a sd1only").context)
+
+
+def test_the_embedding_set_is_reused_until_a_file_changes(sd1_manager):
+    library, model = sd1_manager.embeddings, sd1_manager.activate()
+    folder = library.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    width = model.text_encoders[0].get_input_embeddings().embedding_dim
+    torch.save({"string_to_param": {"*": torch.ones(2, width)}}, folder / "twovec.pt")
+    first = library.for_model(model)
+    assert library.for_model(model) is first and "twovec" in first.embeddings
+    torch.save({"string_to_param": {"*": torch.ones(3, width)}}, folder / "threevec.pt")
+    second = library.for_model(model)
+    assert second is not first and {"twovec", "threevec"} <= set(second.embeddings)
+    (folder / "twovec.pt").unlink()
+    assert "twovec" not in library.for_model(model).embeddings
