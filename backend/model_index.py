@@ -90,6 +90,19 @@ class HashCache:
             self._save()
         return value
 
+    def cached(self, path: Path, addnet: bool = False) -> str | None:
+        """The sha256 if it was computed for this version of the file, else None (never reads the file)."""
+        path = Path(path).resolve()
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        with self._lock:
+            entry = self._load().get(("addnet:" if addnet else "") + str(path))
+        if entry and entry["size"] == stat.st_size and entry["mtime"] == stat.st_mtime:
+            return entry["sha256"]
+        return None
+
     def short_hash(self, path: Path) -> str:
         """A1111's "Model hash": the first 10 hex digits of the file's sha256."""
         return self.sha256(path)[:10]
@@ -180,8 +193,10 @@ class ModelIndex:
                 return ModelFile(path.stem, path)
         return None
 
-    def title(self, file: ModelFile) -> str:
-        """A1111's checkpoint title: "name.safetensors [shorthash]"."""
+    def title(self, file: ModelFile, compute: bool = True) -> str:
+        """A1111's checkpoint title: "name.safetensors [shorthash]". Without `compute`, a file whose hash
+        was never computed is titled "name.safetensors" (as A1111 lists it until it hashes the file)."""
         if file.is_diffusers_folder:
             return file.name
-        return f"{file.name}{file.path.suffix} [{self.hashes.short_hash(file.path)}]"
+        sha = self.hashes.sha256(file.path) if compute else self.hashes.cached(file.path)
+        return f"{file.name}{file.path.suffix}" + (f" [{sha[:10]}]" if sha else "")

@@ -115,11 +115,10 @@ def test_webuiapi_img2img_with_a_mask_repaints_only_the_masked_area(client):
 def test_webuiapi_lists_models_and_loras_and_switches_the_model_through_options(client):
     titles = client.util_get_model_names()
     assert any(t.startswith("easel-shapes.safetensors [") for t in titles)
-    assert any(t.startswith("second-copy.safetensors [") for t in titles)
+    assert "second-copy.safetensors" in titles  # not hashed yet: titled without a hash, as A1111 does
     assert [lora["name"] for lora in client.get_loras()] == ["easel-outlined"]
     assert "DPM++ 2M" in client.util_get_sampler_names() and "karras" in client.util_get_scheduler_names()
-    second = next(t for t in titles if t.startswith("second-copy"))
-    client.util_set_model(second, find_closest=False)
+    client.util_set_model("second-copy.safetensors", find_closest=False)
     try:
         assert client.util_get_current_model().startswith("second-copy.safetensors [")
         result = client.txt2img(prompt="a small green square", width=64, height=64, seed=1)

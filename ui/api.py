@@ -497,11 +497,14 @@ class EaselApi:
 
         @r.get("/sdapi/v1/sd-models", tags=["models"])
         def sd_models():
-            index = ctx.manager.index
-            return [{"title": index.title(f), "model_name": f.name, "hash": index.title(f).rpartition("[")[2][:-1]
-                     if not f.is_diffusers_folder else None,
-                     "sha256": None if f.is_diffusers_folder else index.hashes.sha256(f.path),
-                     "filename": str(f.path), "config": None} for f in index.checkpoints]
+            # Hashes already known only: hashing every file of a large collection would take minutes.
+            index, listed = ctx.manager.index, []
+            for f in index.checkpoints:
+                sha = None if f.is_diffusers_folder else index.hashes.cached(f.path)
+                listed.append({"title": index.title(f, compute=False), "model_name": f.name,
+                               "hash": sha[:10] if sha else None, "sha256": sha, "filename": str(f.path),
+                               "config": None})
+            return listed
 
         @r.get("/sdapi/v1/sd-vae", tags=["models"])
         def sd_vae():
