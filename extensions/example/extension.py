@@ -5,7 +5,11 @@ that file and restart to try it.
 
 from __future__ import annotations
 
+import logging
+
 from backend.extensions import Control
+
+logger = logging.getLogger(__name__)
 
 
 def register(easel) -> None:
@@ -25,7 +29,7 @@ def register(easel) -> None:
 
 
 def log_request(event) -> None:
-    print(f"[example] generating {event.request.batch_count * event.request.batch_size} image(s)")
+    logger.info("generating %d image(s)", event.request.batch_count * event.request.batch_size)
 
 
 def sign(event) -> None:
