@@ -93,9 +93,9 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
                     init_latents[i : i + 1], start_noise[i : i + 1], timesteps[step + 1 : step + 2]))
                 latents = known * (1 - mask) + latents * mask
             _report(model, control, outputs[0], latents, step, len(timesteps), batch, inputs)
-            if stepped and _step_event(inputs, step, len(timesteps), t, latents, box := {}):
-                latents = box["latents"]
-                if box["stop"]:
+            if stepped:
+                latents, stop = _step_event(inputs, step, len(timesteps), t, latents)
+                if stop:
                     break
     if blend:
         latents = init_latents * (1 - mask) + latents * mask
@@ -217,9 +217,9 @@ class _BatchGuidance:
         return out
 
 
-def _step_event(inputs: BatchInputs, step: int, steps: int, t, latents, box: dict) -> bool:
-    """Extensions' `step` callbacks; fills `box` with the (maybe replaced) latents and the stop flag."""
-    box.update(latents=latents, stop=False)
+def _step_event(inputs: BatchInputs, step: int, steps: int, t, latents) -> tuple[torch.Tensor, bool]:
+    """Extensions' `step` callbacks: the (maybe replaced) latents, and whether one asked to stop."""
+    box = {"latents": latents, "stop": False}
 
     def make(extension):
         return Step(step + 1, steps, float(t), box["latents"], inputs.run,
@@ -230,7 +230,7 @@ def _step_event(inputs: BatchInputs, step: int, steps: int, t, latents, box: dic
         box["stop"] = box["stop"] or event.stop
 
     inputs.extensions.emit("step", make, inputs.warnings, after)
-    return True
+    return box["latents"], box["stop"]
 
 
 def _guidance_hook(inputs: BatchInputs, scheduler, steps: int):

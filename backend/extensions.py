@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
+import subprocess
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -104,6 +106,25 @@ class Panel:
     modes: tuple[str, ...] = ("txt2img", "img2img")
 
 
+def control_values(controls: tuple[Control, ...], values: Any) -> dict[str, Any]:
+    """Control values from a request: a dict by control name, or A1111's positional `args` list (or a
+    dict holding one); missing ones take their defaults. Without controls, a dict passes through."""
+    defaults = {c.name: c.default for c in controls}
+    if isinstance(values, dict) and isinstance(values.get("args"), (list, tuple)):
+        values = values["args"]
+    if isinstance(values, (list, tuple)):
+        values = dict(zip(defaults, values))
+    if not isinstance(values, dict):
+        values = {}
+    return {**defaults, **{k: v for k, v in values.items() if k in defaults or not defaults}}
+
+
+def _values_for(names: tuple[str, ...], script_args: dict[str, Any] | None) -> Any:
+    """The entry of `script_args` keyed by any of `names` (case-insensitive), else {}."""
+    wanted = {name.lower() for name in names if name}
+    return next((values for key, values in (script_args or {}).items() if key.lower() in wanted), {})
+
+
 @dataclass
 class ScriptRun:
     """What a script's `run` receives: it makes the job's images itself (A1111's "Script" dropdown)."""
@@ -123,8 +144,9 @@ class Script:
     modes: tuple[str, ...] = ("txt2img", "img2img")
     extension: str = ""
 
-    def args_from(self, values: Any) -> dict[str, Any]:
-        return Extension(self.extension, Path("."), panel=Panel(self.title, self.controls)).args_from(values)
+    def args(self, script_args: dict[str, Any]) -> dict[str, Any]:
+        """This script's values in a request's `script_args` (keyed by its title or extension name)."""
+        return control_values(self.controls, _values_for((self.title, self.extension), script_args))
 
 
 # -- extensions ----------------------------------------------------------------------------------------
@@ -141,17 +163,6 @@ class Extension:
     scripts: list[Script] = field(default_factory=list)
     routes: Any = None  # a fastapi.APIRouter
 
-    def args_from(self, values: Any) -> dict[str, Any]:
-        """Panel values from a request: a dict by control name, or A1111's positional `args` list."""
-        defaults = {c.name: c.default for c in self.panel.controls} if self.panel else {}
-        if isinstance(values, dict) and "args" in values and isinstance(values["args"], (list, tuple)):
-            values = values["args"]
-        if isinstance(values, (list, tuple)):
-            names = [c.name for c in self.panel.controls] if self.panel else []
-            values = dict(zip(names, values))
-        if not isinstance(values, dict):
-            values = {}
-        return {**defaults, **{k: v for k, v in values.items() if k in defaults or not defaults}}
 
 
 class ExtensionApi:
@@ -227,13 +238,6 @@ class ExtensionRegistry:
     def active(self) -> list[Extension]:
         return [e for e in self.extensions if e.enabled and e.error is None]
 
-    def find(self, name: str) -> Extension | None:
-        for extension in self.active:
-            if extension.name.lower() == name.lower() or (extension.panel and
-                                                         extension.panel.title.lower() == name.lower()):
-                return extension
-        return None
-
     def scripts(self, mode: str | None = None) -> list[Script]:
         return [s for e in self.active for s in e.scripts if mode is None or mode in s.modes]
 
@@ -245,10 +249,6 @@ class ExtensionRegistry:
 
     def panels(self, mode: str) -> list[Extension]:
         return [e for e in self.active if e.panel is not None and mode in e.panel.modes]
-
-    def set_enabled(self, name: str, enabled: bool) -> None:
-        """Takes effect at the next load (a restart), as A1111's checkboxes do."""
-        (self.disabled.discard if enabled else self.disabled.add)(name)
 
     # -- running ------------------------------------------------------------------------------------
     def has(self, event: str) -> bool:
@@ -275,10 +275,10 @@ class ExtensionRegistry:
                     after(payload)
 
     def args(self, extension: Extension, script_args: dict[str, Any]) -> dict[str, Any]:
-        for key, values in (script_args or {}).items():
-            if key.lower() in (extension.name.lower(), (extension.panel.title.lower() if extension.panel else "")):
-                return extension.args_from(values)
-        return extension.args_from({})
+        """An extension's panel values in a request's `script_args` (keyed by its name or panel title)."""
+        panel = extension.panel
+        values = _values_for((extension.name, panel.title if panel else ""), script_args)
+        return control_values(panel.controls if panel else (), values)
 
 
 def _identifier(name: str) -> str:
@@ -304,9 +304,6 @@ class InstallError(RuntimeError):
 def install(url: str, folder: Path, public: bool, authenticated: bool, timeout: float = 120.0) -> Path:
     """`git clone` an extension into `folder`. Refused on a public server without a login (anyone
     could run code on it; A1111 refuses too); needs the network unless the URL is local."""
-    import re
-    import subprocess
-
     if public and not authenticated:
         raise InstallError("installing extensions is refused on a public server without a login: add "
                            "--gradio-auth, or install by cloning into extensions/ on the machine")

@@ -63,6 +63,10 @@ class Restoration:
     faces: int
     detector: str
 
+    def found(self) -> str:
+        """For the status line: "1 face found by OpenCV Haar cascades"."""
+        return f"{self.faces} face{'s' * (self.faces != 1)} found by {self.detector}"
+
 
 # -- detection --------------------------------------------------------------------------------------
 class HaarDetector:
@@ -203,10 +207,6 @@ class FaceRestorers:
         self._lock = threading.Lock()
         self.loads = 0
 
-    @property
-    def names(self) -> list[str]:
-        return list(RESTORERS)
-
     def find(self, name: str) -> str:
         for known in RESTORERS:
             if name.lower() == known.lower():
@@ -282,8 +282,8 @@ class FaceRestorers:
                 matrix = alignment(face.landmarks)
                 restored = self._run(descriptor, crop_face(rgb, matrix), codeformer_weight)
                 canvas = paste_face(canvas, restored, matrix)
-            if self.release_after_use:
-                self._loaded.clear()
+        if self.release_after_use:
+            self.release()
         result = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8))
         if visibility < 1:
             result = Image.blend(source, result, visibility)

@@ -90,7 +90,7 @@ def generate(
                 # 6. Hires fix: upscale the latents, then a second pass at the large size
                 if hires_plan is not None:
                     hires_conds = prompts.conditioning_for_batch(
-                        [prompts.hires_texts(p, t) for p, t in zip(positions, texts)], hires_plan.steps(run))
+                        [prompts.hires_texts(p, t) for p, t in zip(positions, texts)], hires.second_pass_steps(run))
                     large = hires.second_pass(model, run, hires_plan.sampler, schedule, hires_conds, seeds, latents,
                                               hires_plan.size, manager.upscalers, control, batch,
                                               extensions, result.warnings)
@@ -149,10 +149,6 @@ class _HiresPlan:
             sampler = samplers.resolve(request.hr_sampler, request.schedule_type)[0]
         return cls(upscaler, sampler)
 
-    @staticmethod
-    def steps(run: GenerationRequest) -> int:
-        return run.hr_second_pass_steps or run.steps
-
     def infotext(self, run: GenerationRequest, first_sampler: samplers.Sampler) -> dict:
         return hires.infotext(run, self.upscaler, self.sampler.name, first_sampler.name)
 
@@ -164,8 +160,6 @@ def _run_script(manager: ModelManager, request: GenerationRequest, control: JobC
         names = ", ".join(s.title for s in manager.extensions.scripts()) or "none installed"
         raise RequestError(f"script '{request.script_name}' not found; scripts: {names}")
     plain = request.with_changes(script_name=None)
-    values = next((v for k, v in request.script_args.items() if k.lower() in (script.title.lower(),
-                                                                               script.extension.lower())), {})
     result = GenerationResult(request=plain)
 
     def run_one(changed: GenerationRequest) -> GenerationResult:
@@ -173,7 +167,7 @@ def _run_script(manager: ModelManager, request: GenerationRequest, control: JobC
         result.warnings.extend(w for w in one.warnings if w not in result.warnings)
         return one
 
-    script.run(ScriptRun(plain, script.args_from(values), run_one, control, result))
+    script.run(ScriptRun(plain, script.args(request.script_args), run_one, control, result))
     result.interrupted = control.interrupted
     return result
 
@@ -216,8 +210,7 @@ def _face_restorer(manager: ModelManager, request: GenerationRequest) -> str | N
 def _restore_faces(manager, run, name: str, image, control: JobControl, extra: dict, result: GenerationResult):
     restoration = manager.faces.restore(image, name, run.face_visibility, run.codeformer_weight,
                                         should_stop=lambda: control.interrupted)
-    note = (f"Face restoration ({name}): {restoration.faces} face{'s' * (restoration.faces != 1)} found by "
-            f"{restoration.detector}")
+    note = f"Face restoration ({name}): {restoration.found()}"
     if note not in result.notes:
         result.notes.append(note)
     extra["Face restoration"] = name
@@ -254,16 +247,17 @@ class _PromptTexts:
         self._encoded: dict[tuple, conditioning.Conditioning] = {}
 
     def texts(self, position: int) -> tuple[str, str]:
-        run = self.run
-        seed = run.seed if run.same_wildcards else _seeds(run, position)[0]
-        return self._expand(run.prompt, seed), self._expand(run.negative_prompt, seed)
+        seed = self._wildcard_seed(position)
+        return self._expand(self.run.prompt, seed), self._expand(self.run.negative_prompt, seed)
 
     def hires_texts(self, position: int, texts: tuple[str, str]) -> tuple[str, str]:
         """The hires pass's prompts: its own (wildcards expanded with the image's seed) or the first pass's."""
-        run = self.run
-        seed = run.seed if run.same_wildcards else _seeds(run, position)[0]
+        run, seed = self.run, self._wildcard_seed(position)
         own = [self._expand(text, seed) if text else None for text in (run.hr_prompt, run.hr_negative_prompt)]
         return own[0] or texts[0], own[1] or texts[1]
+
+    def _wildcard_seed(self, position: int) -> int:
+        return self.run.seed if self.run.same_wildcards else _seeds(self.run, position)[0]
 
     def _expand(self, text: str, seed: int) -> str:
         expansion = self.wildcards.expand(text, seed)

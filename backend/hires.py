@@ -70,7 +70,7 @@ def second_pass(model, run: GenerationRequest, sampler, schedule, conds, seeds, 
         start = upscaled_latents(model, run, latents, size, upscalers, lambda: control.should_stop_batch)
     except Interrupted:
         return None
-    hires_run = run.with_changes(width=size[0], height=size[1], steps=run.hr_second_pass_steps or run.steps)
+    hires_run = run.with_changes(width=size[0], height=size[1], steps=second_pass_steps(run))
     source = InitSource(original=None, image=None, mask=None, overlay_mask=None, crop=None, latents=start)
     first = first_pass_share(run)
     inputs = denoiser.BatchInputs(hires_run, sampler, schedule, conds, source, seeds, "Hires", (first, 1 - first))
@@ -79,9 +79,14 @@ def second_pass(model, run: GenerationRequest, sampler, schedule, conds, seeds, 
     return denoiser.denoise(model, inputs, control, batch)
 
 
+def second_pass_steps(run: GenerationRequest) -> int:
+    """The hires pass's steps setting (0 means the first pass's); it runs their strength's share."""
+    return run.hr_second_pass_steps or run.steps
+
+
 def first_pass_share(run: GenerationRequest) -> float:
     """The first pass's share of a batch's steps (for progress; the hires pass runs its strength's share)."""
-    hires_steps = max(1, int((run.hr_second_pass_steps or run.steps) * run.denoising_strength))
+    hires_steps = max(1, int(second_pass_steps(run) * run.denoising_strength))
     return run.steps / (run.steps + hires_steps)
 
 

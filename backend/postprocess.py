@@ -116,8 +116,7 @@ def postprocess(upscalers: UpscalerLibrary, image: Image.Image, request: ExtrasR
         params[f"{name} visibility"] = visibility
         if name == "CodeFormer":
             params["CodeFormer weight"] = request.codeformer_weight
-        notes.append(f"{name}: {restoration.faces} face{'s' * (restoration.faces != 1)} found by "
-                     f"{restoration.detector}")
+        notes.append(f"{name}: {restoration.found()}")
     text = ", ".join(f"{k}: {infotext.quote(infotext.format_value(v))}" for k, v in params.items())
     return ExtrasResult(result, text, notes=notes)
 

@@ -25,16 +25,17 @@ import json
 import logging
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
-from fastapi.routing import APIRoute
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -49,6 +50,7 @@ from backend.postprocess import ExtrasRequest, run_extras
 from backend.request import GenerationRequest, GenerationResult
 from backend.version import INFOTEXT_VERSION
 from ui import api_models as m
+from ui.options import save_options
 
 logger = logging.getLogger(__name__)
 
@@ -307,7 +309,7 @@ class EaselApi:
         if not 0 <= body.inpainting_fill < len(MASKED_CONTENT):
             raise ApiInputError(f"inpainting_fill must be 0-3, not {body.inpainting_fill}")
         fields = dict(init_image=decode_image(body.init_images[0], "init_images[0]").convert("RGB"),
-                      resize_mode=RESIZE_MODES[min(body.resize_mode, 2) if body.resize_mode < 3 else 0])
+                      resize_mode=RESIZE_MODES[body.resize_mode if body.resize_mode < 3 else 0])
         if body.mask:
             fields.update(mask=decode_image(body.mask, "mask"), mask_blur=body.mask_blur,
                           masked_content=MASKED_CONTENT[body.inpainting_fill],
@@ -677,8 +679,6 @@ class EaselApi:
         return body
 
     def options(self) -> dict:
-        from dataclasses import asdict
-
         manager = self.ctx.manager
         values = asdict(self.ctx.options)
         selected = manager.selected
@@ -696,10 +696,6 @@ class EaselApi:
         return values
 
     def set_options(self, body: dict[str, Any], caller: Caller) -> None:
-        from dataclasses import fields as dataclass_fields, replace
-
-        from ui.options import save_options
-
         manager, ctx = self.ctx.manager, self.ctx
         known = {f.name for f in dataclass_fields(ctx.options)}
         changes = {k: v for k, v in body.items() if k in known}

@@ -6,6 +6,7 @@ for that line (values with spaces in quotes). Written on Easel's extension API (
 
 from __future__ import annotations
 
+import random
 import shlex
 
 from backend.extensions import Control
@@ -57,8 +58,6 @@ def parse_line(line: str, number: int) -> dict:
 
 
 def run(job) -> None:
-    import random
-
     lines = [(n, line) for n, line in enumerate(str(job.args["prompts"]).splitlines(), 1) if line.strip()]
     if not lines:
         raise RequestError("prompts from file: the list is empty; write one prompt (or --options) per line")
