@@ -1,4 +1,4 @@
-"""Easel: parse the command line into one `Settings`, build the `ModelManager`, run the chosen front end.
+"""Easel: parse the command line into one `Settings`, build the `Runtime`, run the chosen front end.
 
     python app.py [global flags] [server flags]   the web UI (http://127.0.0.1:7860)
     python app.py [global flags] generate ...     headless generation; prints image paths
@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--api-auth", metavar="USER:PASS[,USER2:PASS2]", help="HTTP Basic users of the API")
     server.add_argument("--api-admin", metavar="USER[,USER2]",
                         help="API users who may interrupt or cancel any job (others: only their own)")
+    server.add_argument("--enable-insecure-extension-access", action="store_true",
+                        help="allow installing extensions from the UI on a --listen/--share server")
 
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     gen = commands.add_parser("generate", help="generate images headless and print their paths")
@@ -162,9 +164,9 @@ _REQUEST_ARGS = (
 def run_extras(args: argparse.Namespace, settings: Settings) -> int:
     from PIL import Image
 
-    from backend.model_manager import ModelManager
     from backend.postprocess import ExtrasRequest, run_extras
-    from backend.request import RequestError
+    from backend.runtime import Runtime
+    from backend.errors import InputError
 
     images = []
     for path in args.image:
@@ -172,14 +174,14 @@ def run_extras(args: argparse.Namespace, settings: Settings) -> int:
             image = Image.open(path)
             image.load()
         except OSError as exc:
-            raise RequestError(f"cannot read --image {path}: {exc}") from exc
+            raise InputError(f"cannot read --image {path}: {exc}") from exc
         images.append(image)
     resize_to = None
     if args.resize_to:
         try:
             width, height = (int(v) for v in args.resize_to.lower().split("x"))
         except ValueError:
-            raise RequestError(f"--resize-to takes WIDTHxHEIGHT, such as 1024x768, not {args.resize_to}") from None
+            raise InputError(f"--resize-to takes WIDTHxHEIGHT, such as 1024x768, not {args.resize_to}") from None
         resize_to = (width, height)
     if args.face_restorer == "GFPGAN":
         args.gfpgan_visibility = args.face_visibility
@@ -189,7 +191,7 @@ def run_extras(args: argparse.Namespace, settings: Settings) -> int:
                             upscaler_2=args.upscaler_2, upscaler_2_visibility=args.upscaler_2_visibility,
                             gfpgan_visibility=args.gfpgan_visibility, codeformer_visibility=args.codeformer_visibility,
                             codeformer_weight=args.codeformer_weight, output_dir=args.out)
-    manager = ModelManager(settings)
+    manager = Runtime.create(settings).manager  # the upscaler tile and face model options apply
     for result in run_extras(manager.upscalers, images, request, settings.output_root, faces=manager.faces):
         for note in result.notes:
             print(note, file=sys.stderr)
@@ -200,13 +202,16 @@ def run_extras(args: argparse.Namespace, settings: Settings) -> int:
 def run_generate(args: argparse.Namespace, settings: Settings) -> int:
     from PIL import Image
 
-    from backend.extensions import ExtensionRegistry
+    from backend.errors import InputError
     from backend.generation import generate
-    from backend.model_manager import ModelManager
     from backend.request import GenerationRequest
+    from backend.runtime import Runtime
 
-    # Only flags the user gave override the request's defaults, the same defaults the UI uses.
-    fields = {name: getattr(args, name) for name in _REQUEST_ARGS if getattr(args, name) is not None}
+    runtime = Runtime.create(settings)
+    mode = "img2img" if args.init_image is not None else "txt2img"
+    # The options' defaults (config.json, as the UI has them), then the flags the user gave.
+    fields = runtime.request_defaults(mode, controls=True)
+    fields.update({name: getattr(args, name) for name in _REQUEST_ARGS if getattr(args, name) is not None})
     for name in ("init_image", "mask"):
         path = getattr(args, name)
         if path is not None:
@@ -214,11 +219,12 @@ def run_generate(args: argparse.Namespace, settings: Settings) -> int:
                 fields[name] = Image.open(path)
                 fields[name].load()
             except OSError as exc:
-                raise SystemExit(f"error: cannot read --{name.replace('_', '-')} {path}: {exc}") from exc
+                raise InputError(f"cannot read --{name.replace('_', '-')} {path}: {exc}") from exc
     request = GenerationRequest(**fields)
-    manager = ModelManager(settings)
-    manager.extensions = ExtensionRegistry(Path(settings.data_dir) / "extensions")
-    result = generate(manager, request)
+    try:
+        result = generate(runtime.manager, request)
+    finally:
+        runtime.shutdown()
     for line in result.notes + [f"warning: {w}" for w in result.warnings]:
         print(line, file=sys.stderr)
     for path in result.paths:
@@ -251,6 +257,7 @@ def run_webui(args: argparse.Namespace, settings: Settings) -> int:
     server = ServerOptions(listen=args.listen, port=args.port, share=args.share, auth=args.gradio_auth,
                            auth_path=args.gradio_auth_path, insecure=args.insecure, api=args.api or args.nowebui,
                            nowebui=args.nowebui, api_auth=args.api_auth, api_admin=args.api_admin,
+                           enable_insecure_extension_access=args.enable_insecure_extension_access,
                            flags={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                   if k not in ("gradio_auth", "api_auth")})
     try:
@@ -263,21 +270,11 @@ def run_webui(args: argparse.Namespace, settings: Settings) -> int:
 
 def _run_reporting_errors(command, args, settings) -> int:
     """Expected failures (bad input, missing or broken models) end in one clear line, not a traceback."""
-    from backend.checkpoints import CheckpointLoadError
-    from backend.vae_codec import NonFiniteOutputError
-    from backend.model_detection import CheckpointFormatError
-    from backend.model_index import ModelNotFoundError
-    from backend.request import RequestError
-    from backend.samplers import SamplerError
-    from backend.upscalers import UpscalerError
-    from backend.wildcards import WildcardError
-    from backend.faces import FaceRestorationError
+    from backend.errors import EaselError
 
-    expected = (CheckpointLoadError, CheckpointFormatError, ModelNotFoundError, RequestError, SamplerError,
-                NonFiniteOutputError, WildcardError, UpscalerError, FaceRestorationError)
     try:
         return command(args, settings)
-    except expected as exc:
+    except EaselError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
+from backend.errors import ModelFileError
 from backend import clip_tokenizer, ldm_layout, model_detection
 from backend.model_detection import CheckpointFormatError, ModelSpec
 
 logger = logging.getLogger(__name__)
 
-class CheckpointLoadError(RuntimeError):
+class CheckpointLoadError(ModelFileError):
     """A checkpoint could not be loaded; the message names the file and the fix."""
 
 

@@ -15,6 +15,7 @@ import os
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from backend.errors import UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ PAD_END_OF_TEXT = "<|endoftext|>"
 PAD_EXCLAMATION = "!"
 
 
-class TokenizerUnavailableError(RuntimeError):
+class TokenizerUnavailableError(UnavailableError):
     pass
 
 

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from backend.errors import UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ STANDARD_MODELS = {
 }
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UnavailableError):
     """A standard model could not be fetched; the message says which file to put where."""
 
 

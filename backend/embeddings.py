@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from backend.errors import InputError
 from backend.model_index import HashCache, ModelFile, scan
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
 
 
-class EmbeddingError(ValueError):
+class EmbeddingError(InputError):
     pass
 
 

@@ -1,4 +1,5 @@
-"""Extensions: folders in `extensions/` whose `extension.py` defines `register(easel)`.
+"""Extensions: folders whose `extension.py` defines `register(easel)`: the built-ins shipped in
+`<repo>/extensions-builtin/`, then the user's in `<data-dir>/extensions/` (where installs go).
 
 `register` receives an `ExtensionApi` and subscribes callbacks to a few named events. Each callback
 gets one small dataclass, never the app:
@@ -16,28 +17,36 @@ reach its callbacks as `event.args` (and come from the API's `alwayson_scripts` 
 arguments), a UI tab (`add_tab`) and API routes under `/easel/v1/ext/<name>` (`add_routes`).
 
 A failing extension (an import error, an exception in a callback) is named in the log and in the
-result's warnings, and skipped; generation goes on. `extensions/<name>.disabled` (a file) or the
-`disabled_extensions` setting turns one off. Extensions load in name order.
+result's warnings, and skipped; generation goes on. `<name>.disabled` (a file) or the
+`disabled_extensions` setting turns one off. Extensions load in name order, built-ins first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from PIL import Image
+from backend.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 EVENTS = ("before_generation", "step", "guidance", "after_image")
 ENTRY_POINT = "extension.py"
+BUILTIN_EXTENSIONS_DIR = Path(__file__).resolve().parents[1] / "extensions-builtin"
+INSECURE_FLAG = "--enable-insecure-extension-access"
 
 
 # -- event payloads ----------------------------------------------------------------------------------
@@ -143,6 +152,7 @@ class Script:
     run: Callable[[ScriptRun], None]
     modes: tuple[str, ...] = ("txt2img", "img2img")
     extension: str = ""
+    check: Callable[[dict[str, Any], Any], None] | None = None
 
     def args(self, script_args: dict[str, Any]) -> dict[str, Any]:
         """This script's values in a request's `script_args` (keyed by its title or extension name)."""
@@ -155,6 +165,7 @@ class Extension:
     name: str
     path: Path
     enabled: bool = True
+    builtin: bool = False  # shipped in extensions-builtin/ (not removable; can still be disabled)
     error: str | None = None  # why it failed to load (it is then skipped), shown in the UI
     last_error: str | None = None  # the latest exception in a callback (the callback was skipped)
     callbacks: dict[str, list[Callable]] = field(default_factory=lambda: {event: [] for event in EVENTS})
@@ -162,7 +173,6 @@ class Extension:
     tabs: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
     scripts: list[Script] = field(default_factory=list)
     routes: Any = None  # a fastapi.APIRouter
-
 
 
 class ExtensionApi:
@@ -184,10 +194,14 @@ class ExtensionApi:
         self._extension.panel = Panel(title, tuple(controls), tuple(modes))
 
     def add_script(self, title: str, controls: list[Control], run: Callable[[ScriptRun], None],
-                   modes: tuple[str, ...] = ("txt2img", "img2img")) -> None:
+                   modes: tuple[str, ...] = ("txt2img", "img2img"),
+                   check: Callable[[dict[str, Any], Any], None] | None = None) -> None:
         """A script, chosen from the "Script" dropdown (or the API's `script_name`), that makes the
-        job's images itself through `run.generate(request)` (several generations, a grid, ...)."""
-        self._extension.scripts.append(Script(title, tuple(controls), run, tuple(modes), self._extension.name))
+        job's images itself through `run.generate(request)` (several generations, a grid, ...).
+        `check(args, request)` raises `RequestError` for values it refuses, before the job is queued
+        (a 4xx for API clients); `run` should call it too, for callers that skip it."""
+        self._extension.scripts.append(Script(title, tuple(controls), run, tuple(modes), self._extension.name,
+                                              check))
 
     def add_tab(self, title: str, build: Callable[[], None]) -> None:
         """`build()` runs inside the tab while the UI is built, and may create gradio components."""
@@ -199,39 +213,53 @@ class ExtensionApi:
 
 
 class ExtensionRegistry:
-    def __init__(self, folder: Path | None, disabled: set[str] | frozenset[str] = frozenset()):
+    """The app's extensions: the built-ins in `builtin_folder` (always loaded unless disabled), then
+    the user's in `folder` (`<data-dir>/extensions`, where installs go), each in name order."""
+
+    def __init__(self, folder: Path | None, disabled: set[str] | frozenset[str] = frozenset(),
+                 builtin_folder: Path | None = BUILTIN_EXTENSIONS_DIR):
         self.folder = Path(folder) if folder else None
+        self.builtin_folder = Path(builtin_folder) if builtin_folder else None
         self.disabled = set(disabled)
-        self.extensions: list[Extension] = []
-        if self.folder is not None:
-            self.load()
+        self.load()
 
     def load(self) -> None:
-        self.extensions = []
-        if self.folder is None or not self.folder.is_dir():
+        self.extensions: list[Extension] = []
+        builtins = {path.name: path for path in _extension_folders(self.builtin_folder)}
+        for path in builtins.values():
+            self._load_one(Extension(path.name, path, builtin=True))
+        for path in _extension_folders(self.folder):
+            if path.name in builtins:
+                logger.warning("Extension %s skipped: the built-in %s has the same name", path, builtins[path.name])
+                continue
+            self._load_one(Extension(path.name, path))
+
+    def _is_disabled(self, extension: Extension) -> bool:
+        """By the setting, or a `<name>.disabled` file beside it or in the (writable) user's folder."""
+        markers = {extension.path.parent, *([self.folder] if self.folder is not None else [])}
+        return extension.name in self.disabled or any((m / f"{extension.name}.disabled").exists() for m in markers)
+
+    def _load_one(self, extension: Extension) -> None:
+        self.extensions.append(extension)
+        if self._is_disabled(extension):
+            extension.enabled = False
             return
-        for path in sorted(p for p in self.folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
-            extension = Extension(path.name, path)
-            self.extensions.append(extension)
-            if (self.folder / f"{path.name}.disabled").exists() or path.name in self.disabled:
-                extension.enabled = False
-                continue
-            entry = path / ENTRY_POINT
-            if not entry.is_file():
-                extension.error = f"no {ENTRY_POINT} with a register(easel) function"
-                logger.error("Extension %s skipped: %s", path.name, extension.error)
-                continue
-            try:
-                module = _import(entry, f"easel_extensions.{_identifier(path.name)}")
-                register = getattr(module, "register", None)
-                if not callable(register):
-                    raise TypeError(f"{ENTRY_POINT} has no register(easel) function")
-                register(ExtensionApi(extension))
-            except Exception as error:  # an extension must never stop the app
-                extension.error = f"{type(error).__name__}: {error}"
-                extension.callbacks = {event: [] for event in EVENTS}
-                extension.panel, extension.tabs, extension.routes, extension.scripts = None, [], None, []
-                logger.error("Extension %s failed to load and is skipped:\n%s", path.name, traceback.format_exc())
+        entry = extension.path / ENTRY_POINT
+        if not entry.is_file():
+            extension.error = f"no {ENTRY_POINT} with a register(easel) function"
+            logger.error("Extension %s skipped: %s", extension.name, extension.error)
+            return
+        try:
+            module = _import(entry, f"easel_extensions.{_identifier(extension.name)}")
+            register = getattr(module, "register", None)
+            if not callable(register):
+                raise TypeError(f"{ENTRY_POINT} has no register(easel) function")
+            register(ExtensionApi(extension))
+        except Exception as error:  # an extension must never stop the app
+            extension.error = f"{type(error).__name__}: {error}"
+            extension.callbacks = {event: [] for event in EVENTS}
+            extension.panel, extension.tabs, extension.routes, extension.scripts = None, [], None, []
+            logger.error("Extension %s failed to load and is skipped:\n%s", extension.name, traceback.format_exc())
 
     # -- queries ------------------------------------------------------------------------------------
     @property
@@ -249,6 +277,14 @@ class ExtensionRegistry:
 
     def panels(self, mode: str) -> list[Extension]:
         return [e for e in self.active if e.panel is not None and mode in e.panel.modes]
+
+    def check_script(self, request) -> None:
+        """Before queueing: the check of the script `request.script_name` names, with its values; its
+        RequestError propagates. An unknown script is left for the generation to report."""
+        name = getattr(request, "script_name", None)
+        script = self.script(name) if name and name != "None" else None
+        if script is not None and script.check is not None:
+            script.check(script.args(request.script_args), request)
 
     # -- running ------------------------------------------------------------------------------------
     def has(self, event: str) -> bool:
@@ -281,6 +317,12 @@ class ExtensionRegistry:
         return control_values(panel.controls if panel else (), values)
 
 
+def _extension_folders(folder: Path | None) -> list[Path]:
+    folders = folder.iterdir() if folder is not None and folder.is_dir() else ()
+    return sorted(p for p in folders if p.is_dir() and not p.name.startswith((".", "_")))
+
+
+
 def _identifier(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
@@ -297,34 +339,62 @@ def _import(path: Path, module_name: str):
     return module
 
 
-class InstallError(RuntimeError):
+class InstallError(InputError):
     pass
 
 
-def install(url: str, folder: Path, public: bool, authenticated: bool, timeout: float = 120.0) -> Path:
-    """`git clone` an extension into `folder`. Refused on a public server without a login (anyone
-    could run code on it; A1111 refuses too); needs the network unless the URL is local."""
-    if public and not authenticated:
-        raise InstallError("installing extensions is refused on a public server without a login: add "
-                           "--gradio-auth, or install by cloning into extensions/ on the machine")
+def install(url: str, folder: Path, public: bool, allow_insecure: bool = False, timeout: float = 120.0) -> Path:
+    """`git clone` an extension into `folder` (the user's), via a hidden folder beside the target renamed
+    on success: a failed clone leaves nothing. As in A1111, refused on a `public` server (--listen,
+    --share) unless started with --enable-insecure-extension-access (`allow_insecure`)."""
+    # 1. Check the request
+    if public and not allow_insecure:
+        raise InstallError(f"installing extensions is refused on a server reachable from other machines "
+                           f"(--listen or --share), because an extension runs code on it: start Easel with "
+                           f"{INSECURE_FLAG} to allow it, or clone the extension into {folder} on the machine")
     url = url.strip()
     name = re.sub(r"\.git$", "", url.rstrip("/").rsplit("/", 1)[-1])
     if not url or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
         raise InstallError(f"not a git repository URL: {url!r}")
+    if (BUILTIN_EXTENSIONS_DIR / name).is_dir():
+        raise InstallError(f"'{name}' is the name of a built-in extension; a copy in {folder} would be skipped")
     target = Path(folder) / name
     if target.exists():
-        raise InstallError(f"extensions/{name} already exists; remove it first to reinstall")
+        raise InstallError(f"{target} already exists; remove it first to reinstall")
+    # 2. Clone beside the target, then move the finished clone into place
     Path(folder).mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.installing-", dir=folder))
     try:
-        done = subprocess.run(["git", "clone", "--depth", "1", "--", url, str(target)], capture_output=True,
-                              text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise InstallError(f"git clone {url} failed: {error}") from None
-    if done.returncode != 0:
-        raise InstallError(f"git clone {url} failed (no network?): {done.stderr.strip()[-300:]}")
+        _git_clone(url, staging / name, timeout)
+        (staging / name).rename(target)
+    except OSError as error:
+        raise InstallError(f"cannot install {url} into {target}: {error}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if not (target / ENTRY_POINT).is_file():
-        logger.warning("extensions/%s has no %s; it will be listed as failed", name, ENTRY_POINT)
+        logger.warning("%s has no %s; it will be listed as failed", target, ENTRY_POINT)
     return target
 
 
-NO_EXTENSIONS = ExtensionRegistry(None)
+def _git_clone(url: str, target: Path, timeout: float) -> None:
+    """`git clone`, or InstallError; a timeout kills its process group (git's helpers would go on)."""
+    command = ["git", "clone", "--depth", "1", "--", url, str(target)]
+    environment = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}  # fail rather than wait for a password
+    try:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=environment, start_new_session=True)
+    except OSError as error:
+        raise InstallError(f"cannot run git to install {url}: {error}") from None
+    try:
+        _, errors = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, AttributeError):  # no process groups on Windows
+            os.killpg(process.pid, signal.SIGKILL)
+        process.kill()
+        process.communicate()
+        raise InstallError(f"git clone {url} timed out after {timeout:g} s; nothing was installed") from None
+    if process.returncode != 0:
+        raise InstallError(f"git clone {url} failed (no network?): {errors.strip()[-300:]}")
+
+
+NO_EXTENSIONS = ExtensionRegistry(None, builtin_folder=None)

@@ -47,7 +47,10 @@ def parse_tags(text: str) -> tuple[str, list[NetworkTag]]:
 
 
 def lora_activation(tag: NetworkTag) -> Activation:
-    """`<lora:name>`, `<lora:name:w>`, `<lora:name:te:unet>`, `<lora:name:w:unet=u>` (A1111's reading)."""
+    """`<lora:name>`, `<lora:name:w>`, `<lora:name:te:unet>`, `<lora:name:w:unet=u>` (A1111's reading).
+
+    LoraError when a strength is not a number, or not a finite one within +-`lora.MAX_STRENGTH`.
+    """
     named = dict(tag.named)
     try:
         te = float(tag.positional[1]) if len(tag.positional) > 1 else 1.0

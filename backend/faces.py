@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from backend.errors import InputError
 from backend import downloads
 from backend.model_index import scan
 
@@ -47,7 +48,7 @@ RESTORERS = ("CodeFormer", "GFPGAN")  # A1111's names, in its order
 SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
-class FaceRestorationError(ValueError):
+class FaceRestorationError(InputError):
     pass
 
 

@@ -69,7 +69,7 @@ def generate(
         networks = NetworkSession(model, manager.loras, manager.embeddings, result.warnings)
         prompts = _PromptTexts(model, run, Wildcards(manager.settings.wildcards_folder), networks)
         source = init_image.prepare(run, width, height) if run.init_image is not None else None
-        output_dir = run.output_dir or manager.settings.output_root / f"{run.mode}-images"
+        saver = outputs.ImageSaver(run.output_dir or manager.settings.output_root / f"{run.mode}-images", result.warnings)
         try:
             # 5. Denoise batch by batch, with the LoRAs of the batch's first prompt applied
             for batch in range(run.batch_count):
@@ -118,11 +118,13 @@ def generate(
                         image = _after_image(extensions, run, image, batch * run.batch_size + index, texts[index][0],
                                              extra, result.warnings)
                     result.images.append(_finish_image(
-                        model, run, sampler, schedule, batch, index, image, output_dir, now, texts[index], extra,
+                        model, run, sampler, schedule, batch, index, image, saver, now, texts[index], extra,
                         before_faces if run.save_before_face_restoration else None))
         finally:
             networks.close()  # the base weights, bit for bit
         result.interrupted = control.interrupted
+        if not result.images:  # say why, or the user sees an empty result and no reason
+            result.warnings.append(control.no_image_warning())
         return result
 
 
@@ -320,7 +322,7 @@ def infotext_parameters(model, run, sampler, schedule, seed, subseed, extra: dic
     return params
 
 
-def _finish_image(model, run, sampler, schedule, batch, index, image, output_dir, now,
+def _finish_image(model, run, sampler, schedule, batch, index, image, saver: outputs.ImageSaver, now,
                   texts: tuple[str, str], extra: dict, before_faces=None) -> GeneratedImage:
     seed, subseed = _seeds(run, batch * run.batch_size + index)
     prompt, negative = texts
@@ -337,7 +339,6 @@ def _finish_image(model, run, sampler, schedule, batch, index, image, output_dir
         name = outputs.expand_filename_pattern(run.filename_pattern, outputs.filename_values(
             prompt, seed, model.name, sampler.name, run.steps, run.cfg_scale, run.width, run.height, when))
         if before_faces is not None:  # A1111's "save a copy of the image before doing face restoration"
-            outputs.save_image(before_faces, output_dir, seed, text, when,
-                               name=f"{name or seed}-before-face-restoration")
-        path = outputs.save_image(image, output_dir, seed, text, when, name=name, save_txt=run.save_txt)
+            saver.save(before_faces, seed, text, when, name=f"{name or seed}-before-face-restoration")
+        path = saver.save(image, seed, text, when, name=name, save_txt=run.save_txt)
     return GeneratedImage(image, seed, subseed, prompt, negative, text, path)

@@ -8,6 +8,7 @@ kept for a while so that their results can be fetched later.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import threading
@@ -17,15 +18,17 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from backend.errors import ConflictError
 from backend.progress import JobControl, Progress
 
 logger = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+_CALLBACKS = threading.Lock()  # orders "done" against callbacks being added
 FINISHED = (DONE, FAILED, CANCELLED)
 
 
-class JobCancelled(Exception):
+class JobCancelled(ConflictError):
     """The job was cancelled before it started."""
 
 
@@ -46,6 +49,7 @@ class Job:
     error: BaseException | None = None
     request: Any = field(default=None, repr=False)  # what the client sent (the job API answers in its shape)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _on_done: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     @property
     def fraction(self) -> float:
@@ -69,6 +73,23 @@ class Job:
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` once the job has finished (at once if it has); it runs on the worker
+        thread, so it must only hand over (an event loop's `call_soon_threadsafe`, say)."""
+        with _CALLBACKS:
+            if not self.done:
+                self._on_done.append(callback)
+                return
+        callback()
+
+    async def wait_async(self) -> Any:
+        """`wait()` for an event loop: no thread is held while the job waits or runs."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.when_done(lambda: loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None)))
+        await future
+        return self.wait(0)
 
     def wait(self, timeout: float | None = None) -> Any:
         """The result, once the job has finished; re-raises the job's error."""
@@ -195,7 +216,14 @@ class DeviceQueue:
 
     def _finish(self, job: Job, status: str) -> None:
         job.status, job.finished = status, time.time()
-        job._done.set()
+        with _CALLBACKS:
+            job._done.set()
+            callbacks, job._on_done = job._on_done, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # a listener that went away (a closed event loop) must not stop the queue
+                logger.exception("A job's completion callback failed")
         finished = [j for j in self._jobs.values() if j.done]
         for old in finished[: max(0, len(finished) - self.keep_finished)]:
             del self._jobs[old.id]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import threading
 import weakref
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from backend.errors import InputError
 from backend import devices
 from backend.model_index import HashCache, ModelFile, scan
 
@@ -35,7 +37,7 @@ LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 
-class LoraError(ValueError):
+class LoraError(InputError):
     """A LoRA that cannot be used: unreadable, an unsupported type, or made for another base model."""
 
 
@@ -425,13 +427,24 @@ class LoraLibrary:
 
 
 # -- applying ----------------------------------------------------------------------------------------
+# A1111 takes any float; far past this a LoRA only adds noise, and near float's limit it overflows.
+MAX_STRENGTH = 100.0
+
+
 @dataclass(frozen=True)
 class Activation:
-    """One LoRA as asked for in a prompt: `<lora:name:te:unet>`."""
+    """One LoRA as asked for in a prompt: `<lora:name:te:unet>`; LoraError for a strength that is not
+    a finite number within +-MAX_STRENGTH."""
 
     name: str
     te: float = 1.0
     unet: float = 1.0
+
+    def __post_init__(self) -> None:
+        for strength in (self.te, self.unet):
+            if not (math.isfinite(strength) and -MAX_STRENGTH <= strength <= MAX_STRENGTH):
+                raise LoraError(f"LoRA strength for '{self.name}' must be a finite number between "
+                                f"-{MAX_STRENGTH:g} and {MAX_STRENGTH:g}, not {strength:g}")
 
 
 def _offloaded_weights(module: torch.nn.Module):

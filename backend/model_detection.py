@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Mapping
+from backend.errors import ModelFileError
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -29,7 +30,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 FAMILIES = ("sd1", "sd2", "sdxl")
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(ModelFileError, ValueError):
     """The file is readable but is not a Stable Diffusion checkpoint Easel can load."""
 
 

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend.errors import NotFoundError
 from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 
 
-class ModelNotFoundError(LookupError):
+class ModelNotFoundError(NotFoundError):
     pass
 
 

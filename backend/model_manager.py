@@ -106,9 +106,11 @@ class ModelManager:
         return files[0]
 
     def activate(self, name: str | None = None, vae: str | None = None) -> StableDiffusionModel:
-        """Make `name` (default: the active or first checkpoint) the active model; idempotent.
+        """Make `name` (default: the active or first checkpoint) the active model, with `vae` for this
+        use only (default: the server's VAE choice); idempotent.
 
-        On a failed load the error names the file and the previously active model stays usable.
+        On a failed load the error names the file and the previously active model stays usable; a VAE
+        that fails to load leaves the model's previous VAE in place.
         """
         with self.lock:
             if name is None and self._active is not None:
@@ -120,9 +122,7 @@ class ModelManager:
                 model = self._load(file)
             self._cache.move_to_end(file.path)
             self._active = model
-            if vae is not None:
-                self._vae_choice = vae
-            self._apply_vae(model, self._vae_choice)
+            self._apply_vae(model, self._vae_choice if vae is None else vae)
             return model
 
     def select(self, name: str | None = None) -> StableDiffusionModel:
@@ -197,12 +197,13 @@ class ModelManager:
 
     # -- VAE ------------------------------------------------------------------------------------
     def set_vae(self, choice: str) -> None:
+        """The server's VAE choice (A1111's `sd_vae`); unchanged when `choice` is unknown or fails to load."""
         with self.lock:
             if choice not in (VAE_AUTOMATIC, VAE_NONE):
                 self.index.resolve_vae(choice)  # fail early with the list of VAEs
-            self._vae_choice = choice
             if self._active is not None:
                 self._apply_vae(self._active, choice)
+            self._vae_choice = choice
 
     def _apply_vae(self, model: StableDiffusionModel, choice: str) -> None:
         if choice == VAE_NONE:
@@ -217,5 +218,11 @@ class ModelManager:
             return
         if model.vae_name == file.filename:
             return
-        vae = checkpoints.load_vae_file(file.path, model.family, model.placement.vae_dtype)
+        try:
+            vae = checkpoints.load_vae_file(file.path, model.family, model.placement.vae_dtype)
+        except (CheckpointLoadError, CheckpointFormatError):
+            raise
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointLoadError(f"could not load the VAE {file.filename}: {exc}; the previous VAE stays "
+                                      "in use") from exc
         model.set_vae(vae, file.filename, self.index.hashes.short_hash(file.path))

@@ -56,6 +56,12 @@ class JobControl:
     def should_stop_batch(self) -> bool:
         return self._interrupted.is_set() or self._skipped.is_set()
 
+    def no_image_warning(self) -> str:
+        """Why a job ended without an image. A batch that runs to its end always makes its images, so
+        with no image and no interrupt, every batch was skipped."""
+        stopped = "interrupted" if self.interrupted else "skipped"
+        return f"{stopped} before the first image finished: no image was made"
+
     def wants_preview(self, step: int) -> bool:
         return self.on_progress is not None and self.preview_every > 0 and step % self.preview_every == 0
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from backend.errors import InputError
 from backend.images import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
 
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")  # as backend.conditioning
@@ -18,7 +19,7 @@ MAX_BATCH_SIZE = 64
 MAX_BATCH_COUNT = 1000
 
 
-class RequestError(ValueError):
+class RequestError(InputError):
     """Invalid request; the message says which field and what is accepted."""
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import diffusers
 import torch
 
+from backend.errors import InputError
 from backend.ancestral_scheduler import DPMSolverSinglestepAncestralScheduler
 
 AUTOMATIC = "Automatic"
@@ -26,7 +27,7 @@ SCHEDULE_OPTIONS = {
 SCHEDULE_TYPES = (AUTOMATIC, *SCHEDULE_OPTIONS)
 
 
-class SamplerError(ValueError):
+class SamplerError(InputError):
     pass
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from backend.errors import InputError
 from backend import downloads
 from backend.model_index import ModelFile, scan
 
@@ -50,7 +51,7 @@ MAX_PASSES = 3  # model applications to reach a scale (A1111 stops at 3 too)
 MIN_TILE = 32
 
 
-class UpscalerError(ValueError):
+class UpscalerError(InputError):
     pass
 
 

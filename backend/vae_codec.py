@@ -6,13 +6,14 @@ import logging
 
 import torch
 
+from backend.errors import EaselError
 from backend import images
 from backend.sd_model import StableDiffusionModel
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteOutputError(RuntimeError):
+class NonFiniteOutputError(EaselError, RuntimeError):
     """The model produced NaN/inf; the message gives the usual remedy."""
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from backend.errors import InputError
 
 _REFERENCE = re.compile(r"__([^\s_][^\s]*?)__")
 MAX_DEPTH = 20
 
 
-class WildcardError(ValueError):
+class WildcardError(InputError):
     """A wildcard cannot be expanded (a cycle, or nesting too deep); the message names the files."""
 
 

@@ -112,7 +112,9 @@ def test_webuiapi_img2img_with_a_mask_repaints_only_the_masked_area(client):
     assert "Mask blur: 0" in result.info["infotexts"][0] and "Denoising strength: 1" in result.info["infotexts"][0]
 
 
-def test_webuiapi_lists_models_and_loras_and_switches_the_model_through_options(client):
+def test_webuiapi_lists_models_and_loras_and_switches_the_model_through_options(server):
+    _, port, _ = server
+    client = webuiapi.WebUIApi(port=port, sampler="DPM++ 2M", steps=8, username="root", password=USERS["root"])
     titles = client.util_get_model_names()
     assert any(t.startswith("easel-shapes.safetensors [") for t in titles)
     assert "second-copy.safetensors" in titles  # not hashed yet: titled without a hash, as A1111 does

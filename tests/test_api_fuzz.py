@@ -42,18 +42,19 @@ def clamp(body: dict) -> dict:
 def fuzz_app(sd1_manager, tmp_path):
     from fastapi import FastAPI
 
+    from api import ApiContext, mount
+    from backend.extensions import NO_EXTENSIONS
+    from backend.options import Options
+    from backend.runtime import Runtime
     from backend.styles import StyleDatabase
-    from ui.api import EaselApi
-    from ui.options import Options
-    from ui.webui import UIContext
 
     sd1_manager.select()
-    context = UIContext(sd1_manager, Options(save_images=False), tmp_path / "config.json",
-                        StyleDatabase(tmp_path / "styles.csv"))
+    runtime = Runtime(sd1_manager.settings, Options(save_images=False), tmp_path / "config.json", sd1_manager,
+                      NO_EXTENSIONS, StyleDatabase(tmp_path / "styles.csv"))
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    EaselApi(context).mount(app)
+    mount(app, ApiContext(runtime))
     yield app
-    context.device.shutdown()
+    runtime.shutdown()
 
 
 def test_no_request_the_schema_allows_or_forbids_gets_a_server_error(fuzz_app):

@@ -1,16 +1,21 @@
-"""Extensions: loading from extensions/<name>/extension.py, the events and their fields, failures that
-are named and skipped, disabling, panel arguments (UI and API form), and the built-in CFG scripts
-(dynamic thresholding, CFG rescale) measured on the default model."""
+"""Extensions: loading from <data-dir>/extensions/<name>/extension.py after the built-ins in
+extensions-builtin/, the events and their fields, failures that are named and skipped, disabling, panel
+arguments (UI and API form), installs, and the built-in CFG scripts (dynamic thresholding, CFG rescale)
+measured on the default model."""
 
 from __future__ import annotations
 
+import logging
+import socket
+import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from backend.extensions import ExtensionRegistry
+from backend.extensions import BUILTIN_EXTENSIONS_DIR, ExtensionRegistry, InstallError, install
 from backend.generation import generate
 from backend.infotext import parse_infotext
 from backend.model_manager import ModelManager
@@ -18,6 +23,7 @@ from backend.request import GenerationRequest
 from backend.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
+BUILTINS = ["cfg-rescale", "dynamic-thresholding", "prompts-from-file", "xyz-plot"]
 SMALL = dict(prompt="a red star", negative_prompt="blurry", width=64, height=64, steps=3, seed=7,
              sampler="Euler", save_images=False)
 
@@ -73,18 +79,57 @@ def extensions_dir(tmp_path) -> Path:
     return folder
 
 
+def only(folder: Path, disabled=frozenset()) -> ExtensionRegistry:
+    """The extensions in `folder` alone, without the built-ins."""
+    return ExtensionRegistry(folder, disabled, builtin_folder=None)
+
+
 def test_extensions_load_in_name_order_and_failures_are_named(extensions_dir):
-    registry = ExtensionRegistry(extensions_dir)
+    registry = only(extensions_dir)
     assert [e.name for e in registry.extensions] == ["broken-import", "raises", "recorder", "switched-off"]
     broken = registry.extensions[0]
     assert "ModuleNotFoundError" in broken.error and "no_such_module_here" in broken.error
     assert [e.name for e in registry.active] == ["raises", "recorder"]
     assert registry.extensions[3].enabled is False and registry.extensions[3].error is None
-    assert [e.name for e in ExtensionRegistry(extensions_dir, {"recorder"}).active] == ["raises"]
+    assert [e.name for e in only(extensions_dir, {"recorder"}).active] == ["raises"]
+
+
+# -- built-ins and the user's folder -------------------------------------------------------------------
+def names(extensions) -> list[str]:
+    return [e.name for e in extensions]
+
+
+def test_a_registry_for_an_empty_data_folder_loads_the_four_builtins(tmp_path):
+    registry = ExtensionRegistry(tmp_path / "extensions")  # as the app builds it for --data-dir tmp_path
+    assert names(registry.active) == BUILTINS
+    assert all(e.builtin and e.path == BUILTIN_EXTENSIONS_DIR / e.name for e in registry.extensions)
+    assert {s.title for s in registry.scripts()} == {"X/Y/Z plot", "Prompts from file or textbox"}
+
+
+def test_user_extensions_load_after_the_builtins_and_one_named_like_a_builtin_is_skipped(tmp_path, caplog):
+    folder = tmp_path / "extensions"
+    write(folder, "xyz-plot", "def register(easel):\n    raise AssertionError('must not load')\n")
+    write(folder, "aaa-mine", "def register(easel):\n    pass\n")
+    with caplog.at_level(logging.WARNING, logger="backend.extensions"):
+        registry = ExtensionRegistry(folder)
+    assert names(registry.active) == BUILTINS + ["aaa-mine"]
+    assert next(e for e in registry.extensions if e.name == "xyz-plot").path == BUILTIN_EXTENSIONS_DIR / "xyz-plot"
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 1 and str(folder / "xyz-plot") in skipped[0]
+    assert str(BUILTIN_EXTENSIONS_DIR / "xyz-plot") in skipped[0]
+
+
+def test_a_builtin_is_disabled_by_name_or_by_a_marker_in_the_user_folder(tmp_path):
+    folder = tmp_path / "extensions"
+    assert names(ExtensionRegistry(folder, {"cfg-rescale"}).active) == BUILTINS[1:]
+    folder.mkdir()
+    (folder / "xyz-plot.disabled").write_text("")
+    registry = ExtensionRegistry(folder)
+    assert names(registry.active) == BUILTINS[:3] and registry.script("X/Y/Z plot") is None
 
 
 def test_events_arrive_in_order_with_their_fields_and_changes_apply(sd1_manager, extensions_dir):
-    sd1_manager.extensions = ExtensionRegistry(extensions_dir)
+    sd1_manager.extensions = only(extensions_dir)
     events = __import__("easel_extensions.recorder", fromlist=["EVENTS"]).EVENTS
     events.clear()
     result = generate(sd1_manager, GenerationRequest(**SMALL, batch_size=2,
@@ -105,7 +150,7 @@ def test_events_arrive_in_order_with_their_fields_and_changes_apply(sd1_manager,
 
 
 def test_panel_defaults_apply_without_arguments(sd1_manager, extensions_dir):
-    sd1_manager.extensions = ExtensionRegistry(extensions_dir)
+    sd1_manager.extensions = only(extensions_dir)
     result = generate(sd1_manager, GenerationRequest(**SMALL))
     assert parse_infotext(result.images[0].infotext)["Recorded"] == "1"
 
@@ -122,7 +167,7 @@ def test_a_step_callback_can_stop_sampling_and_change_latents(sd1_manager, tmp_p
             event.latents = event.latents * 0
             event.stop = event.step == 2
         ''')
-    sd1_manager.extensions = ExtensionRegistry(tmp_path / "ext")
+    sd1_manager.extensions = only(tmp_path / "ext")
     result = generate(sd1_manager, GenerationRequest(**{**SMALL, "steps": 5}))
     calls = __import__("easel_extensions.stopper", fromlist=["CALLS"]).CALLS
     assert calls == [1, 2]
@@ -186,36 +231,81 @@ def test_cfg_rescale_is_recorded_and_changes_the_image(default_manager):
     assert parse_infotext(rescaled.images[0].infotext)["CFG Rescale phi"] == "0.7"
 
 
-def test_install_clones_a_git_repository_and_is_refused_on_a_public_server_without_login(tmp_path):
-    import subprocess
+# -- installs ------------------------------------------------------------------------------------------
+def git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@e", *args], cwd=cwd, check=True,
+                   capture_output=True)
 
-    from backend.extensions import InstallError, install
 
-    source = tmp_path / "src" / "my-extension"
-    write(tmp_path / "src", "my-extension", "def register(easel):\n    pass\n")
-    for command in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@e", "commit", "-qm", "x"]):
-        subprocess.run(["git", *command], cwd=source, check=True)
+@pytest.fixture
+def bare_repo(tmp_path) -> Path:
+    """A bare repository holding one commit of an extension, as a git server has it."""
+    write(tmp_path / "work", "my-extension", "def register(easel):\n    pass\n")
+    source, bare = tmp_path / "work" / "my-extension", tmp_path / "server" / "my-extension.git"
+    git(source, "init", "-q")
+    git(source, "add", ".")
+    git(source, "commit", "-qm", "first")
+    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(bare))
+    git(source, "push", "-q", str(bare), "HEAD:refs/heads/main")
+    return bare
+
+
+def test_install_clones_into_the_user_folder_and_refuses_an_existing_one(tmp_path, bare_repo):
+    folder = tmp_path / "data" / "extensions"
+    path = install(bare_repo.as_uri(), folder, public=False)
+    assert path == folder / "my-extension" and (path / "extension.py").is_file()
+    assert [p.name for p in folder.iterdir()] == ["my-extension"]  # the staging folder is gone
+    assert names(ExtensionRegistry(folder).active) == BUILTINS + ["my-extension"]
+    with pytest.raises(InstallError, match="my-extension already exists"):
+        install(bare_repo.as_uri(), folder, public=False)
+    with pytest.raises(InstallError, match="'xyz-plot' is the name of a built-in extension"):
+        install("https://example.com/someone/xyz-plot.git", folder, public=False)
+
+
+@pytest.mark.parametrize("public, allow_insecure, allowed", [
+    (False, False, True),  # a local server
+    (True, False, False),  # --listen or --share
+    (True, True, True),  # ... with --enable-insecure-extension-access
+])
+def test_a_public_server_installs_only_with_enable_insecure_extension_access(tmp_path, bare_repo, public,
+                                                                             allow_insecure, allowed):
     folder = tmp_path / "extensions"
-    with pytest.raises(InstallError, match="refused on a public server without a login"):
-        install(f"file://{source}", folder, public=True, authenticated=False)
+    if allowed:
+        assert install(bare_repo.as_uri(), folder, public, allow_insecure) == folder / "my-extension"
+        return
+    with pytest.raises(InstallError, match="start Easel with --enable-insecure-extension-access to allow it"):
+        install(bare_repo.as_uri(), folder, public, allow_insecure)
     assert not folder.exists()
-    path = install(f"file://{source}", folder, public=True, authenticated=True)
-    assert (path / "extension.py").is_file() and path.name == "my-extension"
-    assert [e.name for e in ExtensionRegistry(folder).active] == ["my-extension"]
-    with pytest.raises(InstallError, match="already exists"):
-        install(f"file://{source}", folder, public=False, authenticated=False)
+
+
+def test_a_failed_clone_leaves_no_folder(tmp_path):
+    folder = tmp_path / "extensions"
     with pytest.raises(InstallError, match="git clone .* failed"):
-        install(f"file://{tmp_path}/nothing-here.git", folder, public=False, authenticated=False)
+        install((tmp_path / "nothing-here.git").as_uri(), folder, public=False)
+    assert list(folder.iterdir()) == []
+
+
+def test_a_timed_out_clone_is_killed_and_leaves_no_folder(tmp_path, monkeypatch):
+    for proxy in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    folder = tmp_path / "extensions"
+    with socket.create_server(("127.0.0.1", 0)) as server:  # connections are queued, never answered
+        started = time.monotonic()
+        with pytest.raises(InstallError, match="timed out after 1 s; nothing was installed"):
+            install(f"http://127.0.0.1:{server.getsockname()[1]}/hangs.git", folder, public=False, timeout=1)
+    assert time.monotonic() - started < 20
+    assert list(folder.iterdir()) == []
 
 
 def test_extension_routes_are_served_under_their_prefix_behind_the_api_auth(sd1_manager, tmp_path):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
+    from api import ApiContext, mount
+    from api.access import ApiAccess
+    from backend.options import Options
+    from backend.runtime import Runtime
     from backend.styles import StyleDatabase
-    from ui.api import ApiAccess, EaselApi
-    from ui.options import Options
-    from ui.webui import UIContext
 
     write(tmp_path / "ext", "greeter", '''
         from fastapi import APIRouter
@@ -229,12 +319,12 @@ def test_extension_routes_are_served_under_their_prefix_behind_the_api_auth(sd1_
 
             easel.add_routes(router)
         ''')
-    sd1_manager.extensions = ExtensionRegistry(tmp_path / "ext")
-    context = UIContext(sd1_manager, Options(), tmp_path / "config.json", StyleDatabase(tmp_path / "styles.csv"))
+    runtime = Runtime(sd1_manager.settings, Options(), tmp_path / "config.json", sd1_manager, only(tmp_path / "ext"),
+                      StyleDatabase(tmp_path / "styles.csv"))
     app = FastAPI()
-    EaselApi(context, ApiAccess.from_pairs([("ann", "pw")])).mount(app)
+    mount(app, ApiContext(runtime, ApiAccess.from_pairs([("ann", "pw")])))
     client = TestClient(app)
     assert client.get("/easel/v1/ext/greeter/hello", params={"name": "ann"}, auth=("ann", "pw")).json() == \
         {"hello": "ann", "from": "greeter"}
     assert client.get("/easel/v1/ext/greeter/hello").status_code == 401
-    context.device.shutdown()
+    runtime.shutdown()

@@ -203,6 +203,29 @@ def test_skip_abandons_only_the_current_batch(sd1_manager):
     assert not result.interrupted and result.seeds == [2, 3]
 
 
+def test_a_skip_that_leaves_no_image_says_so(sd1_manager):
+    control = JobControl()
+    control.on_progress = lambda p: control.skip() if p.step == 1 else None  # every batch
+    result = generate(sd1_manager, GenerationRequest(prompt="x", seed=1, batch_count=2, **SMALL), control)
+    assert result.images == [] and not result.interrupted
+    assert result.warnings == ["skipped before the first image finished: no image was made"]
+
+
+def test_an_interrupt_before_the_first_image_says_so(sd1_manager):
+    control = JobControl()
+    control.interrupt()
+    result = generate(sd1_manager, GenerationRequest(prompt="x", seed=1, **SMALL), control)
+    assert result.images == [] and result.interrupted
+    assert result.warnings == ["interrupted before the first image finished: no image was made"]
+
+
+def test_a_skip_after_an_image_adds_no_warning(sd1_manager):
+    control = JobControl()
+    control.on_progress = lambda p: control.skip() if (p.batch, p.step) == (1, 1) else None
+    result = generate(sd1_manager, GenerationRequest(prompt="x", seed=1, batch_count=2, **SMALL), control)
+    assert result.seeds == [1] and result.warnings == []
+
+
 def test_nan_output_is_an_error_with_the_remedy(sd1_manager):
     unet = sd1_manager.activate().unet
 

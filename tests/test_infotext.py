@@ -1,8 +1,14 @@
-"""A1111 infotext: exact formatting, round trips, and parsing of real A1111/Forge infotexts."""
+"""A1111 infotext: exact formatting, round trips, parsing of real A1111/Forge infotexts, and texts
+built to make a parser slow or to overflow the numbers it hands on."""
+
+import random
+import re
 
 import pytest
 
-from backend.infotext import format_infotext, parse_infotext, request_fields
+from backend.infotext import (
+    MAX_INFOTEXT_CHARS, InfotextError, format_infotext, parameter_pairs, parse_infotext, request_fields,
+)
 from backend.request import GenerationRequest
 
 FORMAT_CASES = [
@@ -107,3 +113,121 @@ def test_request_fields_fill_a_generation_request():
     legacy = GenerationRequest(**request_fields(parse_infotext(A1111_V16)))
     assert (legacy.sampler, legacy.schedule_type, legacy.clip_skip, legacy.denoising_strength) == (
         "DPM++ 2M", "Karras", 2, 0.5)
+
+
+# -- the parameter line: A1111's grammar, read in linear time ------------------------------------------
+PARSE_CASES = [
+    # (parameter line after "a prompt\n", expected values)
+    ('Steps: 20, Sampler: Euler a, ADetailer prompt: "a face, smiling: 1.2", Seed: 3',
+     {"ADetailer prompt": "a face, smiling: 1.2", "Seed": "3"}),
+    ('Steps: 20, Seed: 1, Lora hashes: "a: 1, b: 2", Version: v1.6.0',
+     {"Lora hashes": "a: 1, b: 2", "Version": "v1.6.0"}),
+    ("Steps: 20, Seed: 1, Hires upscale: 2, Hires resize: 1024x1024, Hires steps: 10",
+     {"Hires resize": "1024x1024", "Hires resize-1": "1024", "Hires resize-2": "1024", "Hires steps": "10"}),
+    ("Steps: 25, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 9",
+     {"Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": "7"}),
+    ('Steps: 1, Seed: 2, Hires prompt: "say \\"hi\\", ok\\nbye", Size: 64x64',
+     {"Hires prompt": 'say "hi", ok\nbye', "Size-1": "64"}),
+    ('Steps: 1, Empty: "", Seed: 2', {"Empty": "", "Seed": "2"}),
+    # a quoted value followed by more text is read up to the comma, as A1111's regex reads it
+    ('Steps: 1, Note: "a, b" c, Seed: 2', {"Note": '"a', "Seed": "2"}),
+    ("Steps: 1,Seed: 2 ,  Model/Name-x:  v1 , (junk) Size: 8x8",
+     {"Seed": "2", "Model/Name-x": "v1", "Size": "8x8"}),
+]
+
+
+@pytest.mark.parametrize("line, expected", PARSE_CASES)
+def test_parameter_line_values(line, expected):
+    parsed = parse_infotext(f"a prompt\n{line}")
+    assert parsed["Prompt"] == "a prompt"
+    assert {key: parsed.get(key) for key in expected} == expected
+
+
+# A1111's own regex for the parameter line: the reference the linear scanner must agree with.
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def test_scanner_reads_short_lines_exactly_as_a1111s_regex():
+    rng = random.Random(0)
+    alphabet = ["a", "b", "1", "_", "é", " ", "\t", ",", ":", '"', "\\", "-", "/", ".", "("]
+    for _ in range(20_000):
+        line = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+        assert parameter_pairs(line) == [(k.strip(), v) for k, v in A1111_PARAM.findall(line)], line
+
+
+# Each about 60 KB: A1111's regex needs tens of seconds on these (it retries at every character and
+# each try runs to the end of the line), so a quadratic parser makes this test hang visibly.
+SLOW_FOR_A_REGEX = [
+    # (text, expected values)
+    ("a" * 60_000, {"Prompt": "a" * 60_000, "Steps": None}),
+    ("a a" * 20_000, {"Prompt": "a a" * 20_000, "Steps": None}),
+    ("a:" * 30_000, {"Prompt": "a:" * 30_000, "Steps": None}),
+    (", a" * 20_000, {"Prompt": ", a" * 20_000, "Steps": None}),
+    ("x\nSteps: 1, Seed: 2, Note: " + "b c" * 20_000, {"Prompt": "x", "Note": "b c" * 20_000}),
+    ('x\nSteps: 1, Seed: 2, Note: "' + "\\b" * 30_000, {"Prompt": "x", "Note": '"' + "\\b" * 30_000}),
+    ("word " * 12_000 + "\nSteps: 1, Seed: 2, Size: 64x64", {"Prompt": "word " * 12_000, "Size-2": "64"}),
+]
+
+
+@pytest.mark.parametrize("text, expected", SLOW_FOR_A_REGEX, ids=lambda v: v[:12] if isinstance(v, str) else "")
+def test_long_adversarial_text_is_parsed_in_one_pass(text, expected):
+    parsed = parse_infotext(text)
+    assert {key: parsed.get(key) for key in expected} == expected
+
+
+@pytest.mark.parametrize("text", ["a" * 100_000, "a:" * 50_000, ", a" * 40_000,
+                                  "p\nSteps: 1, Seed: 2, Note: " + "b" * MAX_INFOTEXT_CHARS])
+def test_text_over_the_limit_is_refused_naming_the_limit(text):
+    with pytest.raises(InfotextError, match=f"{len(text):,} characters long; Easel reads at most 65,536"):
+        parse_infotext(text)
+
+
+def test_text_at_the_limit_is_read():
+    text = "p\nSteps: 1, Seed: 2, Note: " + "b" * (MAX_INFOTEXT_CHARS - 27)
+    assert len(text) == MAX_INFOTEXT_CHARS
+    assert parse_infotext(text)["Note"] == "b" * (MAX_INFOTEXT_CHARS - 27)
+
+
+# -- numbers handed to GenerationRequest ---------------------------------------------------------------
+GOOD = {"Steps": "20", "CFG scale": "7", "Seed": "5", "Variation seed": "6", "Hires steps": "10",
+        "Size-1": "512", "Size-2": "768"}
+GOOD_FIELDS = {"steps": 20, "cfg_scale": 7.0, "seed": 5, "subseed": 6, "hr_second_pass_steps": 10,
+               "width": 512, "height": 768}
+UNUSABLE_NUMBERS = [
+    # (key, value, field left out)
+    ("Steps", "inf", "steps"),
+    ("Steps", "1e400", "steps"),
+    ("Steps", "-inf", "steps"),
+    ("Seed", "nan", "seed"),
+    ("Seed", str(2**70), "seed"),
+    ("Seed", str(-(2**70)), "seed"),
+    ("Seed", "1e30", "seed"),
+    ("Seed", "9" * 5000, "seed"),  # beyond Python's int-from-text digit limit
+    ("CFG scale", "inf", "cfg_scale"),
+    ("CFG scale", "nan", "cfg_scale"),
+    ("CFG scale", "1e400", "cfg_scale"),
+    ("Variation seed", str(2**64), "subseed"),
+    ("Hires steps", "1e400", "hr_second_pass_steps"),
+    ("Size-1", "inf", "width"),
+]
+
+
+@pytest.mark.parametrize("key, value, field_name", UNUSABLE_NUMBERS)
+def test_non_finite_and_oversized_numbers_are_skipped(key, value, field_name):
+    fields = request_fields({**GOOD, key: value})
+    assert field_name not in fields
+    assert {k: fields[k] for k in GOOD_FIELDS if k != field_name} == {
+        k: v for k, v in GOOD_FIELDS.items() if k != field_name}
+
+
+@pytest.mark.parametrize("value, seed", [(str(2**64 - 1), 2**64 - 1), ("12345678901234567", 12345678901234567),
+                                         ("-1", -1), ("42.0", 42), (" 7 ", 7)])
+def test_whole_numbers_are_read_exactly_up_to_64_bits(value, seed):
+    assert request_fields({"Seed": value})["seed"] == seed
+
+
+@pytest.mark.parametrize("size", [f"{2**70}x64", "64x" + "9" * 5000])
+def test_oversized_seed_resize_is_skipped(size):
+    fields = request_fields(parse_infotext(f"p\nSteps: 3, Seed: 1, Seed resize from: {size}"))
+    assert "seed_resize_from_w" not in fields and "seed_resize_from_h" not in fields
+    assert (fields["steps"], fields["seed"]) == (3, 1)

@@ -227,6 +227,20 @@ def test_a_bad_strength_names_the_fix(sd1_manager):
     assert any("<lora:detail:0.8>" in w for w in result.warnings)
 
 
+@pytest.mark.parametrize("strength, shown", [("1e308", "1e+308"), ("nan", "nan"), ("1:inf", "inf")])
+def test_a_non_finite_or_huge_strength_is_refused_and_the_image_made_without_it(sd1_manager, strength, shown):
+    model = sd1_manager.activate()
+    sd1_lora(sd1_manager.settings, model)
+    before = snapshot(model)
+    plain = pixels(generate(sd1_manager, request()))
+    result = generate(sd1_manager, request(f"a red star <lora:detail:{strength}>"))
+    assert result.warnings == [f"LoRA strength for 'detail' must be a finite number between -100 and 100, "
+                               f"not {shown}; generating without it"]
+    assert torch.equal(pixels(result), plain)
+    assert "Lora hashes" not in result.images[0].infotext
+    assert_same(model, before)
+
+
 # -- SDXL, other file layouts and LyCORIS types ---------------------------------------------------------
 def test_sdxl_kohya_lora_with_both_text_encoders_applies_and_restores(settings, model_files):
     install(settings, model_files["sdxl"])

@@ -1,6 +1,8 @@
 """Output files: A1111's folder and name pattern, numbering that never overwrites, atomic writes."""
 
 import datetime as dt
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -78,3 +80,15 @@ def test_save_txt_writes_the_infotext_beside_the_image(tmp_path):
                               save_txt=True)
     assert path.name == "00000-7-a cat.png"
     assert path.with_suffix(".txt").read_text() == "a cat\nSteps: 3"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)],
+                         ids=["022", "002", "077"])
+def test_saved_files_get_the_usual_mode_for_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        path = outputs.save_image(Image.new("RGB", (4, 4)), tmp_path, 7, "a cat\nSteps: 3", NOW, save_txt=True)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    assert stat.S_IMODE(path.with_suffix(".txt").stat().st_mode) == mode

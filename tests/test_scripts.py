@@ -1,9 +1,13 @@
 """The built-in scripts written on the extension API, on the shipped default model: X/Y/Z plot (grid size,
-labels, cells and their infotexts, checkpoints loaded once, interrupt) and prompts from file."""
+labels, cells and their infotexts, checkpoints loaded once, interrupt, size limits checked before any
+work) and prompts from file."""
 
 from __future__ import annotations
 
+import re
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +37,7 @@ def manager(tmp_path_factory, tokenizer_cache) -> ModelManager:
     shutil.copy(model, ckpt / "second-copy.safetensors")
     shutil.copytree(tokenizer_cache, data / "cache", dirs_exist_ok=True)
     manager = ModelManager(Settings(data_dir=data, default_checkpoint="easel-shapes"))
-    manager.extensions = ExtensionRegistry(ROOT / "extensions")
+    manager.extensions = ExtensionRegistry(data / "extensions")  # nothing there: the built-ins alone
     return manager
 
 
@@ -98,6 +102,73 @@ def test_bad_axis_values_fail_before_any_generation(manager):
     with pytest.raises(RequestError, match="'fast' is not a valid Steps value"):
         xyz(manager, JobControl(on_progress=events.append), x_type="Steps", x_values="4, fast")
     assert events == []
+
+
+@pytest.mark.parametrize("axis, text, expected", [
+    ("Seed", "1-4", [1, 2, 3, 4]),
+    ("Steps", "10-30 (+5)", [10, 15, 20, 25, 30]),
+    ("Seed", "5-1 (-2)", [5, 3, 1]),
+    ("CFG Scale", "0.2-1.0 (+0.2)", [0.2, 0.4, 0.6, 0.8, 1.0]),
+    ("Denoising", "0.2-1.0 [5]", [0.2, 0.4, 0.6, 0.8, 1.0]),
+    ("Sampler", '"Euler a", DPM++ 2M', ["Euler a", "DPM++ 2M"]),
+    ("Seed", "1-1000, 2001-2024", [*range(1, 1001), *range(2001, 2025)]),  # 1024: the limit
+])
+def test_axis_values_and_ranges(manager, axis, text, expected):
+    assert sys.modules["easel_extensions.xyz_plot"].parse_values(axis, text) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("axis, text, asked, largest", [
+    ("Seed", "1-2 [20000]", 20000, "'1-2 [20000]' makes 20000"),
+    ("Seed", "1-1000000000", 1000000000, "'1-1000000000' makes 1000000000"),
+    ("CFG Scale", "0-2 (+0.001)", 2001, "'0-2 (+0.001)' makes 2001"),
+    ("Seed", "1-1000, 2001-2025", 1025, "'1-1000' makes 1000"),
+])
+def test_axis_values_are_counted_before_they_are_built_and_refused_over_the_limit(manager, axis, text, asked,
+                                                                                   largest):
+    xyz_plot = sys.modules["easel_extensions.xyz_plot"]
+    assert xyz_plot.MAX_CELLS == 1024
+    started = time.monotonic()
+    message = f"asks for {asked} values ({largest}); a plot may have at most 1024 cells"
+    with pytest.raises(RequestError, match=re.escape(message)):
+        xyz_plot.parse_values(axis, text)
+    assert time.monotonic() - started < 5
+
+
+def plot_request(size: dict | None = None, **args) -> GenerationRequest:
+    return GenerationRequest(**{**BASE, **(size or {})}, script_name=XYZ, script_args={XYZ: args})
+
+
+@pytest.mark.parametrize("size, args, message", [
+    ({}, dict(x_values="1-40", y_type="Steps", y_values="1-40"),
+     "40 x 40 x 1 = 1600 cells asked; a plot may have at most 1024 cells"),
+    ({"width": 1024, "height": 1024}, dict(x_values="1-20", y_type="Steps", y_values="1-20"),
+     r"20480x20480 pixels \(1024x1024 a cell\); the limit is 16384 pixels a side and 64 megapixels"),
+    ({"width": 1024, "height": 1024}, dict(x_values="1-10", y_type="Steps", y_values="1-10"), "10240x10240 pixels"),
+    ({"width": 512, "height": 512, "enable_hr": True}, dict(x_values="1-8", y_values="1-8", y_type="Steps"),
+     r"8192x8192 pixels \(1024x1024 a cell\)"),  # the hires fix doubles each cell
+    ({"width": 256, "height": 256, "upscaler": "Lanczos", "upscale_by": 4},
+     dict(x_values="1-8", y_type="Steps", y_values="1-8"), r"8192x8192 pixels"),
+    ({"width": None, "height": None}, dict(x_values="1-4", y_type="Steps", y_values="1-4", z_type="CFG Scale",
+     z_values="1-4"), r"16432x4096 pixels \(1024x1024 a cell\)"),  # the model's size; four grids side by side
+])
+def test_a_plot_too_large_is_refused_before_queueing_and_before_any_generation(manager, size, args, message):
+    request = plot_request(size, **args)
+    with pytest.raises(RequestError, match=message):
+        manager.extensions.check_script(request)  # what the API and the UI call before queueing
+    events = []
+    with pytest.raises(RequestError, match=message):
+        generate(manager, request, JobControl(on_progress=events.append))  # the script checks again itself
+    assert events == []
+
+
+def test_plots_within_the_limits_and_other_scripts_pass_the_check(manager):
+    manager.extensions.check_script(plot_request({"width": 512, "height": 512}, x_values="1-8", y_type="Steps",
+                                                 y_values="1-8"))  # 4096x4096: allowed
+    manager.extensions.check_script(plot_request(x_values="1-32", y_type="Steps", y_values="1-32"))  # 1024 cells
+    manager.extensions.check_script(GenerationRequest(**BASE))  # no script
+    manager.extensions.check_script(GenerationRequest(**BASE, script_name="Prompts from file or textbox"))  # no check
+    with pytest.raises(RequestError, match="'purple' .* is not in the prompt"):
+        manager.extensions.check_script(plot_request(x_type="Prompt S/R", x_values="purple, green"))
 
 
 def test_xyz_plot_is_interruptible_between_cells(manager):

@@ -17,7 +17,7 @@ from backend.styles import Style, StyleDatabase, merge_prompt
 from backend.upscalers import TileSettings
 from ui import jobs
 from ui.launch import LaunchError, ServerOptions, check_public, credentials, parse_auth
-from ui.options import Options, load_options, save_options
+from backend.options import Options, load_options, save_options
 from ui.webui import fields_from_infotext, mask_from_editor, token_counter
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,10 +67,14 @@ def preview_path(file: ModelFile) -> Path | None:
     return None
 
 
+SERVED_PREVIEWS = "card-previews"  # cache subfolder of preview copies
+PLACEHOLDERS = "card-placeholders"
+
+
 def placeholder(name: str, cache_dir: Path, size: int = 256) -> Path:
     """A card image for a file without a preview: its initials on a colour derived from its name."""
     digest = hashlib.sha1(name.encode()).hexdigest()
-    path = Path(cache_dir) / "card-placeholders" / f"{digest[:16]}.png"
+    path = Path(cache_dir) / PLACEHOLDERS / f"{digest[:16]}.png"
     if path.is_file():
         return path
     hue = int(digest[:2], 16)
@@ -86,7 +91,23 @@ def placeholder(name: str, cache_dir: Path, size: int = 256) -> Path:
 
 
 def card_image(card: Card, cache_dir: Path) -> Path:
-    return preview_path(card.file) or placeholder(card.name, cache_dir)
+    """The card's picture, as a file the UI may serve: a copy of the preview in the cache (the model
+    folders themselves are never served), or a placeholder."""
+    preview = preview_path(card.file)
+    return served_copy(preview, Path(cache_dir) / SERVED_PREVIEWS) if preview else placeholder(card.name, cache_dir)
+
+
+def served_copy(path: Path, folder: Path) -> Path:
+    """A copy of `path` in `folder`, named by the file's path, size and time (made once per version)."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    target = folder / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}{path.suffix.lower()}"
+    if not target.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(path, tmp)
+        tmp.replace(target)
+    return target
 
 
 def toggle_tag(prompt: str, tag: str) -> str:

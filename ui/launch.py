@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -32,6 +33,7 @@ class ServerOptions:
     nowebui: bool = False  # the API alone
     api_auth: str | None = None  # "user:pass,user2:pass2" for the API (HTTP Basic)
     api_admin: str | None = None  # "user,user2": API users who may stop anyone's job
+    enable_insecure_extension_access: bool = False  # extension installs from the UI on a public server
     flags: dict | None = None  # the command line, for /sdapi/v1/cmd-flags (passwords left out)
 
     @property
@@ -91,69 +93,81 @@ def check_public(options: ServerOptions, pairs: list[tuple[str, str]],
 
 
 def launch(settings, server: ServerOptions, config_path: Path | None = None, block: bool = True):
-    """Build the model manager and the UI and serve it; returns gradio's (app, local_url, share_url)."""
+    """Build the runtime and the UI and serve them; returns gradio's (app, local_url, share_url)."""
     for key, value in OFFLINE_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
     pairs = credentials(server)
     api_pairs = parse_auth(server.api_auth) if server.api_auth else []
     check_public(server, pairs, api_pairs)
 
-    from backend.extensions import ExtensionRegistry
-    from backend.model_manager import ModelManager
-    from ui.options import CONFIG_NAME, load_options
-    from backend.styles import StyleDatabase
-    from ui.webui import CSS, UIContext, build_ui
+    from backend.runtime import Runtime
 
-    config_path = config_path or Path(settings.data_dir) / CONFIG_NAME
-    options = load_options(config_path)
-    if settings.checkpoint_cache_size == 1 and options.checkpoint_cache != 1:
-        settings = settings.with_changes(checkpoint_cache_size=options.checkpoint_cache)
-    manager = ModelManager(settings)
-    manager.extensions = ExtensionRegistry(Path(settings.data_dir) / "extensions", set(options.disabled_extensions))
-    manager.faces.release_after_use = options.face_restoration_unload
-    manager.upscalers.release_after_use = options.upscaler_unload
-    manager.upscalers.tile = options.upscaler_tile()
+    runtime = Runtime.create(settings, config_path)
     try:
-        model = manager.select()
+        model = runtime.manager.select()
         logger.info("Loaded %s", model.label)
     except Exception as exc:  # the UI still starts; the top bar shows the error and lets the user pick
         logger.error("No model loaded at start: %s", exc)
-    context = UIContext(manager, options, config_path, StyleDatabase(settings.styles_file),
-                        public=server.public, authenticated=bool(pairs))
-    atexit.register(context.device.shutdown)  # never leave the process while the device thread runs torch
-    api = None
-    if server.api:
-        from ui.api import ApiAccess, EaselApi, parse_admins
-
-        try:
-            access = ApiAccess.from_pairs(api_pairs, parse_admins(server.api_admin))
-        except ValueError as exc:
-            raise LaunchError(str(exc)) from exc
-        api = EaselApi(context, access, server.flags or {})
+    atexit.register(runtime.shutdown)  # never leave the process while the device thread runs torch
+    api = _api_context(runtime, server, api_pairs) if server.api else None
     if server.nowebui:
         return serve_api_only(api, server, block)
+    return _serve_ui(runtime, server, pairs, api, block)
+
+
+def _api_context(runtime, server: ServerOptions, api_pairs: list[tuple[str, str]]):
+    from api import ApiContext
+    from api.access import ApiAccess, parse_admins
+
+    try:
+        access = ApiAccess.from_pairs(api_pairs, parse_admins(server.api_admin))
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from exc
+    return ApiContext(runtime, access, server.flags or {})
+
+
+def served_folders(settings) -> list[str]:
+    """What the UI's file route may serve: the outputs folder and the cache folders of images made for
+    the UI, never the model folders, the rest of the cache or a folder named by an option."""
+    from ui.extra_networks import PLACEHOLDERS, SERVED_PREVIEWS
+    from ui.webui import UI_IMAGES
+
+    return [str(settings.output_root)] + [str(settings.cache_dir / name) for name in (UI_IMAGES, PLACEHOLDERS,
+                                                                                        SERVED_PREVIEWS)]
+
+
+def _serve_ui(runtime, server: ServerOptions, pairs, api, block: bool):
+    from starlette.middleware import Middleware
+
+    from api import mount
+    from api.access import FailedLogins, LocalHostOnly
+    from ui.webui import CSS, UIContext, build_ui
+
+    context = UIContext(runtime, public=server.public, authenticated=bool(pairs),
+                        allow_extension_install=not server.public or server.enable_insecure_extension_access)
     demo = build_ui(context)
     demo.queue(default_concurrency_limit=1)
-    # Served files: outputs, card placeholders (cache), and the previews beside LoRAs and embeddings.
-    allowed = [str(settings.output_root), str(settings.cache_dir), str(settings.model_dir("lora")),
-               str(settings.model_dir("embeddings"))]
-    allowed += [folder for folder in (options.outdir_txt2img, options.outdir_img2img) if folder.strip()]
+    middleware = [Middleware(SlowFailedLogins, failures=FailedLogins())] if pairs else []
+    if not server.public:
+        middleware.append(Middleware(LocalHostOnly))
     app, local_url, share_url = demo.launch(
         server_name="0.0.0.0" if server.listen else "127.0.0.1",
         server_port=server.port,
         share=server.share,
         auth=pairs or None,
         auth_message="Easel: sign in with the credentials given to --gradio-auth" if pairs else None,
-        allowed_paths=allowed,
+        allowed_paths=served_folders(runtime.settings),
+        blocked_paths=[str(runtime.settings.models_dir)],
         css=CSS,
         prevent_thread_lock=True,
         quiet=False,
         footer_links=["settings"],
+        app_kwargs={"middleware": middleware},
     )
     if api is not None:
-        api.mount(app)
-        logger.info("API at %s/sdapi/v1 and %s/easel/v1/jobs, docs at %s/docs", local_url.rstrip("/"),
-                    local_url.rstrip("/"), local_url.rstrip("/"))
+        mount(app, api)
+        url = local_url.rstrip("/")
+        logger.info("API at %s/sdapi/v1 and %s/easel/v1/jobs, docs at %s/docs", url, url, url)
     if server.share and not share_url:
         logger.error("The share link could not be created (it needs the network to reach gradio's tunnel); "
                      "still serving at %s", local_url)
@@ -161,6 +175,30 @@ def launch(settings, server: ServerOptions, config_path: Path | None = None, blo
     if block:
         demo.block_thread()
     return demo, local_url, share_url
+
+
+class SlowFailedLogins:
+    """ASGI middleware: a failed sign-in on gradio's login route waits before its answer, longer after
+    each failure from the same address (see `api.access.FailedLogins`)."""
+
+    def __init__(self, app, failures):
+        self.app, self.failures = app, failures
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or not scope["path"].rstrip("/").endswith("/login"):
+            await self.app(scope, receive, send)
+            return
+        address = (scope.get("client") or ("?",))[0]
+
+        async def answer(message):
+            if message["type"] == "http.response.start":
+                if message["status"] >= 400:
+                    await asyncio.sleep(self.failures.failed(address))
+                else:
+                    self.failures.succeeded(address)
+            await send(message)
+
+        await self.app(scope, receive, answer)
 
 
 class ApiServer:
@@ -193,8 +231,13 @@ class ApiServer:
 def serve_api_only(api, server: ServerOptions, block: bool):
     from fastapi import FastAPI
 
+    from api import mount
+    from api.access import LocalHostOnly
+
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, title="Easel API")
-    api.mount(app)
+    mount(app, api)
+    if not server.public:
+        app.add_middleware(LocalHostOnly)
     host = "0.0.0.0" if server.listen else "127.0.0.1"
     port = server.port or 7861  # A1111's --nowebui port
     handle = ApiServer(app, host, port)

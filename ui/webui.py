@@ -26,6 +26,7 @@ from PIL import Image
 from backend import clip_tokenizer, conditioning, infotext, outputs
 from backend.embeddings import NO_EMBEDDINGS, EncoderVocabulary
 from backend.extra_networks import parse_tags
+from backend.errors import InputError, describe
 from backend.faces import FaceRestorationError
 from backend.generation import generate
 from backend.hires import HIRES_LATENT_MODES, SAME_SAMPLER
@@ -39,7 +40,8 @@ from backend.styles import Style, StyleDatabase
 from backend.upscalers import UpscalerError
 from backend.wildcards import Wildcards
 from ui import extra_networks, jobs
-from ui.options import Options, save_options
+from backend.options import Options
+from backend.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ CHUNK_TOKENS = 75
 EXTRA_NETWORK_KINDS = {"Lora": "lora", "Textual Inversion": "embedding"}
 IMG2IMG_MODES = ("img2img", "sketch", "inpaint", "inpaint upload")
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
+UI_IMAGES = "ui-images"  # cache subfolder of the images the UI serves from outside the outputs folder
 CSS = """
 #easel-topbar {align-items: end}
 .easel-tokens {text-align: right; font-size: 0.8em; opacity: 0.7; min-height: 1em}
@@ -63,21 +66,34 @@ CSS = """
 
 @dataclass
 class UIContext:
-    """What the handlers share: the engine, the options and the per-session job registry."""
+    """What the handlers share: the runtime, how the server is reached, and the per-session jobs."""
 
-    manager: ModelManager
-    options: Options
-    options_path: Path
-    styles: StyleDatabase
-    jobs: jobs.JobRegistry = field(default_factory=jobs.JobRegistry)
-    device: DeviceQueue = field(default_factory=DeviceQueue)  # shared with the REST API
+    runtime: Runtime
     public: bool = False  # served beyond this machine: no server-side folder opening
     authenticated: bool = False  # the UI asks for a login (--gradio-auth)
+    allow_extension_install: bool = True  # local, or --enable-insecure-extension-access
+    jobs: jobs.JobRegistry = field(default_factory=jobs.JobRegistry)
     _tokenizer: Any = None
 
     @property
+    def manager(self) -> ModelManager:
+        return self.runtime.manager
+
+    @property
+    def options(self) -> Options:
+        return self.runtime.options
+
+    @property
     def settings(self):
-        return self.manager.settings
+        return self.runtime.settings
+
+    @property
+    def device(self) -> DeviceQueue:
+        return self.runtime.device
+
+    @property
+    def styles(self) -> StyleDatabase:
+        return self.runtime.styles
 
     def tokenizer(self):
         if self._tokenizer is None:  # every SD family uses CLIP's BPE vocabulary: one counts for all
@@ -163,11 +179,8 @@ def progress_html(event: jobs.Running) -> str:
 
 
 def describe_error(exc: BaseException) -> str:
-    expected = ("RequestError", "SamplerError", "ModelNotFoundError", "NoCheckpointError", "CheckpointLoadError",
-                "CheckpointFormatError", "NonFiniteOutputError", "WildcardError", "FaceRestorationError",
-                "DownloadError", "UpscalerError", "Error")
-    name = type(exc).__name__
-    return str(exc) if name in expected else f"{name}: {exc}"
+    """One line for the status area: Easel's errors and gradio's as they are, a bug with its class."""
+    return str(exc.message) if isinstance(exc, gr.Error) else describe(exc)
 
 
 def open_folder(path: Path) -> None:
@@ -414,22 +427,12 @@ class EaselUI:
                 values[page["_upload_image"]], values[page["_upload_mask"]],
             )
             fields["init_image"], fields["mask"] = image.convert("RGB"), mask
-        options = self.ctx.options
         return GenerationRequest(
-            **fields,
+            **{**self.ctx.runtime.request_defaults(mode), **fields},
             checkpoint=top["checkpoint"] or None,
             vae=top["vae"] or None,
             clip_skip=int(top["clip_skip"]),
-            save_images=options.save_images,
-            output_dir=options.output_dir("txt2img" if mode == "txt2img" else "img2img"),
-            filename_pattern=options.filename_pattern,
-            emphasis=options.emphasis,
             styles=tuple(values.get(page["_styles"]) or ()),
-            same_wildcards=options.same_wildcards,
-            save_txt=options.save_txt,
-            face_restorer=options.face_restoration_model,
-            codeformer_weight=options.code_former_weight,
-            save_before_face_restoration=options.save_images_before_face_restoration,
             script_args=self._script_args(page, values),
         )
 
@@ -524,10 +527,12 @@ class EaselUI:
         }
 
     def _servable_path(self, image) -> Path:
-        """The saved PNG, or (saving off) a PNG with the same infotext in the cache, so downloads keep it."""
-        if image.path is not None:
+        """A file the UI may serve with the image and its infotext: the saved PNG when it is under the
+        outputs folder, else a PNG in the cache (saving off, or a folder of the user's choosing)."""
+        root = self.ctx.settings.output_root.resolve()
+        if image.path is not None and root in Path(image.path).resolve().parents:
             return image.path
-        folder = self.ctx.settings.cache_dir / "ui-images"
+        folder = self.ctx.settings.cache_dir / UI_IMAGES
         folder.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=folder, suffix=".png")
         with os.fdopen(fd, "wb") as handle:
@@ -590,7 +595,7 @@ class EaselUI:
         self._wire_extra_networks(mode)
 
         def open_outputs():
-            folder = ctx.options.output_dir(mode) or ctx.settings.output_root / f"{mode}-images"
+            folder = ctx.runtime.output_dir(mode)
             if ctx.public:
                 gr.Info(f"Images are saved on the server in {folder}")
                 return
@@ -961,12 +966,10 @@ class EaselUI:
         result = gr.HTML(elem_id="extensions_result")
 
         def apply_enabled(chosen):
-            candidate = replace(ctx.options, disabled_extensions=sorted(set(names) - set(chosen or [])))
             try:
-                save_options(candidate, ctx.options_path)
-            except (ValueError, OSError) as exc:
+                ctx.runtime.apply({"disabled_extensions": sorted(set(names) - set(chosen or []))})
+            except InputError as exc:
                 return gr.skip(), _error_html(f"Not saved: {exc}")
-            ctx.options = candidate
             for name in chosen or []:  # enabling also removes an extensions/<name>.disabled marker
                 if registry.folder is not None:
                     (registry.folder / f"{name}.disabled").unlink(missing_ok=True)
@@ -976,8 +979,8 @@ class EaselUI:
             from backend.extensions import InstallError, install
 
             try:
-                path = install(address, registry.folder or Path(ctx.settings.data_dir) / "extensions",
-                               public=ctx.public, authenticated=ctx.authenticated)
+                path = install(address, Path(ctx.settings.data_dir) / "extensions", public=ctx.public,
+                               allow_insecure=ctx.allow_extension_install)
             except InstallError as exc:
                 return _error_html(str(exc))
             return f"<div>Installed into {html.escape(str(path))}; restart Easel to load it.</div>"
@@ -1024,27 +1027,19 @@ class EaselUI:
             apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit")
             result = gr.HTML(elem_id="settings_result")
 
-        names = list(controls)
-
-        def apply_settings(*values):
-            typed = dict(zip(names, values))
+        def apply_settings(values: dict):
+            typed = {name: values[component] for name, component in controls.items()}
             for name in ("checkpoint_cache", "default_steps", "live_preview_every", "ESRGAN_tile", "ESRGAN_tile_overlap"):
                 typed[name] = int(typed[name])
             typed["default_cfg_scale"] = float(typed["default_cfg_scale"])
             typed["code_former_weight"] = float(typed["code_former_weight"])
-            candidate = replace(ctx.options, **typed)
             try:
-                save_options(candidate, ctx.options_path)
-            except (ValueError, OSError) as exc:
+                ctx.runtime.apply(typed)
+            except InputError as exc:
                 return _error_html(f"Not saved: {exc}")
-            ctx.options = candidate
-            ctx.manager.set_cache_size(candidate.checkpoint_cache)
-            ctx.manager.faces.release_after_use = candidate.face_restoration_unload
-            ctx.manager.upscalers.release_after_use = candidate.upscaler_unload
-            ctx.manager.upscalers.tile = candidate.upscaler_tile()
-            return f"<div>Saved to {ctx.options_path}; applied.</div>"
+            return f"<div>Saved to {ctx.runtime.options_path}; applied.</div>"
 
-        apply.click(apply_settings, inputs=[controls[n] for n in names], outputs=result, queue=False,
+        apply.click(apply_settings, inputs=set(controls.values()), outputs=result, queue=False,
                     api_visibility="private")
 
     def build(self) -> gr.Blocks:

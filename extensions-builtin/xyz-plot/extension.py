@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import math
 import re
 
 from PIL import Image, ImageDraw, ImageFont
@@ -19,6 +20,12 @@ from backend.extensions import Control
 from backend.request import GeneratedImage, RequestError
 
 TITLE = "X/Y/Z plot"
+# Limits, checked before any work: a plot's cells, and its grid image's pixels (cells only, no legend)
+MAX_CELLS = 1024
+MAX_GRID_SIDE = 16384
+MAX_GRID_PIXELS = 64_000_000
+LARGEST_NATIVE_SIZE = 1024  # a request without width/height gets the model's: at most SDXL's 1024
+JOIN_GAP = 16  # pixels between the grids of a Z axis
 LORA_TAG = re.compile(r"(<lora:[^:>]+:)([-+]?\d*\.?\d+)")
 # axis -> (value type, GenerationRequest field or a special)
 AXES = {
@@ -49,40 +56,101 @@ def register(easel) -> None:
         Control("z_values", "Z values", "text", ""),
         Control("draw_legend", "Draw legend", "checkbox", True),
         Control("include_cells", "Include the cell images", "checkbox", True),
-    ], run)
+    ], run, check=check)
 
 
-def parse_values(axis: str, text: str) -> list:
-    """The values of one axis: comma-separated (quotes allowed), with ranges for numeric axes."""
+def parse_values(axis: str, text: str, limit: int = MAX_CELLS) -> list:
+    """The values of one axis: comma-separated (quotes allowed), with ranges for numeric axes; each
+    range is counted before it is built, and more than `limit` values in all are refused."""
     kind, _ = AXES[axis]
     if axis == "Nothing":
         return [None]
     items = [item.strip() for row in csv.reader([text], skipinitialspace=True) for item in row if item.strip()]
     if not items:
         raise RequestError(f"X/Y/Z plot: the {axis} axis has no values")
+    matches = [_RANGE.match(item) if kind in (int, float) else None for item in items]
+    counts = [_range_count(item, kind, match) if match else 1 for item, match in zip(items, matches)]
+    if sum(counts) > limit:
+        largest = max(range(len(items)), key=counts.__getitem__)
+        raise RequestError(f"X/Y/Z plot: the {axis} axis asks for {sum(counts)} values ('{items[largest]}' "
+                           f"makes {counts[largest]}); a plot may have at most {limit} cells")
     values = []
-    for item in items:
-        match = _RANGE.match(item) if kind in (int, float) else None
+    for item, match, count in zip(items, matches, counts):
         if match:
-            start, end, step, count = match.groups()
-            start, end = kind(float(start)), kind(float(end))
-            if count:
-                n = int(count)
-                values += [kind(start + (end - start) * i / max(1, n - 1)) for i in range(n)]
-            else:
-                step_value = kind(float(step)) if step else kind(1)
-                if step_value == 0 or (end - start) / step_value > 1000:
-                    raise RequestError(f"X/Y/Z plot: range '{item}' is too long or has a zero step")
-                value = start
-                while (value <= end) if step_value > 0 else (value >= end):
-                    values.append(round(value, 6) if kind is float else value)
-                    value += step_value
+            values += _range_values(kind, match, count)
             continue
         try:
             values.append(kind(float(item)) if kind is int else kind(item))
         except ValueError:
             raise RequestError(f"X/Y/Z plot: '{item}' is not a valid {axis} value") from None
     return values
+
+
+def _range_count(item: str, kind: type, match: re.Match) -> int:
+    """How many values a range makes: `a-b [n]` makes n; `a-b` and `a-b (+s)` step from a to b."""
+    start, end, step, count = match.groups()
+    if count:
+        return int(count)
+    step_value = kind(float(step)) if step else kind(1)
+    if step_value == 0:
+        raise RequestError(f"X/Y/Z plot: range '{item}' has a zero step")
+    steps = (kind(float(end)) - kind(float(start))) / step_value
+    return math.floor(steps + 1e-9) + 1 if steps > -1e-9 else 0
+
+
+def _range_values(kind: type, match: re.Match, count: int) -> list:
+    start, end, step, spaced = match.groups()
+    start, end = kind(float(start)), kind(float(end))
+    if spaced:
+        return [kind(start + (end - start) * i / max(1, count - 1)) for i in range(count)]
+    step_value = kind(float(step)) if step else kind(1)
+    values = [start + i * step_value for i in range(count)]
+    return [round(value, 6) for value in values] if kind is float else values
+
+
+def cell_size(request) -> tuple[int, int]:
+    """The largest (width, height) a cell's image can have: a size left to the model counts as the
+    largest native size, and the hires fix and the upscaler enlarge it."""
+    width, height = request.width or LARGEST_NATIVE_SIZE, request.height or LARGEST_NATIVE_SIZE
+    if request.enable_hr and request.init_image is None:
+        if request.hr_resize_x or request.hr_resize_y:
+            width, height = (request.hr_resize_x or round(request.hr_resize_y * width / height),
+                             request.hr_resize_y or round(request.hr_resize_x * height / width))
+        else:
+            width, height = round(width * request.hr_scale), round(height * request.hr_scale)
+    if request.upscaler and request.upscaler != "None":
+        width, height = round(width * request.upscale_by), round(height * request.upscale_by)
+    return width, height
+
+
+def plan(args: dict, request) -> tuple[list[tuple[str, str]], list[list]]:
+    """The axes and their values, or a RequestError before any work: an unknown axis, a bad value, a
+    Prompt S/R word not in the prompt, more than MAX_CELLS cells, or a grid larger than MAX_GRID_SIDE
+    pixels a side or MAX_GRID_PIXELS in all."""
+    axes = [(args["x_type"], args["x_values"]), (args["y_type"], args["y_values"]), (args["z_type"], args["z_values"])]
+    for axis, _ in axes:
+        if axis not in AXES:
+            raise RequestError(f"X/Y/Z plot: unknown axis '{axis}'; axes: {', '.join(AXES)}")
+    values = [parse_values(axis, str(text or "")) for axis, text in axes]
+    columns, rows, grids = (len(v) for v in values)
+    if columns * rows * grids > MAX_CELLS:
+        raise RequestError(f"X/Y/Z plot: {columns} x {rows} x {grids} = {columns * rows * grids} cells asked; "
+                           f"a plot may have at most {MAX_CELLS} cells")
+    width, height = cell_size(request)
+    side_x, side_y = grids * columns * width + JOIN_GAP * (grids - 1), rows * height
+    if max(side_x, side_y) > MAX_GRID_SIDE or side_x * side_y > MAX_GRID_PIXELS:
+        raise RequestError(f"X/Y/Z plot: the grid would be {side_x}x{side_y} pixels ({width}x{height} a cell); "
+                           f"the limit is {MAX_GRID_SIDE} pixels a side and {MAX_GRID_PIXELS // 1_000_000} "
+                           f"megapixels: plot fewer or smaller cells")
+    for (axis, _), vals in zip(axes, values):
+        if axis == "Prompt S/R" and vals[0] not in request.prompt and vals[0] not in request.negative_prompt:
+            raise RequestError(f"X/Y/Z plot: '{vals[0]}' (the first Prompt S/R value) is not in the prompt")
+    return axes, values
+
+
+def check(args: dict, request) -> None:
+    """Registered with the script: refuses a plot before it is queued (see `plan`)."""
+    plan(args, request)
 
 
 def apply(request, axis: str, value, search: str | None):
@@ -111,15 +179,8 @@ def label(axis: str, value) -> str:
 
 def run(job) -> None:
     args, request = job.args, job.request
-    axes = [(args["x_type"], args["x_values"]), (args["y_type"], args["y_values"]), (args["z_type"], args["z_values"])]
-    for axis, _ in axes:
-        if axis not in AXES:
-            raise RequestError(f"X/Y/Z plot: unknown axis '{axis}'; axes: {', '.join(AXES)}")
-    values = [parse_values(axis, text) for axis, text in axes]
+    axes, values = plan(args, request)  # the check again, for callers that did not run it before queueing
     searches = [vals[0] if axis == "Prompt S/R" else None for (axis, _), vals in zip(axes, values)]
-    for (axis, _), search in zip(axes, searches):
-        if search is not None and search not in request.prompt and search not in request.negative_prompt:
-            raise RequestError(f"X/Y/Z plot: '{search}' (the first Prompt S/R value) is not in the prompt")
     cells = list(itertools.product(*(range(len(v)) for v in values)))  # (ix, iy, iz)
     checkpoint_axes = [i for i, (axis, _) in enumerate(axes) if axis == "Checkpoint name"]
     if checkpoint_axes:  # cells sharing a checkpoint run together, the current one first: each loads once
@@ -201,7 +262,7 @@ def draw_grid(cells, x_labels, y_labels, title: str, legend: bool) -> Image.Imag
 
 
 def join(grids: list[Image.Image]) -> Image.Image:
-    gap = 16
+    gap = JOIN_GAP
     out = Image.new("RGB", (sum(g.width for g in grids) + gap * (len(grids) - 1), max(g.height for g in grids)),
                     "white")
     x = 0

@@ -7,42 +7,45 @@ ControlNet units, ...) that a server may not have.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Integers a client may send: 64-bit (a larger one is a 422, not a 500 when it is echoed back).
+Int = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # NaN and inf are refused (422)
 
 
 class Txt2ImgRequest(_Body):
     prompt: str = ""
     negative_prompt: str = ""
     styles: list[str] = Field(default_factory=list)
-    seed: int = -1
-    subseed: int = -1
+    seed: Int = -1
+    subseed: Int = -1
     subseed_strength: float = 0.0
-    seed_resize_from_h: int = -1
-    seed_resize_from_w: int = -1
+    seed_resize_from_h: Int = -1
+    seed_resize_from_w: Int = -1
     sampler_name: str | None = None
     sampler_index: str = "Euler"  # A1111's older field; used when sampler_name is not given
     scheduler: str | None = None  # "Automatic", "Karras", ... or A1111's names "karras", "sgm_uniform", ...
-    batch_size: int = 1
-    n_iter: int = 1
-    steps: int = 50
+    batch_size: Int = 1
+    n_iter: Int = 1
+    steps: Int = 50
     cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
+    width: Int = 512
+    height: Int = 512
     restore_faces: bool | None = None
     tiling: bool | None = None
     denoising_strength: float | None = None
     enable_hr: bool = False
     hr_scale: float = 2.0
     hr_upscaler: str | None = None
-    hr_second_pass_steps: int = 0
-    hr_resize_x: int = 0
-    hr_resize_y: int = 0
+    hr_second_pass_steps: Int = 0
+    hr_resize_x: Int = 0
+    hr_resize_y: Int = 0
     hr_sampler_name: str | None = None
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
@@ -58,14 +61,14 @@ class Txt2ImgRequest(_Body):
 
 class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[str] = Field(default_factory=list)  # base64 images (a data: prefix is allowed)
-    resize_mode: int = 0  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale (as 0)
+    resize_mode: Int = 0  # 0 just resize, 1 crop and resize, 2 resize and fill, 3 latent upscale (as 0)
     denoising_strength: float | None = 0.75
     mask: str | None = None
-    mask_blur: int = 4
-    inpainting_fill: int = 0  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
+    mask_blur: Int = 4
+    inpainting_fill: Int = 0  # 0 fill, 1 original, 2 latent noise, 3 latent nothing
     inpaint_full_res: bool = True  # "Only masked"
-    inpaint_full_res_padding: int = 0
-    inpainting_mask_invert: int = 0
+    inpaint_full_res_padding: Int = 0
+    inpainting_mask_invert: Int = 0
     include_init_images: bool = False
 
 
@@ -76,14 +79,14 @@ class GenerationResponse(BaseModel):
 
 
 class ExtrasOptions(_Body):
-    resize_mode: int = 0  # 0 scale by upscaling_resize, 1 scale to upscaling_resize_w x _h
+    resize_mode: Int = 0  # 0 scale by upscaling_resize, 1 scale to upscaling_resize_w x _h
     show_extras_results: bool = True
     gfpgan_visibility: float = 0.0
     codeformer_visibility: float = 0.0
     codeformer_weight: float = 0.0
     upscaling_resize: float = 2.0
-    upscaling_resize_w: int = 512
-    upscaling_resize_h: int = 512
+    upscaling_resize_w: Int = 512
+    upscaling_resize_h: Int = 512
     upscaling_crop: bool = True
     upscaler_1: str = "None"
     upscaler_2: str = "None"
@@ -131,17 +134,19 @@ class ProgressResponse(BaseModel):
     current_image: str | None = None
     textinfo: str | None = None
     current_task: str | None = None
-    queue_length: int = Field(0, description="jobs waiting for the device (Easel)")
+    queue_length: Int = Field(0, description="jobs waiting for the device (Easel)")
 
 
 class JobStatus(BaseModel):
     id: str
     kind: str
     status: str = Field(description="queued, running, done, failed or cancelled")
-    position: int = Field(description="jobs to run before this one (0 once it runs)")
-    queue_length: int
+    position: Int = Field(description="jobs to run before this one (0 once it runs)")
+    queue_length: Int
     progress: float
     eta_relative: float | None
     step: int | None = None
     steps: int | None = None
     error: str | None = None
+    images: int | None = Field(None, description="images made, once finished")
+    warnings: list[str] = Field(default_factory=list, description="what went differently than asked, once finished")

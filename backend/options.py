@@ -1,4 +1,4 @@
-"""UI options kept in `config.json` in the data folder (A1111 keeps its settings there too).
+"""Options kept in `config.json` in the data folder (A1111 keeps its settings there too).
 
 Written atomically (temporary file, then rename), so a crash mid-write never leaves a broken file; an
 unreadable or partly invalid file falls back to defaults field by field and says which.
@@ -13,8 +13,10 @@ import tempfile
 from dataclasses import asdict, dataclass, field as dataclass_field, fields
 from pathlib import Path
 
+from backend.errors import InputError
 from backend.request import EMPHASIS_MODES
 from backend.samplers import SAMPLER_NAMES
+from backend.settings import MODEL_FOLDERS
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +80,6 @@ class Options:
 
         return TileSettings(self.ESRGAN_tile, self.ESRGAN_tile_overlap)
 
-    def output_dir(self, mode: str) -> Path | None:
-        folder = self.outdir_txt2img if mode == "txt2img" else self.outdir_img2img
-        return Path(folder) if folder.strip() else None
 
 
 def load_options(path: Path) -> Options:
@@ -128,3 +127,38 @@ def save_options(options: Options, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+FOLDER_OPTIONS = ("outdir_txt2img", "outdir_img2img")
+MAX_FOLDER_CHARS = 1024
+# Folders no output option may name: the system's own and Easel's models and cache.
+_SYSTEM_FOLDERS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/run", "/sbin", "/sys",
+                   "/usr")
+
+
+def check_output_folder(key: str, value: str, settings) -> None:
+    """An output folder option must be a folder Easel may write its images into: not the file system's
+    root, not a system folder, not the models or cache folder. Empty means the default folder."""
+    if not value.strip():
+        return
+    if len(value) > MAX_FOLDER_CHARS or "\0" in value:
+        raise InputError(f"{key} must be a folder path of at most {MAX_FOLDER_CHARS} characters")
+    folder = (Path(settings.data_dir) / value.strip()).resolve()
+    refused = [Path(settings.models_dir), settings.cache_dir, *(settings.model_dir(k) for k in MODEL_FOLDERS)]
+    if folder == Path(folder.anchor) or any(_inside(folder, Path(s)) for s in _SYSTEM_FOLDERS) or any(
+            _inside(folder, Path(r).resolve()) for r in refused):
+        raise InputError(f"{key} cannot be {folder}: choose a folder for images, such as "
+                         f"{settings.output_root / 'my-images'} (system, models and cache folders are refused)")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def clean_stale_temporaries(folder: Path) -> None:
+    """Remove `.config-*.json` files that an interrupted save left behind."""
+    for stale in Path(folder).glob(".config-*.json"):
+        try:
+            stale.unlink()
+        except OSError as error:
+            logger.warning("Cannot remove the stale temporary %s: %s", stale, error)

@@ -1,0 +1,158 @@
+"""`Runtime`: the one object a running Easel is made of. Built once by `app.py` from `Settings`, it owns
+the persisted options, the model manager, the device queue, the loaded extensions and the styles.
+
+Options change in one place, `apply()`, used by the Settings tab, `POST /sdapi/v1/options` and start-up
+alike; requests take their option-derived defaults from one place, `request_defaults()`, for the UI,
+the API and the CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from backend.errors import InputError
+from backend.extensions import ExtensionRegistry
+from backend.job_queue import DeviceQueue
+from backend.model_manager import ModelManager
+from backend.options import (CONFIG_NAME, FOLDER_OPTIONS, Options, check_output_folder, clean_stale_temporaries,
+                             load_options, save_options)
+from backend.settings import Settings
+from backend.styles import StyleDatabase
+
+logger = logging.getLogger(__name__)
+
+# A1111's option names for Easel's options of another name.
+OPTION_ALIASES = {"samples_save": "save_images", "sd_checkpoint_cache": "checkpoint_cache",
+                  "samples_filename_pattern": "filename_pattern", "show_progress_every_n_steps": "live_preview_every"}
+RESTART_OPTIONS = ("disabled_extensions",)  # read at start only
+OPTION_NAMES = tuple(sorted(f.name for f in fields(Options)))
+
+
+def option_name(key: str) -> str | None:
+    """Easel's name of an option given by Easel's or A1111's name; None if it is not an option."""
+    name = OPTION_ALIASES.get(key, key)
+    return name if name in OPTION_NAMES else None
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    options: Options
+    options_path: Path
+    manager: ModelManager
+    extensions: ExtensionRegistry
+    styles: StyleDatabase
+    device: DeviceQueue = field(default_factory=DeviceQueue)
+
+    def __post_init__(self) -> None:
+        self.manager.extensions = self.extensions  # generation reads the extensions from the manager
+    @classmethod
+    def create(cls, settings: Settings, config_path: Path | None = None,
+               manager: ModelManager | None = None) -> Runtime:
+        """Read the options, build the model manager and load the extensions (no model is loaded)."""
+        options_path = Path(config_path or Path(settings.data_dir) / CONFIG_NAME)
+        clean_stale_temporaries(options_path.parent)
+        options = load_options(options_path)
+        options = _drop_unsafe_folders(options, settings)
+        if settings.checkpoint_cache_size == 1 and options.checkpoint_cache != 1:
+            settings = settings.with_changes(checkpoint_cache_size=options.checkpoint_cache)
+        manager = manager or ModelManager(settings)
+        extensions = ExtensionRegistry(Path(settings.data_dir) / "extensions", set(options.disabled_extensions))
+        runtime = cls(settings, options, options_path, manager, extensions, StyleDatabase(settings.styles_file))
+        runtime._apply_to_parts(options)
+        return runtime
+
+    # -- options ---------------------------------------------------------------------------------
+    def checked(self, changes: dict[str, Any]) -> Options:
+        """The options with `changes` (A1111's names accepted), validated; nothing is saved or applied.
+        An `InputError` names the first change that is not valid."""
+        values = {OPTION_ALIASES.get(key, key): value for key, value in changes.items()}
+        unknown = sorted(set(values) - set(OPTION_NAMES))
+        if unknown:
+            raise InputError(f"unknown option(s): {', '.join(unknown)}; known: {', '.join(OPTION_NAMES)}")
+        for key, value in values.items():
+            _check_type(key, value, getattr(self.options, key))
+            if key in FOLDER_OPTIONS:
+                check_output_folder(key, value, self.settings)
+        try:
+            candidate = replace(self.options, **values)
+            candidate.validate()
+        except (TypeError, ValueError) as error:
+            raise InputError(f"options not applied: {error}") from None
+        return candidate
+
+    def apply(self, changes: dict[str, Any], save: bool = True) -> list[str]:
+        """Check, save (atomically) and apply option changes; returns the option names changed.
+        Nothing is saved or applied unless every change is valid."""
+        candidate = self.checked(changes)
+        if save:
+            try:
+                save_options(candidate, self.options_path)
+            except OSError as error:
+                raise InputError(f"options not saved to {self.options_path}: {error}") from None
+        self.options = candidate
+        self._apply_to_parts(candidate)
+        return sorted(OPTION_ALIASES.get(key, key) for key in changes)
+
+    def _apply_to_parts(self, options: Options) -> None:
+        manager = self.manager
+        if manager.settings.checkpoint_cache_size != options.checkpoint_cache:
+            manager.set_cache_size(options.checkpoint_cache)
+        manager.faces.release_after_use = options.face_restoration_unload
+        manager.upscalers.release_after_use = options.upscaler_unload
+        manager.upscalers.tile = options.upscaler_tile()
+
+    # -- what requests start from ----------------------------------------------------------------
+    def request_defaults(self, mode: str, controls: bool = False, options: Options | None = None) -> dict[str, Any]:
+        """`GenerationRequest` fields that come from the options, for a txt2img or img2img request.
+
+        `controls` adds the default sampler, steps and CFG scale (the UI's and the CLI's starting
+        values; A1111's API has defaults of its own for those). `options`: a request's own (overridden).
+        """
+        o = options or self.options
+        defaults: dict[str, Any] = dict(
+            save_images=o.save_images, output_dir=self.output_dir(mode, o), filename_pattern=o.filename_pattern,
+            save_txt=o.save_txt, emphasis=o.emphasis, same_wildcards=o.same_wildcards,
+            face_restorer=o.face_restoration_model, codeformer_weight=o.code_former_weight,
+            save_before_face_restoration=o.save_images_before_face_restoration,
+        )
+        if controls:
+            defaults.update(sampler=o.default_sampler, steps=o.default_steps, cfg_scale=o.default_cfg_scale)
+        return defaults
+
+    def output_dir(self, mode: str, options: Options | None = None) -> Path:
+        """Where `mode`'s images go: the option's folder (a relative one under the data folder, as A1111
+        reads it under its install), or A1111's `<outputs>/<mode>-images`."""
+        mode = "img2img" if mode != "txt2img" else mode
+        options = options or self.options
+        chosen = options.outdir_txt2img if mode == "txt2img" else options.outdir_img2img
+        if chosen.strip():
+            return Path(self.settings.data_dir) / chosen.strip()  # an absolute folder replaces the base
+        return self.settings.output_root / f"{mode}-images"
+
+    def shutdown(self) -> None:
+        self.device.shutdown()
+
+
+def _check_type(key: str, value: Any, current: Any) -> None:
+    number = isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(value, type(current)) and not (isinstance(value, bool) and not isinstance(current, bool)) or number:
+        if isinstance(current, list) and not all(isinstance(item, str) for item in value):
+            raise InputError(f"option {key} takes a list of names, not {value!r}")
+        return
+    raise InputError(f"option {key} takes a {type(current).__name__}, not {value!r}")
+
+
+def _drop_unsafe_folders(options: Options, settings: Settings) -> Options:
+    """Folder options that fail the checks (a file edited by hand, an older Easel) fall back to the
+    default folder, with a warning."""
+    for key in FOLDER_OPTIONS:
+        try:
+            check_output_folder(key, getattr(options, key), settings)
+        except InputError as error:
+            logger.warning("Ignoring %s from the options: %s", key, error)
+            options = replace(options, **{key: ""})
+    return options
