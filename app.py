@@ -164,9 +164,9 @@ _REQUEST_ARGS = (
 def run_extras(args: argparse.Namespace, settings: Settings) -> int:
     from PIL import Image
 
+    from backend.errors import InputError
     from backend.postprocess import ExtrasRequest, run_extras
     from backend.runtime import Runtime
-    from backend.errors import InputError
 
     images = []
     for path in args.image:

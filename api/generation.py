@@ -49,9 +49,7 @@ def plan(api: ApiContext, body: m.Txt2ImgRequest, mode: str, caller: Caller) -> 
     if mode == "img2img":
         fields.update(convert.img2img_fields(body))
     result = Plan(convert.build_request(fields))
-    check_script = getattr(runtime.extensions, "check_script", None)
-    if check_script is not None:
-        check_script(result.request)
+    runtime.extensions.check_script(result.request)  # an X/Y/Z plot too large is refused before queueing
     result.warnings += [f"override setting '{key}' is not an option Easel knows; ignored" for key in overrides
                         if not option_name(key) and key not in convert.REQUEST_OVERRIDES]
     if not values["override_settings_restore_afterwards"] and overrides:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,18 +16,26 @@ from typing import Any
 
 import torch
 
-from backend.errors import ModelFileError
 from backend import clip_tokenizer, ldm_layout, model_detection
+from backend.errors import ModelFileError
 from backend.model_detection import CheckpointFormatError, ModelSpec
 
 logger = logging.getLogger(__name__)
+
 
 class CheckpointLoadError(ModelFileError):
     """A checkpoint could not be loaded; the message names the file and the fix."""
 
 
 class UnsafeCheckpointError(CheckpointLoadError):
-    pass
+    """A pickled checkpoint refused because unpickling it would import or run code."""
+
+
+# What a malformed pickle makes torch's weights-only unpickler raise besides UnpicklingError
+# (an empty stack, a missing memo entry, an allow-listed function called with wrong arguments).
+_MALFORMED_PICKLE_ERRORS = (LookupError, TypeError, AttributeError, AssertionError, ArithmeticError, struct.error)
+# Lines of torch's refusal that are advice for Python programmers, not the reason.
+_TORCH_ADVICE = ("Weights only load failed", "(1)", "(2)", "Please file an issue", "Check the documentation")
 
 
 class _LightningCheckpointCallback:
@@ -62,19 +71,33 @@ def _numpy_safe_globals() -> list:
     return found
 
 
+def _refusal_reason(error: pickle.UnpicklingError) -> str:
+    """The line of torch's weights-only refusal that says what it refused ("Unsupported global: GLOBAL
+    print was not an allowed global by default"), without its advice and terminal colour codes."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(_TORCH_ADVICE)] or lines or ["no reason given"]
+    reason = reasons[-1].removeprefix("WeightsUnpickler error:").strip()
+    return reason.split(" Please use", 1)[0].rstrip(".")[:200]
+
+
 def _load_pickled(path: Path) -> dict:
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS + _numpy_safe_globals()):
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
-            f"refused to load {path.name}: unpickling it would import or run code that is not plain tensors "
-            f"({str(exc).splitlines()[0][:200]}). Only load such a file if you trust its source, and then "
+            f"refused to load {path.name}: it holds code, or pickle instructions, that safe loading will not run "
+            f"({_refusal_reason(exc)}). Only load such a file if you trust its source, and then "
             "convert it to .safetensors; a .safetensors version of the same model is usually published."
         ) from exc
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
         raise CheckpointLoadError(
             f"could not read {path.name}: the file is truncated or corrupt ({exc}); download it again"
+        ) from exc
+    except _MALFORMED_PICKLE_ERRORS as exc:
+        raise CheckpointLoadError(
+            f"could not read {path.name}: its pickle is malformed ({type(exc).__name__}: {str(exc)[:200]}); "
+            "the file is damaged or not a checkpoint; download it again, or get a .safetensors version"
         ) from exc
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]

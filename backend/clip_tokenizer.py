@@ -15,6 +15,7 @@ import os
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+
 from backend.errors import UnavailableError
 
 logger = logging.getLogger(__name__)

@@ -79,7 +79,7 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
         for step, t in enumerate(timesteps):
             if control.should_stop_batch:
                 return None
-            model_input = _each(schedulers, lambda i, s: s.scale_model_input(latents[i : i + 1], t))
+            model_input = _each(schedulers, lambda i, s, latents=latents, t=t: s.scale_model_input(latents[i : i + 1], t))
             if extra_channels is not None:
                 model_input = torch.cat([model_input, extra_channels], dim=1)
             prediction = guidance.predict(model_input, t, step)
@@ -89,7 +89,7 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
             ]
             latents = torch.cat([out.prev_sample for out in outputs])
             if blend and step + 1 < len(timesteps):
-                known = _each(schedulers, lambda i, s: s.add_noise(
+                known = _each(schedulers, lambda i, s, step=step: s.add_noise(
                     init_latents[i : i + 1], start_noise[i : i + 1], timesteps[step + 1 : step + 2]))
                 latents = known * (1 - mask) + latents * mask
             _report(model, control, outputs[0], latents, step, len(timesteps), batch, inputs)

@@ -75,7 +75,7 @@ def _load_libc():
         return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # glibc only (not musl)
+        _ = libc.malloc_trim  # glibc only (not musl): AttributeError elsewhere
         return libc
     except (OSError, AttributeError):
         return None

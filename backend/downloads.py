@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
 from backend.errors import UnavailableError
 
 logger = logging.getLogger(__name__)

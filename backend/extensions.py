@@ -34,11 +34,13 @@ import subprocess
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image
+
 from backend.errors import InputError
 
 logger = logging.getLogger(__name__)

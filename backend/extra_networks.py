@@ -105,14 +105,15 @@ class NetworkSession:
 
     def activate(self, tags: list[NetworkTag]) -> tuple:
         """Apply the LoRAs these tags ask for (and only them); a LoRA that cannot be used is skipped
-        with a warning. Returns a key naming the applied set (for caching encodings)."""
+        with a warning, but a strength that is not a usable number raises LoraError: the prompt needs
+        fixing, as in A1111. Returns a key naming the applied set (for caching encodings)."""
         wanted: list[_Active] = []
         for tag in tags:
             if tag.kind != "lora":
                 self.warn(f"extra network type '{tag.kind}' is not supported: <{tag.kind}:{tag.name}> ignored")
                 continue
+            activation = lora_activation(tag)
             try:
-                activation = lora_activation(tag)
                 lora = self.loras.load(activation.name)
                 key = (id(lora), id(self.model))
                 if key not in self._matched:

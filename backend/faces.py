@@ -22,16 +22,16 @@ from __future__ import annotations
 import importlib.util
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from backend.errors import InputError
 from backend import downloads
+from backend.errors import InputError
 from backend.model_index import scan
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from backend.errors import InputError
 
@@ -22,8 +23,10 @@ KEY_ORDER = (
     "Init image hash", "RNG", "Tiling",
 )
 NEGATIVE_PREFIX = "Negative prompt:"
-# A1111's infotexts are a few KB; a PNG text chunk or a pasted text far longer than this is not one.
-MAX_INFOTEXT_CHARS = 64 * 1024
+# A1111's infotexts are a few KB. Easel's longest holds four prompts of request.MAX_PROMPT_CHARS
+# (prompt, negative, and the hires pair) = 128 KiB; this leaves as much again for styles, wildcards and
+# parameters. A text longer than this is not an infotext.
+MAX_INFOTEXT_CHARS = 256 * 1024
 # The pieces of a parameter (A1111 reads the same grammar with one regex): a key is a word character
 # then word characters, spaces, `-` or `/`, up to a colon; a value is a JSON string followed by a comma
 # or the end of the line, else anything up to the next comma.
@@ -128,7 +131,8 @@ def parse_infotext(text: str) -> dict[str, str]:
 
     if len(text) > MAX_INFOTEXT_CHARS:
         raise InfotextError(f"this infotext is {len(text):,} characters long; Easel reads at most "
-                            f"{MAX_INFOTEXT_CHARS:,} (MAX_INFOTEXT_CHARS), and A1111's are a few thousand")
+                            f"{MAX_INFOTEXT_CHARS:,} (A1111's are a few thousand), so these are not "
+                            "generation parameters it can use")
     lines = text.strip().split("\n")
     result: dict[str, str] = {}
     *head, last = lines if lines else [""]

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from backend.errors import InputError
 from backend import devices
+from backend.errors import InputError
 from backend.model_index import HashCache, ModelFile, scan
 
 logger = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ def _module_names(model) -> dict[str, Target]:
     return names
 
 
-_names_by_model: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_names_by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def module_names(model) -> dict[str, Target]:
@@ -476,7 +476,7 @@ class LoraOverlay:
             return
         self.restore()
         try:
-            for lora, matched, activation in loras:
+            for _lora, matched, activation in loras:
                 for component, strength in (("te", activation.te), ("unet", activation.unet)):
                     if strength == 0:
                         continue

@@ -10,10 +10,11 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Mapping
+
 from backend.errors import ModelFileError
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -51,7 +52,7 @@ class ModelSpec:
         return self.unet["in_channels"] == 9
 
 
-@lru_cache(maxsize=None)
+@cache
 def _family_config(family: str) -> dict:
     return json.loads((CONFIG_DIR / f"{family}.json").read_text())
 

@@ -8,22 +8,22 @@ import gc
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from backend import checkpoints, devices, diffusers_folder, model_detection
 from backend.checkpoints import CheckpointLoadError, Components
 from backend.embeddings import EmbeddingLibrary
-from backend.lora import LoraLibrary
 from backend.extensions import NO_EXTENSIONS, ExtensionRegistry
 from backend.faces import FaceRestorers
-from backend.upscalers import UPSCALER_FOLDERS, UpscalerLibrary
+from backend.lora import LoraLibrary
 from backend.model_detection import CheckpointFormatError
 from backend.model_index import ModelFile, ModelIndex, ModelNotFoundError
 from backend.sd_model import StableDiffusionModel
 from backend.settings import Settings
+from backend.upscalers import UPSCALER_FOLDERS, UpscalerLibrary
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field as dataclass_field, fields
+from dataclasses import asdict, dataclass, fields
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 from backend.errors import InputError

@@ -4,8 +4,8 @@ and skip (abandon the current batch, go on with the next)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from PIL import Image
 

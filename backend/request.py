@@ -17,6 +17,17 @@ MIN_SIZE, MAX_SIZE = 64, 4096
 MAX_STEPS = 1000
 MAX_BATCH_SIZE = 64
 MAX_BATCH_COUNT = 1000
+# Far longer than any prompt people write (A1111's are rarely over a few thousand characters), short
+# enough that tokenizing and parsing one stays instant.
+MAX_PROMPT_CHARS = 32_768
+PROMPT_FIELDS = ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt")
+# Whole-number fields: within 64 bits (seeds are unsigned) before anything compares or converts them.
+INTEGER_FIELDS = ("steps", "width", "height", "batch_size", "batch_count", "clip_skip", "seed", "subseed",
+                  "seed_resize_from_w", "seed_resize_from_h", "mask_blur", "only_masked_padding",
+                  "hr_resize_x", "hr_resize_y", "hr_second_pass_steps")
+INTEGER_RANGE = (-(2**63), 2**64)
+NUMBER_FIELDS = ("cfg_scale", "subseed_strength", "denoising_strength", "hr_scale", "codeformer_weight",
+                 "face_visibility", "upscale_by")
 
 
 class RequestError(InputError):
@@ -88,48 +99,88 @@ class GenerationRequest:
     def mode(self) -> str:
         return "img2img" if self.init_image is not None else "txt2img"
 
-    def with_changes(self, **changes) -> "GenerationRequest":
+    def with_changes(self, **changes) -> GenerationRequest:
         return replace(self, **changes)
 
     def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise RequestError(message)
-
-        need(1 <= self.steps <= MAX_STEPS, f"steps must be between 1 and {MAX_STEPS}, not {self.steps}")
-        need(self.cfg_scale >= 0, f"CFG scale must be 0 or more, not {self.cfg_scale}")
+        """RequestError naming the first field that is out of range, not a finite number, or too long."""
+        _check_numbers(self)
+        for name in PROMPT_FIELDS:
+            text = getattr(self, name)
+            _need(not isinstance(text, str) or len(text) <= MAX_PROMPT_CHARS,
+                  f"{name} is {len(text):,} characters long; the limit is {MAX_PROMPT_CHARS:,} characters")
+        _need(1 <= self.steps <= MAX_STEPS, f"steps must be between 1 and {MAX_STEPS}, not {self.steps}")
+        _need(self.cfg_scale >= 0, f"CFG scale must be 0 or more, not {self.cfg_scale}")
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None:
                 check_dimension(name, value)
-        need(1 <= self.batch_size <= MAX_BATCH_SIZE, f"batch size must be between 1 and {MAX_BATCH_SIZE}")
-        need(1 <= self.batch_count <= MAX_BATCH_COUNT, f"batch count must be between 1 and {MAX_BATCH_COUNT}")
-        need(1 <= self.clip_skip <= 12, f"clip skip must be between 1 and 12, not {self.clip_skip}")
-        need(self.emphasis in EMPHASIS_MODES, f"emphasis must be one of: {', '.join(EMPHASIS_MODES)}")
-        need(0 <= self.subseed_strength <= 1, "variation strength must be between 0 and 1")
-        need(0 <= self.denoising_strength <= 1, "denoising strength must be between 0 and 1")
-        need(self.resize_mode in RESIZE_MODES, f"resize mode must be one of: {', '.join(RESIZE_MODES)}")
-        need(self.masked_content in MASKED_CONTENT, f"masked content must be one of: {', '.join(MASKED_CONTENT)}")
-        need(self.inpaint_area in INPAINT_AREAS, f"inpaint area must be one of: {', '.join(INPAINT_AREAS)}")
-        need(self.mask_blur >= 0 and self.only_masked_padding >= 0, "mask blur and padding must be 0 or more")
-        need(self.mask is None or self.init_image is not None, "a mask needs an init image to inpaint")
-        need(0 <= self.codeformer_weight <= 1, f"CodeFormer weight must be between 0 and 1, not {self.codeformer_weight}")
-        need(0 <= self.face_visibility <= 1, f"face restoration visibility must be between 0 and 1, not {self.face_visibility}")
-        need(0 < self.upscale_by <= 8, f"upscale by must be above 0 and at most 8, not {self.upscale_by}")
-        if self.enable_hr:
-            need(1 <= self.hr_scale <= 8, f"hires upscale must be between 1 and 8, not {self.hr_scale}")
-            need(0 <= self.hr_second_pass_steps <= MAX_STEPS, f"hires steps must be between 0 and {MAX_STEPS}")
-            for name in ("hr_resize_x", "hr_resize_y"):
-                value = getattr(self, name)
-                need(value == 0 or MIN_SIZE <= value <= MAX_SIZE,
-                     f"{name} must be 0 (use the scale) or between {MIN_SIZE} and {MAX_SIZE}, not {value}")
+        _need(1 <= self.batch_size <= MAX_BATCH_SIZE, f"batch size must be between 1 and {MAX_BATCH_SIZE}")
+        _need(1 <= self.batch_count <= MAX_BATCH_COUNT, f"batch count must be between 1 and {MAX_BATCH_COUNT}")
+        _need(1 <= self.clip_skip <= 12, f"clip skip must be between 1 and 12, not {self.clip_skip}")
+        _need(self.emphasis in EMPHASIS_MODES, f"emphasis must be one of: {', '.join(EMPHASIS_MODES)}")
+        _need(0 <= self.subseed_strength <= 1, "variation strength must be between 0 and 1")
+        _need(0 <= self.denoising_strength <= 1, "denoising strength must be between 0 and 1")
+        _need(self.resize_mode in RESIZE_MODES, f"resize mode must be one of: {', '.join(RESIZE_MODES)}")
+        _need(self.masked_content in MASKED_CONTENT, f"masked content must be one of: {', '.join(MASKED_CONTENT)}")
+        _need(self.inpaint_area in INPAINT_AREAS, f"inpaint area must be one of: {', '.join(INPAINT_AREAS)}")
+        for name, label in (("mask_blur", "mask blur"), ("only_masked_padding", "only masked padding")):
+            value = getattr(self, name)
+            _need(0 <= value <= MAX_SIZE, f"{label} must be between 0 and {MAX_SIZE}, not {value}")
+        _need(self.mask is None or self.init_image is not None, "a mask needs an init image to inpaint")
+        _need(0 <= self.codeformer_weight <= 1,
+              f"CodeFormer weight must be between 0 and 1, not {self.codeformer_weight}")
+        _need(0 <= self.face_visibility <= 1,
+              f"face restoration visibility must be between 0 and 1, not {self.face_visibility}")
+        _need(0 < self.upscale_by <= 8, f"upscale by must be above 0 and at most 8, not {self.upscale_by}")
+        _check_hires(self)
         for name in ("seed_resize_from_w", "seed_resize_from_h"):
             value = getattr(self, name)
-            need(value <= 0 or value % 8 == 0 and value <= MAX_SIZE,
-                 f"{name} must be a multiple of 8 up to {MAX_SIZE} (or 0 to turn it off)")
+            _need(value <= 0 or value % 8 == 0 and value <= MAX_SIZE,
+                  f"{name} must be a multiple of 8 up to {MAX_SIZE} (or 0 to turn it off)")
         for name in ("seed", "subseed"):
-            need(getattr(self, name) < 2**64, f"{name} must be below 2^64 (or -1 for a random one)")
-        need(math.isfinite(self.cfg_scale), "CFG scale must be a finite number")
+            _need(getattr(self, name) < 2**64, f"{name} must be below 2^64 (or -1 for a random one)")
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise RequestError(message)
+
+
+def _describe(value) -> str:
+    """A number for a message; a huge int by its size (printing it could take long, or raise past 4300 digits)."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"a {value.bit_length()}-bit number"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _check_numbers(request: GenerationRequest) -> None:
+    """Numbers before ranges: a non-finite float or a 70-bit int would otherwise pass a comparison here
+    and overflow later (the API echoes whatever a client sends, even for options that are off)."""
+    for name in INTEGER_FIELDS:
+        value = getattr(request, name)
+        if value is None and name in ("width", "height"):
+            continue
+        ok = isinstance(value, (int, float)) and (not isinstance(value, float) or math.isfinite(value))
+        _need(ok and INTEGER_RANGE[0] <= value < INTEGER_RANGE[1],
+              f"{name} must be a whole number that fits in 64 bits, not {_describe(value)}")
+    for name in NUMBER_FIELDS:
+        value = getattr(request, name)
+        _need(isinstance(value, (int, float)) and math.isfinite(value),
+              f"{name} must be a finite number, not {_describe(value)}")
+
+
+def _check_hires(request: GenerationRequest) -> None:
+    """Hires steps are checked even with hires fix off: clients send them back from an earlier result."""
+    _need(0 <= request.hr_second_pass_steps <= MAX_STEPS,
+          f"hires steps must be between 0 and {MAX_STEPS}, not {request.hr_second_pass_steps}")
+    if not request.enable_hr:
+        return
+    _need(1 <= request.hr_scale <= 8, f"hires upscale must be between 1 and 8, not {request.hr_scale}")
+    for name in ("hr_resize_x", "hr_resize_y"):
+        value = getattr(request, name)
+        _need(value == 0 or MIN_SIZE <= value <= MAX_SIZE,
+              f"{name} must be 0 (use the scale) or between {MIN_SIZE} and {MAX_SIZE}, not {value}")
 
 
 def check_dimension(name: str, value: int) -> None:

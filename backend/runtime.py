@@ -17,8 +17,15 @@ from backend.errors import InputError
 from backend.extensions import ExtensionRegistry
 from backend.job_queue import DeviceQueue
 from backend.model_manager import ModelManager
-from backend.options import (CONFIG_NAME, FOLDER_OPTIONS, Options, check_output_folder, clean_stale_temporaries,
-                             load_options, save_options)
+from backend.options import (
+    CONFIG_NAME,
+    FOLDER_OPTIONS,
+    Options,
+    check_output_folder,
+    clean_stale_temporaries,
+    load_options,
+    save_options,
+)
 from backend.settings import Settings
 from backend.styles import StyleDatabase
 

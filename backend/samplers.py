@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import diffusers
 import torch
 
-from backend.errors import InputError
 from backend.ancestral_scheduler import DPMSolverSinglestepAncestralScheduler
+from backend.errors import InputError
 
 AUTOMATIC = "Automatic"
 # Schedule type label -> scheduler options. "Uniform" spaces timesteps evenly in t, as k-diffusion does.

@@ -82,5 +82,5 @@ class Settings:
     def cache_dir(self) -> Path:
         return Path(self.data_dir) / "cache"
 
-    def with_changes(self, **changes) -> "Settings":
+    def with_changes(self, **changes) -> Settings:
         return replace(self, **changes)

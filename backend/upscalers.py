@@ -14,16 +14,16 @@ import logging
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from backend.errors import InputError
 from backend import downloads
+from backend.errors import InputError
 from backend.model_index import ModelFile, scan
 
 logger = logging.getLogger(__name__)

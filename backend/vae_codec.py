@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from backend.errors import EaselError
 from backend import images
+from backend.errors import EaselError
 from backend.sd_model import StableDiffusionModel
 
 logger = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
 from backend.errors import InputError
 
 _REFERENCE = re.compile(r"__([^\s_][^\s]*?)__")

@@ -4,8 +4,8 @@ weights, plus cold load vs cached switch time and RSS over repeated checkpoint s
 The model has the real SD 1.5 shapes (860M-parameter UNet) with random weights, built once and cached
 outside the repo (`--cache`). Prints figures and ratios measured in this one run.
 
-    python bench/engine_vs_diffusers.py --size 256 --steps 4      # CPU
-    python bench/engine_vs_diffusers.py --size 512 --steps 20     # GPU
+    python -m bench.engine_vs_diffusers --size 256 --steps 4      # CPU
+    python -m bench.engine_vs_diffusers --size 512 --steps 20     # GPU
 """
 
 from __future__ import annotations
@@ -13,21 +13,18 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from backend import random_models  # noqa: E402
-from backend.generation import generate  # noqa: E402
-from backend.model_manager import ModelManager  # noqa: E402
-from backend.progress import JobControl  # noqa: E402
-from backend.request import GenerationRequest  # noqa: E402
-from backend.settings import Settings  # noqa: E402
+from backend import random_models
+from backend.generation import generate
+from backend.model_manager import ModelManager
+from backend.progress import JobControl
+from backend.request import GenerationRequest
+from backend.settings import Settings
 
 PROMPT = "a photograph of an astronaut riding a horse, detailed, 8k"
 NEGATIVE = "blurry, low quality"

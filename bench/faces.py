@@ -5,15 +5,14 @@ through Easel's code path, on scikit-image's astronaut photo (one face).
 Baseline, measured in the same run: the same pipeline with the restorer replaced by the identity
 (detection, alignment, paste-back and blending only), so the ratio shows what the network costs.
 
-    python bench/faces.py                 # CPU, 2 threads
-    python bench/faces.py --device cuda
+    python -m bench.faces                 # CPU, 2 threads
+    python -m bench.faces --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,10 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from backend.faces import FaceRestorers  # noqa: E402
-from backend.random_models import save_face_restorers  # noqa: E402
+from backend.faces import FaceRestorers
+from backend.random_models import save_face_restorers
 
 
 def timed(fn, repeats: int) -> float:
@@ -63,11 +60,11 @@ def main() -> None:
         restorers.model(name)
         load = time.perf_counter() - start
         restorers.restore(photo, name)  # warm-up
-        full = timed(lambda: restorers.restore(photo, name), args.repeats)
+        full = timed(lambda name=name: restorers.restore(photo, name), args.repeats)
         real_run = FaceRestorers._run
         FaceRestorers._run = lambda self, descriptor, crop, weight: crop.astype(np.float32)
         try:
-            baseline = timed(lambda: restorers.restore(photo, name), args.repeats)
+            baseline = timed(lambda name=name: restorers.restore(photo, name), args.repeats)
         finally:
             FaceRestorers._run = real_run
         print(f"{name}: load {load:.1f} s, {full / max(1, faces):.2f} s per face "

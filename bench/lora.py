@@ -6,8 +6,8 @@ designs, and RSS over 50 apply/remove cycles with different LoRAs. The LoRAs are
 built here (rank 32, alpha 16, fp16, on every linear/1x1 layer of the transformer blocks and the
 text encoder, as kohya's sd-scripts trains by default), with random values.
 
-    python bench/lora.py                  # CPU, 256x256 latents-equivalent steps
-    python bench/lora.py --size 512 --device cuda
+    python -m bench.lora                  # CPU, 256x256 latents-equivalent steps
+    python -m bench.lora --size 512 --device cuda
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,13 +23,11 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.engine_vs_diffusers import build_checkpoints  # noqa: E402
-from backend import lora as lora_module  # noqa: E402
-from backend.extra_networks import NetworkSession, parse_tags  # noqa: E402
-from backend.model_manager import ModelManager  # noqa: E402
-from backend.settings import Settings  # noqa: E402
+from backend import lora as lora_module
+from backend.extra_networks import NetworkSession, parse_tags
+from backend.model_manager import ModelManager
+from backend.settings import Settings
+from bench.engine_vs_diffusers import build_checkpoints
 
 RANK, ALPHA = 32, 16.0
 
@@ -149,7 +146,7 @@ def main() -> None:
     configs = {"none": "", "1 LoRA": "<lora:lora0:0.8>", "3 LoRAs": "<lora:lora0:0.8> <lora:lora1:0.8> <lora:lora2:0.8>"}
     actives = {name: _actives(networks, tags) for name, tags in configs.items() if tags}
     times: dict[str, list[float]] = {}
-    for round_ in range(args.repeats + 1):  # round 0 is warm-up
+    for _round in range(args.repeats + 1):  # round 0 is warm-up
         for name, tags in configs.items():
             networks.activate(parse_tags(tags)[1])
             step = unet_step_seconds(model, args.size, 2)

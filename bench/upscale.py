@@ -2,25 +2,22 @@
 RealESRGAN_x4plus's exact architecture and size (RRDBNet, 23 blocks, 64 features, 16.7M parameters)
 and random weights, written as the official `.pth` layout and loaded through Easel's code path.
 
-    python bench/upscale.py                       # CPU: 200x200 -> 800x800
-    python bench/upscale.py --size 512 --device cuda
+    python -m bench.upscale                       # CPU: 200x200 -> 800x800
+    python -m bench.upscale --size 512 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from backend.random_models import rrdbnet_state  # noqa: E402
-from backend.upscalers import TileSettings, UpscalerLibrary, tiled_apply  # noqa: E402
+from backend.random_models import rrdbnet_state
+from backend.upscalers import TileSettings, UpscalerLibrary, tiled_apply
 
 
 def main() -> None:

@@ -4,17 +4,14 @@ the formats users download, and a model folder layout like A1111's."""
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from backend import random_models  # noqa: E402
-from backend.model_manager import ModelManager  # noqa: E402
-from backend.settings import Settings  # noqa: E402
+from backend import random_models
+from backend.model_manager import ModelManager
+from backend.settings import Settings
 
 torch.set_num_threads(1)
 

@@ -55,7 +55,7 @@ def server(tmp_path_factory, tokenizer_cache):
 
 
 @pytest.fixture
-def client(server) -> "webuiapi.WebUIApi":
+def client(server) -> webuiapi.WebUIApi:
     _, port, _ = server
     return webuiapi.WebUIApi(port=port, sampler="DPM++ 2M", steps=8, username="alice", password=USERS["alice"])
 

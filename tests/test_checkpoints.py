@@ -140,7 +140,7 @@ def test_ckpt_with_lightning_callbacks_and_numpy_scalars_loads(tmp_path):
     fake.ModelCheckpoint = ModelCheckpoint
     saved = {name: sys.modules.get(name) for name in ("pytorch_lightning", "pytorch_lightning.callbacks",
                                                       "pytorch_lightning.callbacks.model_checkpoint")}
-    sys.modules.update({name: fake for name in saved})
+    sys.modules.update(dict.fromkeys(saved, fake))
     try:
         torch.save({"state_dict": {"w": torch.ones(2)}, "callbacks": {"ModelCheckpoint": callback},
                     "epoch": np.int64(3)}, buffer)

@@ -65,3 +65,23 @@ def test_help_lists_every_flag():
                  "--cfg-scale", "--seed", "--width", "--height", "--batch-size", "--init-image",
                  "--denoising-strength", "--mask"):
         assert flag in gen.stdout
+
+
+def test_the_command_line_starts_from_the_saved_options(settings, model_files, capsys):
+    """config.json (the Settings tab's options) applies to `generate` as to the UI: defaults, file names,
+    and extensions turned off there."""
+    install(settings, model_files["sd1"])
+    (settings.data_dir / "config.json").write_text(
+        '{"default_sampler": "Euler", "default_steps": 3, "default_cfg_scale": 4.5, '
+        '"filename_pattern": "[seed]-[steps]-cli", "save_txt": true, "disabled_extensions": ["cfg-rescale"]}')
+    code = app.main(["--data-dir", str(settings.data_dir), "generate", "--prompt", "a red star", "--width", "64",
+                     "--height", "64", "--seed", "5", "--cfg-scale", "6"])
+    captured = capsys.readouterr()
+    path = Path(captured.out.strip())
+    assert code == 0 and path.name == "00000-5-3-cli.png" and path.with_suffix(".txt").is_file()
+    parsed = parse_infotext(Image.open(path).info["parameters"])
+    assert parsed["Sampler"] == "Euler" and parsed["Steps"] == "3" and parsed["CFG scale"] == "6"
+    # a panel of a disabled extension is not there to take arguments
+    code = app.main(["--data-dir", str(settings.data_dir), "generate", "--prompt", "x", "--width", "64",
+                     "--height", "64", "--steps", "2", "--seed", "5"])
+    assert code == 0

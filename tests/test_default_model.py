@@ -4,7 +4,6 @@ and follows colour prompts (object colour measured on the image)."""
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 from PIL import Image
 

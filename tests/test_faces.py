@@ -99,8 +99,8 @@ def test_codeformer_loads_and_its_weight_changes_the_face(restorers, astronaut):
 
 def test_generation_chain_records_face_restoration_and_saves_the_image_before(settings, model_files,
                                                                               face_model_dirs):
-    from tests.conftest import install
     from backend.model_manager import ModelManager
+    from tests.conftest import install
 
     install(settings, model_files["sd1"])
     for source, kind in zip(face_model_dirs, ("gfpgan", "codeformer")):

@@ -9,10 +9,10 @@ from PIL import Image, ImageDraw
 
 from backend import images, samplers, vae_codec
 from backend.generation import generate
-from backend.vae_codec import NonFiniteOutputError
 from backend.infotext import parse_infotext
 from backend.progress import JobControl
 from backend.request import GenerationRequest, RequestError
+from backend.vae_codec import NonFiniteOutputError
 from tests.conftest import install
 
 SMALL = dict(width=64, height=64, steps=4, save_images=False)

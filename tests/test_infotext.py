@@ -7,9 +7,14 @@ import re
 import pytest
 
 from backend.infotext import (
-    MAX_INFOTEXT_CHARS, InfotextError, format_infotext, parameter_pairs, parse_infotext, request_fields,
+    MAX_INFOTEXT_CHARS,
+    InfotextError,
+    format_infotext,
+    parameter_pairs,
+    parse_infotext,
+    request_fields,
 )
-from backend.request import GenerationRequest
+from backend.request import MAX_PROMPT_CHARS, GenerationRequest
 
 FORMAT_CASES = [
     # (prompt, negative, parameters, expected text)
@@ -155,12 +160,13 @@ def test_scanner_reads_short_lines_exactly_as_a1111s_regex():
         assert parameter_pairs(line) == [(k.strip(), v) for k, v in A1111_PARAM.findall(line)], line
 
 
-# Each about 60 KB: A1111's regex needs tens of seconds on these (it retries at every character and
-# each try runs to the end of the line), so a quadratic parser makes this test hang visibly.
+# 60-100 KB texts of the shapes that slow parsers down. On a long run of key characters without a
+# colon, or an unclosed quote, A1111's regex needs 20 s or more (it retries at every character and each
+# try runs to the end of the run), so a quadratic parser makes this test hang visibly.
 SLOW_FOR_A_REGEX = [
     # (text, expected values)
     ("a" * 60_000, {"Prompt": "a" * 60_000, "Steps": None}),
-    ("a a" * 20_000, {"Prompt": "a a" * 20_000, "Steps": None}),
+    ("a a" * 34_000, {"Prompt": "a a" * 34_000, "Steps": None}),  # 100 KB froze a server for 56 s
     ("a:" * 30_000, {"Prompt": "a:" * 30_000, "Steps": None}),
     (", a" * 20_000, {"Prompt": ", a" * 20_000, "Steps": None}),
     ("x\nSteps: 1, Seed: 2, Note: " + "b c" * 20_000, {"Prompt": "x", "Note": "b c" * 20_000}),
@@ -175,11 +181,22 @@ def test_long_adversarial_text_is_parsed_in_one_pass(text, expected):
     assert {key: parsed.get(key) for key in expected} == expected
 
 
-@pytest.mark.parametrize("text", ["a" * 100_000, "a:" * 50_000, ", a" * 40_000,
+@pytest.mark.parametrize("text", ["a" * 300_000, "a:" * 150_000, ", a" * 100_000,
                                   "p\nSteps: 1, Seed: 2, Note: " + "b" * MAX_INFOTEXT_CHARS])
 def test_text_over_the_limit_is_refused_naming_the_limit(text):
-    with pytest.raises(InfotextError, match=f"{len(text):,} characters long; Easel reads at most 65,536"):
+    assert MAX_INFOTEXT_CHARS == 262_144
+    with pytest.raises(InfotextError, match=f"{len(text):,} characters long; Easel reads at most 262,144"):
         parse_infotext(text)
+
+
+def test_infotext_of_the_longest_prompts_a_request_accepts_is_read_back():
+    longest = "a, (b:1.1) " * (MAX_PROMPT_CHARS // 11)
+    parameters = {"Steps": 20, "Sampler": "Euler a", "Seed": 1, "Size": "512x512", "Hires prompt": longest + "1",
+                  "Hires negative prompt": longest + "2", "Lora hashes": "x: 0123456789ab", "Version": "easel"}
+    parsed = parse_infotext(format_infotext(longest, longest + "0", parameters))
+    assert (parsed["Prompt"], parsed["Negative prompt"]) == (longest, longest + "0")
+    assert (parsed["Hires prompt"], parsed["Hires negative prompt"]) == (longest + "1", longest + "2")
+    assert (parsed["Size-1"], parsed["Lora hashes"]) == ("512", "x: 0123456789ab")
 
 
 def test_text_at_the_limit_is_read():

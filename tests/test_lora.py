@@ -220,25 +220,27 @@ def test_missing_corrupt_and_mismatched_loras_are_skipped_with_a_warning(sd1_man
     assert model.lora_overlay.applied == ()
 
 
-def test_a_bad_strength_names_the_fix(sd1_manager):
-    model = sd1_manager.activate()
-    sd1_lora(sd1_manager.settings, model)
-    result = generate(sd1_manager, request("a red star <lora:detail:strong>"))
-    assert any("<lora:detail:0.8>" in w for w in result.warnings)
+BAD_STRENGTHS = [
+    # (strength in the tag, what the error says)
+    ("strong", "<lora:detail:strong>: strengths must be numbers, as in <lora:detail:0.8>"),
+    ("1e308", "LoRA strength for 'detail' must be a finite number between -100 and 100, not 1e+308"),
+    ("nan", "LoRA strength for 'detail' must be a finite number between -100 and 100, not nan"),
+    ("1:inf", "LoRA strength for 'detail' must be a finite number between -100 and 100, not inf"),
+]
 
 
-@pytest.mark.parametrize("strength, shown", [("1e308", "1e+308"), ("nan", "nan"), ("1:inf", "inf")])
-def test_a_non_finite_or_huge_strength_is_refused_and_the_image_made_without_it(sd1_manager, strength, shown):
+@pytest.mark.parametrize("strength, message", BAD_STRENGTHS)
+def test_a_strength_that_is_not_a_usable_number_is_an_error_naming_the_fix(sd1_manager, strength, message):
     model = sd1_manager.activate()
     sd1_lora(sd1_manager.settings, model)
     before = snapshot(model)
     plain = pixels(generate(sd1_manager, request()))
-    result = generate(sd1_manager, request(f"a red star <lora:detail:{strength}>"))
-    assert result.warnings == [f"LoRA strength for 'detail' must be a finite number between -100 and 100, "
-                               f"not {shown}; generating without it"]
-    assert torch.equal(pixels(result), plain)
-    assert "Lora hashes" not in result.images[0].infotext
+    with pytest.raises(LoraError) as refusal:
+        generate(sd1_manager, request(f"a red star <lora:detail:{strength}>"))
+    assert str(refusal.value).startswith(message)
     assert_same(model, before)
+    assert model.lora_overlay.applied == ()
+    assert torch.equal(pixels(generate(sd1_manager, request())), plain)
 
 
 # -- SDXL, other file layouts and LyCORIS types ---------------------------------------------------------

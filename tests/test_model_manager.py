@@ -1,14 +1,18 @@
 """The model manager: idempotent activation, LRU cache, real frees, refresh, failures that keep the
 previous model usable, VAE choice, and the on-disk hash cache."""
 
+import builtins
 import gc
+import os
+import pickle
+import re
 import shutil
 
 import psutil
 import pytest
 import torch
 
-from backend.checkpoints import CheckpointLoadError
+from backend.checkpoints import CheckpointLoadError, UnsafeCheckpointError
 from backend.model_detection import CheckpointFormatError
 from backend.model_index import HashCache, ModelNotFoundError
 from backend.model_manager import ModelManager, NoCheckpointError, load_components
@@ -138,6 +142,65 @@ def test_bad_file_keeps_the_previous_model_active(settings, model_files, tmp_pat
     assert manager.active.name == "tiny-sd1"
     with pytest.raises(CheckpointFormatError, match="partial.ckpt"):
         manager.activate("partial")
+    assert manager.active.name == "tiny-sd1"
+
+
+class _PrintPayload:
+    """Plain unpickling would call print on a harmless line; weights-only unpickling must refuse it."""
+
+    def __reduce__(self):
+        return (builtins.print, ("easel-test: the pickle ran code",))
+
+
+class _ShellPayload:
+    """Plain unpickling would run a harmless `echo`; weights-only unpickling must refuse it."""
+
+    def __reduce__(self):
+        return (os.system, ("echo easel-test: the pickle ran a shell",))
+
+
+CODE_CKPTS = [
+    # (file name, what writes it, what the message says was refused)
+    ("print-payload.ckpt", lambda path: torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _PrintPayload()}, path),
+     "GLOBAL print was not an allowed global"),
+    ("shell-payload.ckpt", lambda path: path.write_bytes(pickle.dumps({"x": _ShellPayload()}, protocol=2)),
+     "GLOBAL (posix|nt).system whose module (posix|nt) is blocked"),
+]
+
+
+@pytest.mark.parametrize("name, write, refused", CODE_CKPTS)
+def test_ckpt_that_holds_code_is_refused_runs_nothing_and_keeps_the_model(settings, model_files, capfd,
+                                                                          name, write, refused):
+    manager, _ = manager_with(settings, model_files, ["sd1"])
+    good = manager.select("tiny-sd1")
+    write(settings.model_dir("checkpoints") / name)
+    manager.refresh()
+    message = rf"refused to load {re.escape(name)}: it holds code.*\([^)]*{refused}[^)]*\)\..*convert it to \.safetensors"
+    with pytest.raises(CheckpointLoadError, match=message) as refusal:
+        manager.select(name.removesuffix(".ckpt"))
+    assert isinstance(refusal.value, UnsafeCheckpointError)
+    assert "\x1b" not in str(refusal.value) and "weights_only" not in str(refusal.value)
+    assert "easel-test" not in capfd.readouterr().out
+    assert manager.active.name == "tiny-sd1" and manager.selected == good.file.filename
+
+
+MALFORMED_CKPTS = [
+    # (file name, pickle bytes, the error torch's unpickler raises on them)
+    ("stack-underflow.ckpt", b"\x80\x02R.", "IndexError: pop from empty list"),
+    ("missing-memo.ckpt", b"\x80\x02h\x05.", "KeyError: 5"),
+    ("wrong-arguments.ckpt", b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n)R.", "TypeError: _rebuild_tensor_v2"),
+    ("unhashable-key.ckpt", b"\x80\x02}]K\x01s.", "TypeError: unhashable type"),
+]
+
+
+@pytest.mark.parametrize("name, data, error", MALFORMED_CKPTS)
+def test_malformed_pickle_is_a_load_error_naming_the_file(settings, model_files, name, data, error):
+    manager, _ = manager_with(settings, model_files, ["sd1"])
+    manager.select("tiny-sd1")
+    (settings.model_dir("checkpoints") / name).write_bytes(data)
+    manager.refresh()
+    with pytest.raises(CheckpointLoadError, match=rf"{re.escape(name)}: its pickle is malformed \({error}"):
+        manager.select(name.removesuffix(".ckpt"))
     assert manager.active.name == "tiny-sd1"
 
 

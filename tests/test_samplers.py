@@ -1,8 +1,8 @@
 """A1111 sampler names and schedule types -> diffusers schedulers."""
 
 import diffusers
-import torch
 import pytest
+import torch
 
 from backend import model_detection, samplers
 from backend.samplers import SamplerError

@@ -12,13 +12,13 @@ from PIL import Image
 
 import app
 from backend.job_queue import DeviceQueue, JobCancelled
+from backend.options import Options, load_options, save_options
 from backend.progress import Progress
 from backend.styles import Style, StyleDatabase, merge_prompt
 from backend.upscalers import TileSettings
 from ui import jobs
+from ui.context import clamp_to_ranges, fields_from_infotext, mask_from_editor, token_counter
 from ui.launch import LaunchError, ServerOptions, check_public, credentials, parse_auth
-from backend.options import Options, load_options, save_options
-from ui.webui import fields_from_infotext, mask_from_editor, token_counter
 
 
 # -- options ---------------------------------------------------------------------------------------
@@ -203,7 +203,11 @@ def test_extra_network_cards_filter_preview_and_toggle(tmp_path):
     assert en.folders(cards) == ["All", "styles", "styles/ink"]
     assert [c.name for c in en.filter_cards(cards, folder="styles")] == ["Sumi-e", "watercolour"]
     assert [c.name for c in en.filter_cards(cards, "ink sumi")] == ["Sumi-e"]
-    assert en.card_image(cards[0], tmp_path / "cache") == lora_root / "detail_tweaker.preview.png"
+    # The preview is served as a copy in the cache (model folders are never served), made once per version
+    served = en.card_image(cards[0], tmp_path / "cache")
+    assert served.parent == tmp_path / "cache" / "card-previews"
+    assert served.read_bytes() == (lora_root / "detail_tweaker.preview.png").read_bytes()
+    assert en.card_image(cards[0], tmp_path / "cache") == served
     placeholder = en.card_image(cards[2], tmp_path / "cache")
     assert placeholder.parent == tmp_path / "cache" / "card-placeholders" and Image.open(placeholder).size == (256, 256)
     # A click adds the tag; a second click (at any strength) takes it out again.
@@ -246,3 +250,15 @@ def test_styles_unwind_from_a_styled_prompt(tmp_path):
     assert (prompt, negative) == ("film still of a red star, grain, sharp", "ugly, blurry")
     assert styles.extract(["Film", "Sharp"], prompt, negative) == ("a red star", "ugly")
     assert styles.extract(["Film"], "a plain prompt", "") is None
+
+
+@pytest.mark.parametrize("values, expected, notes", [
+    ({"width": 4096, "height": 512}, {"width": 2048, "height": 512}, ["width 4096 is outside 64-2048: set to 2048"]),
+    ({"steps": 0, "cfg_scale": 45.5}, {"steps": 1, "cfg_scale": 30.0},
+     ["steps 0 is outside 1-150: set to 1", "cfg scale 45.5 is outside 1-30: set to 30.0"]),
+    ({"steps": 20, "seed": 2**40, "restore_faces": True}, {"steps": 20, "seed": 2**40, "restore_faces": True}, []),
+])
+def test_pasted_values_are_clamped_to_the_controls_with_a_note(values, expected, notes):
+    ranges = {"width": (64, 2048), "height": (64, 2048), "steps": (1, 150), "cfg_scale": (1, 30),
+              "restore_faces": (0, 1)}
+    assert clamp_to_ranges(values, ranges) == (expected, notes)

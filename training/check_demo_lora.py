@@ -2,24 +2,21 @@
 on a pipeline built from the default model, with and without the LoRA, same seeds. Prints the mean
 fill ratio of the shapes (object pixels / bounding-box area): outlines score far lower than solids.
 
-    python training/check_demo_lora.py models/Stable-diffusion/easel-shapes.safetensors \
+    python -m training.check_demo_lora models/Stable-diffusion/easel-shapes.safetensors \
         models/Lora/easel-outlined.safetensors --sheet docs/demo-lora.png
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from backend import checkpoints, samplers  # noqa: E402
-from training import metrics  # noqa: E402
+from backend import checkpoints, samplers
+from training import metrics
 
 PROMPTS = [
     "a large red circle on a white background, center",

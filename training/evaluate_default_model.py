@@ -4,7 +4,7 @@ Generates through Easel's own engine (20 steps, DPM++ 2M, CFG 6, fixed seeds), s
 `training.metrics`, prints the scores beside the ceiling (the same measures on real renders of the
 same scenes), and writes a contact sheet.
 
-    python training/evaluate_default_model.py models/Stable-diffusion/easel-shapes.safetensors \
+    python -m training.evaluate_default_model models/Stable-diffusion/easel-shapes.safetensors \
         --sheet docs/default-model-heldout.png
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,13 +21,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from backend.generation import generate  # noqa: E402
-from backend.model_manager import ModelManager  # noqa: E402
-from backend.request import GenerationRequest  # noqa: E402
-from backend.settings import Settings  # noqa: E402
-from training import metrics, shapes  # noqa: E402
+from backend.generation import generate
+from backend.model_manager import ModelManager
+from backend.request import GenerationRequest
+from backend.settings import Settings
+from training import metrics, shapes
 
 
 def held_out_scenes(per_triple: int = 2) -> list[shapes.Scene]:

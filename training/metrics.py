@@ -68,7 +68,7 @@ class Scorer:
         self.weights: np.ndarray | None = None
         self.size_threshold = 0.0
 
-    def fit(self, samples: int = 3000, seed: int = 7, epochs: int = 300) -> "Scorer":
+    def fit(self, samples: int = 3000, seed: int = 7, epochs: int = 300) -> Scorer:
         rng = random.Random(seed)
         features, labels, areas = [], [], {"small": [], "large": []}
         for _ in range(samples):

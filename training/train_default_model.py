@@ -9,12 +9,12 @@ Resumable: state is saved to --work-dir every --save-every steps; rerunning cont
 runs in the background at one torch thread by default. `--export` writes the single-file checkpoint.
 The shipped model came from one 21-minute run on one GPU (an H100), with batches drawn by 14 workers:
 
-    python training/train_default_model.py --device cuda --bf16 --workers 14 --threads 2 \
+    python -m training.train_default_model --device cuda --bf16 --workers 14 --threads 2 \
         --batch 256 --vae-batch 64 --vae-steps 1000000 --vae-minutes 5 --minutes 21 --lr 1e-3 \
         --cooldown-minutes 4 --ema-decay 0.9995 --log-every 200 --probe-every 2000 --save-every 2000 \
         --export-after models/Stable-diffusion/easel-shapes.safetensors
-    python training/train_default_model.py --minutes 90            # on a CPU (resumes if state exists)
-    python training/train_default_model.py --export models/Stable-diffusion/easel-shapes.safetensors
+    python -m training.train_default_model --minutes 90            # on a CPU (resumes if state exists)
+    python -m training.train_default_model --export models/Stable-diffusion/easel-shapes.safetensors
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import json
 import math
 import platform
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -32,10 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from backend import clip_tokenizer, model_detection, random_models  # noqa: E402
-from training import metrics, shapes  # noqa: E402
+from backend import clip_tokenizer, model_detection, random_models
+from training import metrics, shapes
 
 NATIVE_SIZE = shapes.SIZE
 

@@ -2,7 +2,7 @@
 the kohya-ss `.safetensors` format that civitai serves (`lora_unet_*` keys with `lora_down`,
 `lora_up` and `alpha`), so it loads wherever A1111-style LoRAs do.
 
-    python training/train_demo_lora.py models/Stable-diffusion/easel-shapes.safetensors \
+    python -m training.train_demo_lora models/Stable-diffusion/easel-shapes.safetensors \
         models/Lora/easel-outlined.safetensors --minutes 10
 """
 
@@ -11,18 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from backend import checkpoints
+from training import shapes
+from training.train_default_model import to_pixels
 
-from backend import checkpoints  # noqa: E402
-from training import shapes  # noqa: E402
-from training.train_default_model import to_pixels  # noqa: E402
 
 class LoRALinear(torch.nn.Module):
     """y = W x + (alpha / rank) * up(down(x)), with W frozen; `up` starts at zero (no change)."""

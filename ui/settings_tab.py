@@ -1,0 +1,66 @@
+"""The Settings tab: the options, checked and applied through `Runtime.apply`.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from backend.errors import InputError
+from backend.request import EMPHASIS_MODES
+from backend.samplers import SAMPLER_NAMES
+from ui.context import error_html
+
+
+def settings_tab(ui) -> None:
+    ctx = ui.ctx
+    o = ctx.options
+    with gr.Column():
+        controls = {
+            "save_images": gr.Checkbox(o.save_images, label="Save every generated image"),
+            "outdir_txt2img": gr.Textbox(o.outdir_txt2img, label="txt2img output folder (empty: outputs/txt2img-images)"),
+            "outdir_img2img": gr.Textbox(o.outdir_img2img, label="img2img output folder (empty: outputs/img2img-images)"),
+            "filename_pattern": gr.Textbox(o.filename_pattern, label="File name pattern, after the number "
+                                           "([seed], [prompt], [prompt_words], [model_name], [sampler], [steps], "
+                                           "[cfg], [width], [height], [datetime], [date])"),
+            "save_txt": gr.Checkbox(o.save_txt, label="Also write a .txt file with the parameters beside each image"),
+            "checkpoint_cache": gr.Slider(1, 8, value=o.checkpoint_cache, step=1, label="Checkpoints kept in memory"),
+            "default_sampler": gr.Dropdown(list(SAMPLER_NAMES), value=o.default_sampler, label="Default sampler"),
+            "default_steps": gr.Slider(1, 150, value=o.default_steps, step=1, label="Default steps"),
+            "default_cfg_scale": gr.Slider(1, 30, value=o.default_cfg_scale, step=0.5, label="Default CFG scale"),
+            "emphasis": gr.Radio(list(EMPHASIS_MODES), value=o.emphasis, label="Emphasis mode: how (word:1.2) "
+                                 "weights apply (Original: scale, then restore the mean; No norm: scale only; "
+                                 "Ignore: drop weights; None: brackets are plain text)"),
+            "same_wildcards": gr.Checkbox(o.same_wildcards, label="Same wildcard picks for every image of a batch"),
+            "live_preview_every": gr.Slider(0, 50, value=o.live_preview_every, step=1,
+                                            label="Live preview every N steps (0: off)"),
+            "face_restoration_model": gr.Radio(["CodeFormer", "GFPGAN"], value=o.face_restoration_model,
+                                               label="Face restoration model"),
+            "code_former_weight": gr.Slider(0, 1, value=o.code_former_weight, step=0.01,
+                                            label="CodeFormer weight (0 = strongest, 1 = weakest)"),
+            "save_images_before_face_restoration": gr.Checkbox(
+                o.save_images_before_face_restoration, label="Also save each image before face restoration"),
+            "face_restoration_unload": gr.Checkbox(o.face_restoration_unload,
+                                                   label="Free the face restoration model after each use"),
+            "upscaler_unload": gr.Checkbox(o.upscaler_unload, label="Free upscaler models after each use"),
+            "ESRGAN_tile": gr.Slider(0, 512, value=o.ESRGAN_tile, step=16,
+                                     label="Upscaler tile size (0: no tiling; smaller uses less memory)"),
+            "ESRGAN_tile_overlap": gr.Slider(0, 48, value=o.ESRGAN_tile_overlap, step=1,
+                                             label="Upscaler tile overlap, pixels"),
+        }
+        apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit")
+        result = gr.HTML(elem_id="settings_result")
+
+    def apply_settings(values: dict):
+        typed = {name: values[component] for name, component in controls.items()}
+        for name in ("checkpoint_cache", "default_steps", "live_preview_every", "ESRGAN_tile", "ESRGAN_tile_overlap"):
+            typed[name] = int(typed[name])
+        typed["default_cfg_scale"] = float(typed["default_cfg_scale"])
+        typed["code_former_weight"] = float(typed["code_former_weight"])
+        try:
+            ctx.runtime.apply(typed)
+        except InputError as exc:
+            return error_html(f"Not saved: {exc}")
+        return f"<div>Saved to {ctx.runtime.options_path}; applied.</div>"
+
+    apply.click(apply_settings, inputs=set(controls.values()), outputs=result, queue=False,
+                api_visibility="private")

@@ -1,0 +1,87 @@
+"""The top bar: checkpoint (switched in the background), VAE and clip skip, and the model status.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gradio as gr
+
+from ui.context import describe_error, error_html
+
+logger = logging.getLogger(__name__)
+
+
+
+def top_bar(ui) -> dict[str, Any]:
+    ctx = ui.ctx
+    with gr.Row(elem_id="easel-topbar"):
+        checkpoint = gr.Dropdown(ctx.checkpoint_choices(), value=ctx.active_checkpoint(), label="Stable Diffusion checkpoint",
+                                 elem_id="setting_sd_model_checkpoint", scale=4)
+        refresh = gr.Button("🔄", scale=0, min_width=40, elem_id="refresh_checkpoints")
+        vae = gr.Dropdown(ctx.manager.vae_options(), value=ctx.manager.vae_choice, label="SD VAE",
+                          elem_id="setting_sd_vae", scale=2)
+        clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", scale=2, elem_id="setting_clip_skip")
+    status = gr.HTML("", elem_classes="easel-status", elem_id="model_status")  # filled on page load
+    ui.model_status = status
+    top = {"checkpoint": checkpoint, "vae": vae, "clip_skip": clip_skip}
+
+    def refresh_lists(current_checkpoint, current_vae):
+        ctx.manager.refresh()
+        checkpoints, vaes = ctx.checkpoint_choices(), ctx.manager.vae_options()
+        return (gr.update(choices=checkpoints, value=current_checkpoint if current_checkpoint in checkpoints else None),
+                gr.update(choices=vaes, value=current_vae if current_vae in vaes else vaes[0]))
+
+    refresh.click(refresh_lists, inputs=[checkpoint, vae], outputs=[checkpoint, vae], queue=False,
+                  api_visibility="private")
+    ui.top = top
+    return top
+
+
+def model_status_html(ui, error: str | None = None) -> str:
+    active = ui.ctx.manager.active
+    text = (f"Model: {active.name} · {active.label} · {active.native_size}px native" if active is not None
+            else "No model loaded")
+    if error:
+        return error_html(error) + f"<div>{text}</div>"
+    return f"<div>{text}</div>"
+
+
+def wire_top_bar(ui) -> None:
+    ctx, top = ui.ctx, ui.top
+    size_outputs = [ui.pages[m][n] for m in ("txt2img", "img2img") for n in ("width", "height")]
+
+    def switch(name, *sizes):
+        previous = ctx.manager.active
+        old_size = previous.native_size if previous is not None else None
+        yield {ui.model_status: f"<div>Loading {name}...</div>"}
+        try:
+            model = ctx.manager.select(name)
+        except Exception as exc:  # a broken file must not take the app down
+            logger.error("Loading %s failed", name, exc_info=exc)
+            yield {ui.model_status: model_status_html(ui, f"Cannot load {name}: {describe_error(exc)}"),
+                   top["checkpoint"]: gr.update(choices=ctx.checkpoint_choices(), value=ctx.active_checkpoint())}
+            return
+        update: dict = {ui.model_status: model_status_html(ui, )}
+        # Follow the new model's native size where the user had not changed it
+        for component, value in zip(size_outputs, sizes):
+            if value == old_size and model.native_size != old_size:
+                update[component] = model.native_size
+        yield update
+
+    top["checkpoint"].input(switch, inputs=[top["checkpoint"], *size_outputs],
+                            outputs=[ui.model_status, top["checkpoint"], *size_outputs],
+                            concurrency_id="device", concurrency_limit=1, show_progress="hidden",
+                            trigger_mode="always_last", api_visibility="private")
+
+    def switch_vae(choice):
+        try:
+            with ctx.manager.lock:
+                ctx.manager.set_vae(choice)
+        except Exception as exc:
+            return model_status_html(ui, f"Cannot use VAE {choice}: {describe_error(exc)}"), ctx.manager.vae_choice
+        return model_status_html(ui, ), choice
+
+    top["vae"].input(switch_vae, inputs=top["vae"], outputs=[ui.model_status, top["vae"]],
+                     concurrency_id="device", concurrency_limit=1, api_visibility="private")
