@@ -20,6 +20,17 @@ logger = logging.getLogger("easel")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="app.py", description="Easel, a Stable Diffusion web UI.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    _add_folder_flags(parser)
+    _add_model_flags(parser)
+    _add_server_flags(parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_generate_command(commands)
+    _add_extras_command(commands)
+    return parser
+
+
+def _add_folder_flags(parser: argparse.ArgumentParser) -> None:
     paths = parser.add_argument_group("folders (A1111 layout; point them at an existing install to reuse it)")
     paths.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parent,
                        help="base folder holding models/, outputs/ and cache/ (default: this folder)")
@@ -29,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     paths.add_argument("--embeddings-dir", type=Path, help="embeddings folder (default: <data-dir>/models/embeddings)")
     paths.add_argument("--outdir", type=Path, help="outputs folder (default: <data-dir>/outputs)")
     paths.add_argument("--wildcards-dir", type=Path, help="wildcards folder (default: <data-dir>/wildcards)")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model and device")
     model.add_argument("--ckpt", help="checkpoint to load first (name, file name or short hash)")
     model.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
@@ -42,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--checkpoint-cache", type=int, default=1, help="checkpoints kept loaded (default 1)")
     model.add_argument("--no-download", action="store_true",
                        help="never download missing standard GFPGAN/CodeFormer/Real-ESRGAN weights on first use")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("web UI server")
     server.add_argument("--listen", action="store_true", help="serve on 0.0.0.0 (reachable from the network)")
     server.add_argument("--port", type=int, help="port (default 7860, or the next free one)")
@@ -60,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--enable-insecure-extension-access", action="store_true",
                         help="allow installing extensions from the UI on a --listen/--share server")
 
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+
+def _add_generate_command(commands) -> None:
     gen = commands.add_parser("generate", help="generate images headless and print their paths")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt")
@@ -109,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also save each image as it was before face restoration")
     gen.add_argument("--upscaler", help="upscale each image after decoding: Lanczos, Nearest, R-ESRGAN 4x+, ...")
     gen.add_argument("--upscale-by", type=float, help="factor for --upscaler (default 2)")
+
+
+def _add_extras_command(commands) -> None:
     extras = commands.add_parser("extras", help="upscale existing images (A1111's Extras) and print the paths")
     extras.add_argument("--image", type=Path, action="append", required=True, help="input image (repeatable)")
     extras.add_argument("--upscaler", default="Lanczos", help="Lanczos, Nearest, R-ESRGAN 4x+, ... (default Lanczos)")
@@ -125,7 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CodeFormer over the result, 0 (off) to 1")
     extras.add_argument("--codeformer-weight", type=float, default=0.0, help="0 = strongest (default), 1 = weakest")
     extras.add_argument("--out", type=Path, help="output folder (default <outputs>/extras-images)")
-    return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -203,7 +223,6 @@ def run_generate(args: argparse.Namespace, settings: Settings) -> int:
     from PIL import Image
 
     from backend.errors import InputError
-    from backend.generation import generate
     from backend.request import GenerationRequest
     from backend.runtime import Runtime
 
@@ -222,7 +241,7 @@ def run_generate(args: argparse.Namespace, settings: Settings) -> int:
                 raise InputError(f"cannot read --{name.replace('_', '-')} {path}: {exc}") from exc
     request = GenerationRequest(**fields)
     try:
-        result = generate(runtime.manager, request)
+        result = runtime.generate(request)
     finally:
         runtime.shutdown()
     for line in result.notes + [f"warning: {w}" for w in result.warnings]:

@@ -13,7 +13,6 @@ from api import models as m
 from api.access import Caller
 from api.context import ApiContext
 from backend.errors import InputError, PermissionDeniedError
-from backend.generation import generate
 from backend.job_queue import Job
 from backend.options import FOLDER_OPTIONS
 from backend.request import GenerationRequest, GenerationResult
@@ -97,7 +96,7 @@ def submit(api: ApiContext, body: m.Txt2ImgRequest, mode: str, caller: Caller) -
     planned = plan(api, body, mode, caller)
 
     def work(control):
-        result = generate(runtime.manager, planned.request, control)
+        result = runtime.generate(planned.request, control)
         if planned.keep_checkpoint:
             runtime.manager.selected = planned.request.checkpoint
         if planned.keep_vae is not None:

@@ -37,44 +37,20 @@ class BatchInputs:
 
 def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobControl, batch: int) -> torch.Tensor | None:
     """Final latents of one batch, or None when the batch was skipped or interrupted."""
-    run, n = inputs.run, len(inputs.seeds)
-    f = model.vae_scale_factor
+    run, n, f = inputs.run, len(inputs.seeds), model.vae_scale_factor
     latent_hw = (run.height // f, run.width // f)
     # 1. Initial noise, one CPU generator per image; one scheduler per image
     start_noise, generators = noise.batch_noise(_noise_specs(inputs, f), (model.vae.config.latent_channels, *latent_hw))
     start_noise = start_noise.to(model.device, model.dtype)
-    schedulers = [
-        samplers.make_scheduler(inputs.sampler, inputs.schedule, model.scheduler_config, seed)
-        for seed, _ in inputs.seeds
-    ]
-    for scheduler in schedulers:
-        scheduler.set_timesteps(run.steps, device=model.device)
-        # Step by position, not by looking the timestep up: with zero-terminal-SNR models, Karras and
-        # exponential sigmas above the top training sigma all round to timestep 999, and a lookup
-        # would land on the wrong repeat and run off the end of the schedule.
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
-    timesteps = schedulers[0].timesteps
+    schedulers = _schedulers(model, inputs)
     # 2. Starting latents: pure noise, or the init image noised to where img2img starts
-    init_latents = mask = None
-    if inputs.source is None:
-        latents = start_noise * schedulers[0].init_noise_sigma
-    else:
-        if inputs.source.latents is None:
-            inputs.source.latents = vae_codec.encode(model, images.to_tensor(inputs.source.image)[None])
-        init_latents = inputs.source.latents.expand(n, -1, -1, -1)
-        if inputs.source.mask is not None:
-            mask = init_image.latent_mask(inputs.source.mask, latent_hw, model.device, model.dtype)
-            init_latents = _masked_content(run.masked_content, init_latents, start_noise, mask)
-        timesteps = _skip_to_strength(schedulers, timesteps, run)
-        latents = _each(schedulers, lambda i, s: s.add_noise(init_latents[i : i + 1], start_noise[i : i + 1],
-                                                              timesteps[:1]))
+    latents, timesteps, blend = _starting_latents(model, inputs, schedulers, start_noise, latent_hw)
+    # 3. What every step uses: an inpainting model's extra channels, guidance, each image's generator
     extra_channels = _inpaint_conditioning(model, inputs.source, n, latent_hw) if model.is_inpainting else None
-    blend = mask is not None and not model.is_inpainting
     guidance = _BatchGuidance(model, inputs.conds, run, _guidance_hook(inputs, schedulers[0], len(timesteps)))
     stepped = inputs.extensions.has("step")
     step_kwargs = [_step_kwargs(s, g) for s, g in zip(schedulers, generators)]
-    # 3. Denoising loop
+    # 4. Denoising loop
     with torch.no_grad(), model.use(model.unet):
         for step, t in enumerate(timesteps):
             if control.should_stop_batch:
@@ -88,18 +64,73 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
                 for i, s in enumerate(schedulers)
             ]
             latents = torch.cat([out.prev_sample for out in outputs])
-            if blend and step + 1 < len(timesteps):
-                known = _each(schedulers, lambda i, s, step=step: s.add_noise(
-                    init_latents[i : i + 1], start_noise[i : i + 1], timesteps[step + 1 : step + 2]))
-                latents = known * (1 - mask) + latents * mask
+            if blend is not None:
+                latents = blend.after_step(latents, step)
             _report(model, control, outputs[0], latents, step, len(timesteps), batch, inputs)
             if stepped:
                 latents, stop = _step_event(inputs, step, len(timesteps), t, latents)
                 if stop:
                     break
-    if blend:
-        latents = init_latents * (1 - mask) + latents * mask
-    return latents
+    return blend.final(latents) if blend is not None else latents
+
+
+def _schedulers(model, inputs: BatchInputs) -> list:
+    """One scheduler per image (seeded by its seed), its timesteps set for the request's steps."""
+    schedulers = [
+        samplers.make_scheduler(inputs.sampler, inputs.schedule, model.scheduler_config, seed)
+        for seed, _ in inputs.seeds
+    ]
+    for scheduler in schedulers:
+        scheduler.set_timesteps(inputs.run.steps, device=model.device)
+        # Step by position, not by looking the timestep up: with zero-terminal-SNR models, Karras and
+        # exponential sigmas above the top training sigma all round to timestep 999, and a lookup
+        # would land on the wrong repeat and run off the end of the schedule.
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+    return schedulers
+
+
+def _starting_latents(model, inputs: BatchInputs, schedulers, start_noise, latent_hw):
+    """The first step's latents, the timesteps to run, and the inpainting blend to apply (None
+    without a mask, or with an inpainting model, which sees the mask itself)."""
+    timesteps = schedulers[0].timesteps
+    source = inputs.source
+    if source is None:
+        return start_noise * schedulers[0].init_noise_sigma, timesteps, None
+    if source.latents is None:
+        source.latents = vae_codec.encode(model, images.to_tensor(source.image)[None])
+    init_latents = source.latents.expand(len(inputs.seeds), -1, -1, -1)
+    mask = None
+    if source.mask is not None:
+        mask = init_image.latent_mask(source.mask, latent_hw, model.device, model.dtype)
+        init_latents = _masked_content(inputs.run.masked_content, init_latents, start_noise, mask)
+    timesteps = _skip_to_strength(schedulers, timesteps, inputs.run)
+    latents = _each(schedulers, lambda i, s: s.add_noise(init_latents[i : i + 1], start_noise[i : i + 1],
+                                                          timesteps[:1]))
+    blend = None
+    if mask is not None and not model.is_inpainting:
+        blend = _InpaintBlend(schedulers, timesteps, init_latents, start_noise, mask)
+    return latents, timesteps, blend
+
+
+class _InpaintBlend:
+    """Inpainting with a plain model: after each step the unmasked area becomes the init image noised
+    to the next step's level, and after the last step the init image itself."""
+
+    def __init__(self, schedulers, timesteps, init_latents, start_noise, mask):
+        self.schedulers, self.timesteps = schedulers, timesteps
+        self.init_latents, self.start_noise, self.mask = init_latents, start_noise, mask
+
+    def after_step(self, latents: torch.Tensor, step: int) -> torch.Tensor:
+        if step + 1 >= len(self.timesteps):
+            return latents
+        next_t = self.timesteps[step + 1 : step + 2]
+        known = _each(self.schedulers, lambda i, s: s.add_noise(
+            self.init_latents[i : i + 1], self.start_noise[i : i + 1], next_t))
+        return known * (1 - self.mask) + latents * self.mask
+
+    def final(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.init_latents * (1 - self.mask) + latents * self.mask
 
 
 def _each(schedulers, fn) -> torch.Tensor:

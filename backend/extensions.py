@@ -2,7 +2,7 @@
 `<repo>/extensions-builtin/`, then the user's in `<data-dir>/extensions/` (where installs go).
 
 `register` receives an `ExtensionApi` and subscribes callbacks to a few named events. Each callback
-gets one small dataclass, never the app:
+gets one small dataclass, never the app (defined in `backend.extension_events`, imported from here):
 
 - `before_generation(BeforeGeneration)`: may replace `event.request` (prompts, settings).
 - `step(Step)`: after each denoising step; sees the step, timestep and latents, may replace
@@ -39,9 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from backend.errors import InputError
+from backend.extension_events import AfterImage, BeforeGeneration, Guidance, Step  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -49,50 +48,6 @@ EVENTS = ("before_generation", "step", "guidance", "after_image")
 ENTRY_POINT = "extension.py"
 BUILTIN_EXTENSIONS_DIR = Path(__file__).resolve().parents[1] / "extensions-builtin"
 INSECURE_FLAG = "--enable-insecure-extension-access"
-
-
-# -- event payloads ----------------------------------------------------------------------------------
-@dataclass
-class BeforeGeneration:
-    request: Any  # backend.request.GenerationRequest; replace it to change the generation
-    args: dict[str, Any]  # this extension's panel values for the request
-
-
-@dataclass
-class Step:
-    step: int  # 1-based, within the current pass
-    steps: int
-    timestep: float
-    latents: Any  # torch.Tensor (batch, channels, h, w); replace it to change sampling
-    request: Any
-    args: dict[str, Any]
-    stop: bool = False  # set to end this pass's sampling after this step
-
-
-@dataclass
-class Guidance:
-    step: int  # 0-based step index
-    steps: int
-    timestep: float
-    cond: Any  # torch.Tensor: the prediction with the (weighted sum of) prompt(s)
-    uncond: Any  # torch.Tensor: the prediction with the negative prompt
-    prediction: Any  # torch.Tensor: uncond + cfg_scale * (cond - uncond); replace it to change guidance
-    cfg_scale: float
-    prediction_type: str  # "epsilon" or "v_prediction"
-    alpha_bar: float  # the timestep's cumulative alpha (to convert predictions to x0)
-    latents: Any  # the model input latents of this step (unscaled)
-    args: dict[str, Any]
-
-
-@dataclass
-class AfterImage:
-    image: Image.Image  # replace it to change the saved image
-    index: int  # position in the whole job
-    seed: int
-    prompt: str
-    request: Any
-    parameters: dict[str, Any]  # add infotext entries here ({"My key": value})
-    args: dict[str, Any]
 
 
 # -- panels ------------------------------------------------------------------------------------------
@@ -180,8 +135,14 @@ class Extension:
 class ExtensionApi:
     """What `register(easel)` receives."""
 
-    def __init__(self, extension: Extension):
+    def __init__(self, extension: Extension, options: Callable[[], Any] = lambda: None):
         self._extension = extension
+        self._options = options
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """The current value of one of Easel's options (Settings, `config.json`), or `default` where
+        there is none (an option Easel does not have, or no options at all, as in some tests)."""
+        return getattr(self._options(), name, default)
 
     @property
     def name(self) -> str:
@@ -223,6 +184,7 @@ class ExtensionRegistry:
         self.folder = Path(folder) if folder else None
         self.builtin_folder = Path(builtin_folder) if builtin_folder else None
         self.disabled = set(disabled)
+        self.options: Callable[[], Any] = lambda: None  # the runtime's current options, for `easel.option()`
         self.load()
 
     def load(self) -> None:
@@ -256,7 +218,7 @@ class ExtensionRegistry:
             register = getattr(module, "register", None)
             if not callable(register):
                 raise TypeError(f"{ENTRY_POINT} has no register(easel) function")
-            register(ExtensionApi(extension))
+            register(ExtensionApi(extension, lambda: self.options()))
         except Exception as error:  # an extension must never stop the app
             extension.error = f"{type(error).__name__}: {error}"
             extension.callbacks = {event: [] for event in EVENTS}
@@ -322,7 +284,6 @@ class ExtensionRegistry:
 def _extension_folders(folder: Path | None) -> list[Path]:
     folders = folder.iterdir() if folder is not None and folder.is_dir() else ()
     return sorted(p for p in folders if p.is_dir() and not p.name.startswith((".", "_")))
-
 
 
 def _identifier(name: str) -> str:

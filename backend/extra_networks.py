@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass, field
 
 from backend.embeddings import Embedding, EmbeddingLibrary, EmbeddingSet
-from backend.lora import Activation, LoraError, LoraFile, LoraLibrary, LoraOverlay, Matched, match
+from backend.lora import Activation, LoraOverlay, Matched, match
+from backend.lora_files import LoraError, LoraFile, LoraLibrary
 
 logger = logging.getLogger(__name__)
 

@@ -11,10 +11,11 @@ import datetime as dt
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from backend import conditioning, denoiser, hires, infotext, init_image, noise, outputs, samplers, vae_codec
-from backend.extensions import AfterImage, BeforeGeneration, ScriptRun
+from backend.extensions import NO_EXTENSIONS, AfterImage, BeforeGeneration, ExtensionRegistry, ScriptRun
 from backend.extra_networks import NetworkSession
 from backend.model_manager import ModelManager
 from backend.progress import JobControl
@@ -33,106 +34,166 @@ def generate(
     control: JobControl | None = None,
     rng: random.Random | None = None,
     now: dt.datetime | None = None,
+    extensions: ExtensionRegistry = NO_EXTENSIONS,
 ) -> GenerationResult:
     control = control or JobControl()
-    extensions = manager.extensions
     if request.script_name and request.script_name != "None":
-        return _run_script(manager, request, control, rng, now)
+        return _run_script(manager, request, control, rng, now, extensions)
     early_warnings: list[str] = []
-    # 1. Extensions may change the request; then check it
+    # 1. Extensions may change the request; then check it, and every name in it, before any weights move
     request = _before_generation(extensions, request, early_warnings)
-    request.validate()
-    sampler, schedule = samplers.resolve(request.sampler, request.schedule_type)
-    upscaler = _upscaler(manager, request)
-    face_restorer = _face_restorer(manager, request)
-    hires_plan = _HiresPlan.check(manager, request, sampler)
+    plan = _check_inputs(manager, request)
     with manager.lock:
-        # 2. Activate the checkpoint (a no-op when it is already active)
+        # 2. Activate the checkpoint (a no-op when it is already active); it sets the default size
         model = manager.activate(request.checkpoint, request.vae)
-        width = request.width or model.native_size
-        height = request.height or model.native_size
-        check_dimension("width", width)
-        check_dimension("height", height)
-        if hires_plan is not None:
-            hires_plan.size = hires.target_size(request.with_changes(width=width, height=height))
-            check_dimension("hires width", hires_plan.size[0])
-            check_dimension("hires height", hires_plan.size[1])
-        # 3. Resolve seeds: -1 means random, and the seed used is reported
-        seed = noise.resolve_seed(request.seed, rng)
-        subseed = noise.resolve_seed(request.subseed, rng) if request.subseed_strength > 0 else -1
-        run = request.with_changes(seed=seed, subseed=subseed, width=width, height=height)
-        result = GenerationResult(request=run, warnings=early_warnings)
-        if run.styles:  # styles first: their text may hold wildcards too
-            run = _apply_styles(run, StyleDatabase(manager.settings.styles_file), result.warnings)
-            result.request = run
-        # 4. Expand wildcards per image (seeded by its seed); LoRA tags and embeddings come from the result
-        networks = NetworkSession(model, manager.loras, manager.embeddings, result.warnings)
-        prompts = _PromptTexts(model, run, Wildcards(manager.settings.wildcards_folder), networks)
-        source = init_image.prepare(run, width, height) if run.init_image is not None else None
-        saver = outputs.ImageSaver(run.output_dir or manager.settings.output_root / f"{run.mode}-images", result.warnings)
+        width, height = _check_sizes(model, request, plan.hires)
+        # 3. Resolve seeds (-1 means random, and the seed used is reported), then apply styles
+        result = _start_result(manager, request, width, height, rng, early_warnings)
+        run = result.request
+        # 4. Prepare wildcards (per image, seeded by its seed), networks, the init image and the saver
+        job = _Job(manager, model, plan, result, control, extensions, now)
         try:
-            # 5. Denoise batch by batch, with the LoRAs of the batch's first prompt applied
             for batch in range(run.batch_count):
                 if control.interrupted:
                     break
                 control.take_skip()
-                positions = range(batch * run.batch_size, (batch + 1) * run.batch_size)
-                seeds = [_seeds(run, p) for p in positions]
-                texts = [prompts.texts(p) for p in positions]
-                conds = prompts.conditioning_for_batch(texts)
-                share = (0.0, hires.first_pass_share(run) if hires_plan is not None else 1.0)
-                inputs = denoiser.BatchInputs(run, sampler, schedule, conds, source, seeds, share=share,
-                                              extensions=extensions, warnings=result.warnings)
-                latents = denoiser.denoise(model, inputs, control, batch)
+                # 5. Denoise, with the LoRAs of the batch's first prompt applied
+                latents, texts = job.first_pass(batch)
                 if latents is None:  # skipped or interrupted
                     continue
-                lora_hashes = networks.lora_hashes()
+                lora_hashes = job.networks.lora_hashes()  # the first pass's: a hires prompt may apply others
                 # 6. Hires fix: upscale the latents, then a second pass at the large size
-                if hires_plan is not None:
-                    hires_conds = prompts.conditioning_for_batch(
-                        [prompts.hires_texts(p, t) for p, t in zip(positions, texts)], hires.second_pass_steps(run))
-                    large = hires.second_pass(model, run, hires_plan.sampler, schedule, hires_conds, seeds, latents,
-                                              hires_plan.size, manager.upscalers, control, batch,
-                                              extensions, result.warnings)
-                    if large is None and not control.interrupted:  # skipped
+                if plan.hires is not None:
+                    latents = job.hires_pass(batch, texts, latents)
+                    if latents is None:  # skipped
                         continue
-                    if large is None:
-                        result.warnings.append("interrupted during the hires pass: the image is kept at "
-                                               f"the first pass's size, {width}x{height}")
-                    else:
-                        latents = large
-                # 7. Decode, restore the untouched parts of an inpainted image, save
+                # 7. Decode, restore the untouched parts of an inpainted image, postprocess, save
                 for index, image in enumerate(vae_codec.decode(model, latents)):
-                    if source is not None:
-                        image = source.restore(image)
-                    extra = {**(hires_plan.infotext(run, sampler) if hires_plan is not None else {}),
-                             "Lora hashes": lora_hashes,
-                             "TI hashes": networks.ti_hashes(*networks.strip(texts[index])[0])}
-                    before_faces = None
-                    if face_restorer is not None:
-                        before_faces = image
-                        image = _restore_faces(manager, run, face_restorer, image, control, extra, result)
-                    if upscaler is not None:
-                        image = _upscale(manager, run, upscaler, image, control, extra, result.warnings)
-                    if extensions.has("after_image"):
-                        image = _after_image(extensions, run, image, batch * run.batch_size + index, texts[index][0],
-                                             extra, result.warnings)
-                    result.images.append(_finish_image(
-                        model, run, sampler, schedule, batch, index, image, saver, now, texts[index], extra,
-                        before_faces if run.save_before_face_restoration else None))
+                    result.images.append(job.finish_image(batch, index, image, texts[index], lora_hashes))
         finally:
-            networks.close()  # the base weights, bit for bit
+            job.networks.close()  # the base weights, bit for bit
         result.interrupted = control.interrupted
         if not result.images:  # say why, or the user sees an empty result and no reason
             result.warnings.append(control.no_image_warning())
         return result
 
 
-def _upscaler(manager: ModelManager, request: GenerationRequest) -> str | None:
-    """The upscaler to run after decoding, checked before any denoising (an unknown name fails fast)."""
-    if not request.upscaler or request.upscaler == "None":
-        return None
-    return manager.upscalers.find(request.upscaler).name
+@dataclass
+class _Plan:
+    """What the request asks for beyond the denoising, checked before any weights move."""
+
+    sampler: samplers.Sampler
+    schedule: str
+    upscaler: str | None
+    face_restorer: str | None
+    hires: _HiresPlan | None
+
+
+def _check_inputs(manager: ModelManager, request: GenerationRequest) -> _Plan:
+    """Validate the request and resolve its names, so that an unknown sampler, upscaler or face
+    restorer (or missing face restorer weights) fails before any denoising."""
+    request.validate()
+    sampler, schedule = samplers.resolve(request.sampler, request.schedule_type)
+    upscaler = face_restorer = None
+    if request.upscaler and request.upscaler != "None":
+        upscaler = manager.upscalers.find(request.upscaler).name
+    if request.restore_faces:
+        face_restorer = manager.faces.find(request.face_restorer)
+        manager.faces.weights(face_restorer)  # found, or fetched, now
+    return _Plan(sampler, schedule, upscaler, face_restorer, _HiresPlan.check(manager, request, sampler))
+
+
+def _check_sizes(model, request: GenerationRequest, hires_plan: _HiresPlan | None) -> tuple[int, int]:
+    """The first pass's size (the checkpoint's native size where the request leaves it 0), checked,
+    and the hires fix's target size, checked too."""
+    width = request.width or model.native_size
+    height = request.height or model.native_size
+    check_dimension("width", width)
+    check_dimension("height", height)
+    if hires_plan is not None:
+        hires_plan.size = hires.target_size(request.with_changes(width=width, height=height))
+        check_dimension("hires width", hires_plan.size[0])
+        check_dimension("hires height", hires_plan.size[1])
+    return width, height
+
+
+def _start_result(manager: ModelManager, request: GenerationRequest, width: int, height: int,
+                  rng: random.Random | None, warnings: list[str]) -> GenerationResult:
+    """The result to fill, its request the one to run: seeds resolved, sizes filled in, styles applied."""
+    seed = noise.resolve_seed(request.seed, rng)
+    subseed = noise.resolve_seed(request.subseed, rng) if request.subseed_strength > 0 else -1
+    run = request.with_changes(seed=seed, subseed=subseed, width=width, height=height)
+    result = GenerationResult(request=run, warnings=warnings)
+    if run.styles:  # styles first: their text may hold wildcards too
+        result.request = _apply_styles(run, StyleDatabase(manager.settings.styles_file), result.warnings)
+    return result
+
+
+class _Job:
+    """What the batches of one generation share, and the steps each batch runs."""
+
+    def __init__(self, manager: ModelManager, model, plan: _Plan, result: GenerationResult, control: JobControl,
+                 extensions: ExtensionRegistry, now: dt.datetime | None):
+        run = result.request
+        self.manager, self.model, self.plan, self.run, self.result = manager, model, plan, run, result
+        self.control, self.extensions, self.now = control, extensions, now
+        # LoRA tags and embeddings come from the expanded prompts; their warnings go to the result
+        self.networks = NetworkSession(model, manager.loras, manager.embeddings, result.warnings)
+        self.prompts = _PromptTexts(model, run, Wildcards(manager.settings.wildcards_folder), self.networks)
+        self.source = init_image.prepare(run, run.width, run.height) if run.init_image is not None else None
+        self.saver = outputs.ImageSaver(run.output_dir or manager.settings.output_root / f"{run.mode}-images",
+                                        result.warnings)
+
+    def _positions(self, batch: int) -> range:
+        return range(batch * self.run.batch_size, (batch + 1) * self.run.batch_size)
+
+    def first_pass(self, batch: int):
+        """The batch's latents (None when skipped or interrupted) and each image's (prompt, negative)."""
+        run, plan = self.run, self.plan
+        positions = self._positions(batch)
+        seeds = [_seeds(run, p) for p in positions]
+        texts = [self.prompts.texts(p) for p in positions]
+        conds = self.prompts.conditioning_for_batch(texts)
+        share = (0.0, hires.first_pass_share(run) if plan.hires is not None else 1.0)
+        inputs = denoiser.BatchInputs(run, plan.sampler, plan.schedule, conds, self.source, seeds, share=share,
+                                      extensions=self.extensions, warnings=self.result.warnings)
+        return denoiser.denoise(self.model, inputs, self.control, batch), texts
+
+    def hires_pass(self, batch: int, texts: list[tuple[str, str]], latents):
+        """The large latents; when interrupted, the first pass's (with a warning); None when skipped."""
+        run, plan, prompts = self.run, self.plan, self.prompts
+        positions = self._positions(batch)
+        conds = prompts.conditioning_for_batch(
+            [prompts.hires_texts(p, t) for p, t in zip(positions, texts)], hires.second_pass_steps(run))
+        large = hires.second_pass(self.model, run, plan.hires.sampler, plan.schedule, conds,
+                                  [_seeds(run, p) for p in positions], latents, plan.hires.size,
+                                  self.manager.upscalers, self.control, batch, self.extensions, self.result.warnings)
+        if large is not None or not self.control.interrupted:
+            return large
+        self.result.warnings.append("interrupted during the hires pass: the image is kept at "
+                                    f"the first pass's size, {run.width}x{run.height}")
+        return latents
+
+    def finish_image(self, batch: int, index: int, image, texts: tuple[str, str], lora_hashes) -> GeneratedImage:
+        """One decoded image: inpainting's untouched parts restored, faces restored, upscaled, passed
+        to extensions' `after_image`, then its infotext written and the image saved."""
+        run, plan, result, networks = self.run, self.plan, self.result, self.networks
+        if self.source is not None:
+            image = self.source.restore(image)
+        extra = {**(plan.hires.infotext(run, plan.sampler) if plan.hires is not None else {}),
+                 "Lora hashes": lora_hashes,
+                 "TI hashes": networks.ti_hashes(*networks.strip(texts)[0])}
+        before_faces = None
+        if plan.face_restorer is not None:
+            before_faces = image
+            image = _restore_faces(self.manager, run, plan.face_restorer, image, self.control, extra, result)
+        if plan.upscaler is not None:
+            image = _upscale(self.manager, run, plan.upscaler, image, self.control, extra, result.warnings)
+        if self.extensions.has("after_image"):
+            image = _after_image(self.extensions, run, image, batch * run.batch_size + index, texts[0], extra,
+                                 result.warnings)
+        return _finish_image(self.model, run, plan.sampler, plan.schedule, batch, index, image, self.saver, self.now,
+                             texts, extra, before_faces if run.save_before_face_restoration else None)
 
 
 class _HiresPlan:
@@ -155,17 +216,18 @@ class _HiresPlan:
         return hires.infotext(run, self.upscaler, self.sampler.name, first_sampler.name)
 
 
-def _run_script(manager: ModelManager, request: GenerationRequest, control: JobControl, rng, now) -> GenerationResult:
+def _run_script(manager: ModelManager, request: GenerationRequest, control: JobControl, rng, now,
+                extensions: ExtensionRegistry) -> GenerationResult:
     """A script's job: it calls `generate` as often as it needs, with this job's control."""
-    script = manager.extensions.script(request.script_name)
+    script = extensions.script(request.script_name)
     if script is None:
-        names = ", ".join(s.title for s in manager.extensions.scripts()) or "none installed"
+        names = ", ".join(s.title for s in extensions.scripts()) or "none installed"
         raise RequestError(f"script '{request.script_name}' not found; scripts: {names}")
     plain = request.with_changes(script_name=None)
     result = GenerationResult(request=plain)
 
     def run_one(changed: GenerationRequest) -> GenerationResult:
-        one = generate(manager, changed.with_changes(script_name=None), control, rng, now)
+        one = generate(manager, changed.with_changes(script_name=None), control, rng, now, extensions)
         result.warnings.extend(w for w in one.warnings if w not in result.warnings)
         return one
 
@@ -198,15 +260,6 @@ def _after_image(extensions, run: GenerationRequest, image, position: int, promp
 
     extensions.emit("after_image", make, warnings, after)
     return box["image"]
-
-
-def _face_restorer(manager: ModelManager, request: GenerationRequest) -> str | None:
-    """The face restorer to run after decoding, its weights found (or fetched) before any denoising."""
-    if not request.restore_faces:
-        return None
-    name = manager.faces.find(request.face_restorer)
-    manager.faces.weights(name)
-    return name
 
 
 def _restore_faces(manager, run, name: str, image, control: JobControl, extra: dict, result: GenerationResult):

@@ -1,249 +1,21 @@
-"""LoRA files: reading the formats users download, and applying them to a loaded model exactly.
-
-Formats: kohya-ss `.safetensors` as civitai serves them (`lora_unet_*`, `lora_te_*`, SDXL's
-`lora_te1_*`/`lora_te2_*`, with `alpha`; module names in the diffusers or the original LDM layout),
-LoCon (conv layers, also with a CP `lora_mid`), LyCORIS LoHa and LoKr, full weight differences
-(`diff`), and diffusers/peft files (`unet.*`/`text_encoder.*` with `lora_A`/`lora_B`, or the older
-`to_q_lora.down` attention-processor names).
-
-Application: the weights a LoRA touches are copied aside, then the LoRA's update
-(strength x alpha/rank x up @ down, and the LyCORIS equivalents) is added in place; `restore()` copies
-the saved weights back, so the model is bit-identical afterwards. Merging costs nothing per denoising
-step, where unfused adapters would add two small matmuls per layer at every step
-(`bench/lora.py` measures both).
-"""
+"""Applying LoRAs to a loaded model: pairing a file's layers with the model's modules, and merging
+their updates over the base weights as an overlay that `restore()` undoes bit for bit."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
-import threading
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from backend import devices
-from backend.errors import InputError
-from backend.model_index import HashCache, ModelFile, scan
+from backend.lora_files import LayerUpdate, LoraError, LoraFile
 
 logger = logging.getLogger(__name__)
 
-LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-
-
-class LoraError(InputError):
-    """A LoRA that cannot be used: unreadable, an unsupported type, or made for another base model."""
-
-
-# -- reading files -----------------------------------------------------------------------------------
-# Each tensor key is "<layer name>.<part>"; the parts say which kind of update the layer holds.
-_PARTS = {
-    "lora": ("lora_down.weight", "lora_up.weight", "lora_mid.weight"),
-    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
-    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
-    "full": ("diff", "diff_b"),
-}
-_REQUIRED = {"lora": ("lora_down.weight", "lora_up.weight"), "lokr": (), "full": ("diff",),
-             "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
-_SHARED_PARTS = ("alpha",)
-# Other spellings of the same parts: diffusers/peft and the older attention-processor layout.
-_PART_ALIASES = {
-    "lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
-    "lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight",
-    "down.weight": "lora_down.weight", "up.weight": "lora_up.weight",
-}
-# Parts of LyCORIS types that Easel does not apply, named in the error.
-_UNSUPPORTED = {
-    "dora_scale": "DoRA", "oft_blocks": "OFT", "oft_diag": "OFT", "isp": "BOFT",
-    "on_input": "IA3", "a1.weight": "GLoRA", "w_norm": "norm layers",
-}
-
-
-@dataclass
-class LayerUpdate:
-    """One layer's update in a LoRA file: its kind, its tensors and its alpha (None: scale 1)."""
-
-    kind: str
-    tensors: dict[str, torch.Tensor]
-    alpha: float | None = None
-
-    @property
-    def rank(self) -> int | None:
-        t = self.tensors
-        if self.kind == "lora":
-            return t["lora_down.weight"].shape[0]
-        if self.kind == "loha":
-            return t["hada_w1_b"].shape[0]
-        if self.kind == "lokr":
-            for key in ("lokr_w1_b", "lokr_w2_b"):
-                if key in t:
-                    return t[key].shape[0]
-        return None
-
-    @property
-    def scale(self) -> float:
-        rank = self.rank
-        return self.alpha / rank if self.alpha is not None and rank else 1.0
-
-    def add_to(self, weight: torch.Tensor, strength: float, in_place: bool = False) -> torch.Tensor:
-        """weight + strength x update: a new tensor, or written into `weight` with `in_place`.
-        A plain LoRA is one fused multiply-add (addmm) over the weight; the rest go through `delta`."""
-        t = self.tensors
-        if self.kind == "lora" and "lora_mid.weight" not in t:
-            up = t["lora_up.weight"].flatten(1).to(weight.device, weight.dtype)
-            down = t["lora_down.weight"].flatten(1).to(weight.device, weight.dtype)
-            if up.shape[0] * down.shape[1] != weight.numel():
-                raise LoraError(f"an update of shape {(up.shape[0], down.shape[1])} does not fit a weight of "
-                                f"shape {tuple(weight.shape)}")
-            if in_place:
-                weight.view(up.shape[0], down.shape[1]).addmm_(up, down, alpha=self.scale * strength)
-                return weight
-            return torch.addmm(weight.reshape(up.shape[0], down.shape[1]), up, down,
-                               alpha=self.scale * strength).view(weight.shape)
-        delta = self.delta(weight.shape, weight.device) * strength
-        if in_place:
-            return weight.add_(delta.to(weight.dtype))
-        return weight + delta if weight.dtype == torch.float32 else (weight.float() + delta).to(weight.dtype)
-
-    def delta(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        """The update to add to a weight of `shape`, in fp32, before the strength is applied."""
-        t = {k: v.to(device=device, dtype=torch.float32) for k, v in self.tensors.items()}
-        if self.kind == "lora":
-            up, down = t["lora_up.weight"].flatten(1), t["lora_down.weight"].flatten(1)
-            if "lora_mid.weight" in t:  # LoCon with a CP-decomposed kernel
-                updown = torch.einsum("nmkl,in,mj->ijkl", t["lora_mid.weight"], up, down)
-            else:
-                updown = up @ down
-        elif self.kind == "loha":
-            updown = (_tucker(t, "hada_t1", "hada_w1_a", "hada_w1_b")
-                      * _tucker(t, "hada_t2", "hada_w2_a", "hada_w2_b"))
-        elif self.kind == "lokr":
-            w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
-            if "lokr_w2" in t:
-                w2 = t["lokr_w2"]
-            elif "lokr_t2" in t:
-                w2 = torch.einsum("ijkl,ip,jr->prkl", t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
-            else:
-                w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
-            if w2.dim() == 4:
-                w1 = w1[:, :, None, None]
-            updown = torch.kron(w1, w2)
-        else:
-            updown = t["diff"]
-        if updown.numel() != shape.numel():
-            raise LoraError(f"an update of shape {tuple(updown.shape)} does not fit a weight of shape {tuple(shape)}")
-        return updown.reshape(shape) * self.scale
-
-
-def _tucker(t: dict[str, torch.Tensor], core: str, a: str, b: str) -> torch.Tensor:
-    if core in t:
-        return torch.einsum("ijkl,jr,ip->prkl", t[core], t[b], t[a])
-    return t[a] @ t[b]
-
-
-def _normalise_layer(name: str) -> str:
-    """Old diffusers attention-processor names -> module names."""
-    name = re.sub(r"\.processor\.(to_[qkv])_lora$", r".\1", name)
-    name = re.sub(r"\.processor\.to_out_lora$", ".to_out.0", name)
-    return re.sub(r"\.lora_linear_layer$", "", name)
-
-
-def group_layers(state_dict: dict[str, torch.Tensor]) -> dict[str, LayerUpdate]:
-    """Tensor keys -> one `LayerUpdate` per layer name; unknown or unsupported parts raise LoraError."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    known = sorted({p for group in _PARTS.values() for p in group} | set(_SHARED_PARTS) | set(_PART_ALIASES),
-                   key=len, reverse=True)
-    for key, tensor in state_dict.items():
-        for unsupported, label in _UNSUPPORTED.items():
-            if key.endswith("." + unsupported):
-                raise LoraError(f"unsupported LyCORIS type: {label} (key {key})")
-        part = next((p for p in known if key.endswith("." + p)), None)
-        if part is None:
-            raise LoraError(f"not a LoRA tensor: {key}")
-        layer = _normalise_layer(key[: -len(part) - 1])
-        parts.setdefault(layer, {})[_PART_ALIASES.get(part, part)] = tensor
-    layers = {}
-    for layer, tensors in parts.items():
-        alpha = tensors.pop("alpha", None)
-        kind = next((k for k, names in _PARTS.items() if any(n in tensors for n in names)), None)
-        if kind is None:
-            continue  # an alpha alone
-        if any(m not in tensors for m in _REQUIRED[kind]):
-            raise LoraError(f"layer {layer} is incomplete: has {', '.join(sorted(tensors))}")
-        tensors.pop("diff_b", None)  # bias differences: rare, and A1111 leaves most of them alone too
-        layers[layer] = LayerUpdate(kind, tensors, float(alpha) if alpha is not None else None)
-    if not layers:
-        raise LoraError("no LoRA layers in the file")
-    return layers
-
-
-def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a LoRA file; LoraError names the file and the fix when it is unreadable."""
-    try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as handle:
-                return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        loaded = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
-        if not isinstance(loaded, dict):
-            raise ValueError("not a dictionary of tensors")
-        return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}, {}
-    except LoraError:
-        raise
-    except Exception as error:  # any parse failure: truncated download, wrong file type
-        raise LoraError(f"cannot read {path.name} ({error}); the file is damaged or not a LoRA: "
-                        "download it again") from None
-
-
-@dataclass
-class LoraFile:
-    """A parsed LoRA: its layers by name (in the file's own naming) and what it says about itself."""
-
-    name: str
-    path: Path
-    layers: dict[str, LayerUpdate]
-    metadata: dict[str, str]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers.values() for t in layer.tensors.values())
-
-    @property
-    def base(self) -> str | None:
-        """The base family it was trained for: from kohya/ModelSpec metadata, else from its shapes."""
-        version = (self.metadata.get("ss_base_model_version", "") + " "
-                   + self.metadata.get("modelspec.architecture", "")).lower()
-        if "xl" in version:
-            return "sdxl"
-        if "v2" in version or "sd_2" in version or "v2-" in version:
-            return "sd2"
-        if "v1" in version or "sd_v1" in version:
-            return "sd1"
-        names = list(self.layers)
-        if any(n.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for n in names):
-            return "sdxl"
-        for name, layer in self.layers.items():
-            if ("attn2_to_k" in name or "attn2.to_k" in name) and layer.kind == "lora":
-                width = layer.tensors["lora_down.weight"].shape[1]
-                return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(width)
-        return None
-
-
-def load_lora(file: ModelFile) -> LoraFile:
-    tensors, metadata = read_state_dict(file.path)
-    try:
-        layers = group_layers(tensors)
-    except LoraError as error:
-        raise LoraError(f"{file.filename}: {error}") from None
-    return LoraFile(Path(file.name).name, file.path, layers, metadata)
 
 
 # -- naming: file layer names -> the model's modules ---------------------------------------------------
@@ -302,29 +74,6 @@ class Matched:
     unmatched: list[str] = field(default_factory=list)
 
 
-def _fits(update: LayerUpdate, shape: torch.Size) -> bool:
-    """Whether the layer's update has the weight's size (without computing it)."""
-    t = update.tensors
-    if update.kind == "lora":
-        inputs = shape[1] if "lora_mid.weight" in t else shape[1:].numel()
-        return t["lora_up.weight"].shape[0] == shape[0] and t["lora_down.weight"].flatten(1).shape[1] == inputs
-    if update.kind == "loha":
-        if "hada_t1" in t:
-            core = t["hada_t1"].shape
-            return t["hada_w1_a"].shape[1] * t["hada_w1_b"].shape[1] * core[2:].numel() == shape.numel()
-        return t["hada_w1_a"].shape[0] * t["hada_w1_b"].shape[1:].numel() == shape.numel()
-    if update.kind == "lokr":
-        w1 = t["lokr_w1"].numel() if "lokr_w1" in t else t["lokr_w1_a"].shape[0] * t["lokr_w1_b"].shape[1]
-        if "lokr_w2" in t:
-            w2 = t["lokr_w2"].numel()
-        elif "lokr_t2" in t:
-            w2 = t["lokr_w2_a"].shape[1] * t["lokr_w2_b"].shape[1] * t["lokr_t2"].shape[2:].numel()
-        else:
-            w2 = t["lokr_w2_a"].shape[0] * t["lokr_w2_b"].shape[1:].numel()
-        return w1 * w2 == shape.numel()
-    return t["diff"].numel() == shape.numel()
-
-
 def match(lora: LoraFile, model) -> Matched:
     """Pair the file's layers with the model's modules; LoraError when it was made for another base."""
     names = module_names(model)
@@ -335,7 +84,7 @@ def match(lora: LoraFile, model) -> Matched:
         if target is None:
             matched.unmatched.append(layer)
             continue
-        if not _fits(update, target.module.weight.shape):
+        if not update.fits(target.module.weight.shape):
             wrong_shape.append(layer)
             continue
         getattr(matched, target.component).append((target.module, update))
@@ -347,83 +96,6 @@ def match(lora: LoraFile, model) -> Matched:
         logger.warning("LoRA %s: %d of its layers have no counterpart in this model (e.g. %s)",
                        lora.name, len(matched.unmatched), matched.unmatched[0])
     return matched
-
-
-# -- the library: files, parsed-file cache, hashes ----------------------------------------------------
-class LoraLibrary:
-    """The LoRA files in `models/Lora` (and subfolders), a bounded cache of parsed files, and A1111's
-    short hashes. Changing a LoRA's strength reuses the parsed file; an edited file is read again."""
-
-    def __init__(self, folder: Path, hashes: HashCache, cache_mb: int = 1024):
-        self.folder = Path(folder)
-        self.hashes = hashes
-        self.cache_bytes = cache_mb * 2**20
-        self._files: list[ModelFile] = []
-        self._cache: OrderedDict[tuple, LoraFile] = OrderedDict()
-        self._lock = threading.Lock()
-        self.reads = 0  # files parsed since start: lets tests see the cache work
-        self.refresh()
-
-    def refresh(self) -> None:
-        self._files = scan(self.folder, LORA_SUFFIXES)
-
-    @property
-    def files(self) -> list[ModelFile]:
-        return list(self._files)
-
-    def find(self, name: str) -> ModelFile:
-        """By file stem (`<lora:name:...>` as in A1111), or by path relative to the folder."""
-        candidates = [f for f in self._files if name in (f.name, Path(f.name).name)]
-        if not candidates:
-            lowered = name.lower()
-            candidates = [f for f in self._files if lowered in (f.name.lower(), Path(f.name).name.lower())]
-        if not candidates:
-            self.refresh()  # a file added since the last scan
-            candidates = [f for f in self._files if name in (f.name, Path(f.name).name)]
-        if not candidates:
-            raise LoraError(f"LoRA '{name}' not found in {self.folder}; put the file there or check the name")
-        return candidates[0]
-
-    def load(self, name: str) -> LoraFile:
-        file = self.find(name)
-        stat = file.path.stat()
-        key = (str(file.path), stat.st_size, stat.st_mtime)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        lora = load_lora(file)
-        self.reads += 1
-        with self._lock:
-            self._cache[key] = lora
-            while len(self._cache) > 1 and sum(v.nbytes for v in self._cache.values()) > self.cache_bytes:
-                self._cache.popitem(last=False)
-        return lora
-
-    def short_hash(self, lora: LoraFile) -> str:
-        """A1111's `Lora hashes` entry: the first 12 hex digits of the addnet hash for .safetensors,
-        of the whole file's sha256 otherwise."""
-        addnet = lora.path.suffix.lower() == ".safetensors"
-        return self.hashes.sha256(lora.path, addnet=addnet)[:12]
-
-    def metadata(self, file: ModelFile) -> dict:
-        """The file's metadata for the extra networks panel (kohya's JSON fields decoded)."""
-        if file.path.suffix.lower() != ".safetensors":
-            return {}
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(file.path), "pt") as handle:
-                raw = dict(handle.metadata() or {})
-        except Exception as error:  # shown on the card, never raised
-            return {"error": str(error)}
-        decoded = {}
-        for key, value in raw.items():
-            try:
-                decoded[key] = json.loads(value) if value[:1] in "{[" else value
-            except ValueError:
-                decoded[key] = value
-        return decoded
 
 
 # -- applying ----------------------------------------------------------------------------------------
@@ -460,7 +132,9 @@ class LoraOverlay:
 
     Applying a LoRA to a layer swaps in a new tensor, base + update, and keeps the base tensor itself
     (no copy); removing swaps the base tensor back, so the weights are bit-identical afterwards and
-    restoring costs nothing. Only the merged tensors of the layers in use are extra memory.
+    restoring costs nothing. Only the merged tensors of the layers in use are extra memory. Merging
+    costs nothing per denoising step, where unfused adapters would add two small matmuls per layer at
+    every step (`bench/lora.py` measures both).
     """
 
     def __init__(self, model):

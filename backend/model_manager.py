@@ -16,9 +16,8 @@ import torch
 from backend import checkpoints, devices, diffusers_folder, model_detection
 from backend.checkpoints import CheckpointLoadError, Components
 from backend.embeddings import EmbeddingLibrary
-from backend.extensions import NO_EXTENSIONS, ExtensionRegistry
 from backend.faces import FaceRestorers
-from backend.lora import LoraLibrary
+from backend.lora_files import LoraLibrary
 from backend.model_detection import CheckpointFormatError
 from backend.model_index import ModelFile, ModelIndex, ModelNotFoundError
 from backend.sd_model import StableDiffusionModel
@@ -67,7 +66,6 @@ class ModelManager:
         # The server's current checkpoint (A1111's `sd_model_checkpoint` option): what a request that
         # names none runs on, even after another request switched to its own checkpoint.
         self.selected: str | None = None
-        self.extensions: ExtensionRegistry = NO_EXTENSIONS  # the app loads extensions/ into this
 
     # -- queries ---------------------------------------------------------------------------------
     @property

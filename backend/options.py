@@ -53,6 +53,9 @@ class Options:
     # Upscaler tiles (A1111's names): input pixels per tile side (0: no tiling) and overlap
     ESRGAN_tile: int = 192
     ESRGAN_tile_overlap: int = 8
+    # X/Y/Z plot: the most cells a plot may have, and the largest grid image (megapixels)
+    xyz_max_cells: int = 1024
+    xyz_max_megapixels: int = 64
     # Extensions turned off in the Extensions tab (by folder name); applied at the next start
     disabled_extensions: list = dataclass_field(default_factory=list)
 
@@ -73,6 +76,8 @@ class Options:
             raise ValueError("CodeFormer weight must be between 0 and 1")
         if self.ESRGAN_tile < 0 or not 0 <= self.ESRGAN_tile_overlap <= 128:
             raise ValueError("upscaler tile size must be 0 (no tiles) or more, and its overlap 0-128")
+        if not 1 <= self.xyz_max_cells <= 100_000 or not 1 <= self.xyz_max_megapixels <= 1024:
+            raise ValueError("X/Y/Z plot limits: 1-100,000 cells and 1-1,024 megapixels")
         if self.live_preview_every < 0:
             raise ValueError("live preview period must be 0 (off) or more")
 

@@ -9,6 +9,7 @@ with A1111's keys (`Postprocess upscale by`, `Postprocess upscaler`, `GFPGAN vis
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from PIL import Image
 from backend import infotext, outputs
 from backend.faces import FaceRestorationError, FaceRestorers
 from backend.upscalers import NONE, UpscalerError, UpscalerLibrary
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,12 @@ def run_extras(upscalers: UpscalerLibrary, images: list[Image.Image], request: E
         if request.save:
             folder = request.output_dir or Path(output_root) / "extras-images"
             chunks = {"postprocessing": result.postprocessing} if result.postprocessing else {}
-            result.path = outputs.save_image(result.image, folder, 0, outputs.read_infotext(image), now,
-                                             name="extras", chunks=chunks)
+            try:
+                result.path = outputs.save_image(result.image, folder, 0, outputs.read_infotext(image), now,
+                                                 name="extras", chunks=chunks)
+            except OSError as error:  # the image is still returned; the note says why it is not on disk
+                logger.warning("could not save the Extras result in %s: %s", folder, error)
+                result.notes.append(f"saving failed: {error.strerror or error}; the image is shown but not "
+                                    f"saved in {folder}")
         results.append(result)
     return results

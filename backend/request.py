@@ -107,8 +107,9 @@ class GenerationRequest:
         _check_numbers(self)
         for name in PROMPT_FIELDS:
             text = getattr(self, name)
-            _need(not isinstance(text, str) or len(text) <= MAX_PROMPT_CHARS,
-                  f"{name} is {len(text):,} characters long; the limit is {MAX_PROMPT_CHARS:,} characters")
+            if isinstance(text, str) and len(text) > MAX_PROMPT_CHARS:
+                raise RequestError(f"{name} is {len(text):,} characters long; the limit is {MAX_PROMPT_CHARS:,} "
+                                   "characters")
         _need(1 <= self.steps <= MAX_STEPS, f"steps must be between 1 and {MAX_STEPS}, not {self.steps}")
         _need(self.cfg_scale >= 0, f"CFG scale must be 0 or more, not {self.cfg_scale}")
         for name in ("width", "height"):

@@ -15,6 +15,7 @@ from typing import Any
 
 from backend.errors import InputError
 from backend.extensions import ExtensionRegistry
+from backend.generation import generate
 from backend.job_queue import DeviceQueue
 from backend.model_manager import ModelManager
 from backend.options import (
@@ -26,6 +27,8 @@ from backend.options import (
     load_options,
     save_options,
 )
+from backend.progress import JobControl
+from backend.request import GenerationRequest, GenerationResult
 from backend.settings import Settings
 from backend.styles import StyleDatabase
 
@@ -55,7 +58,13 @@ class Runtime:
     device: DeviceQueue = field(default_factory=DeviceQueue)
 
     def __post_init__(self) -> None:
-        self.manager.extensions = self.extensions  # generation reads the extensions from the manager
+        if self.extensions.extensions:  # (never the shared empty registry: it would keep this runtime alive)
+            self.extensions.options = lambda: self.options  # what extensions read through `easel.option()`
+
+    def generate(self, request: GenerationRequest, control: JobControl | None = None) -> GenerationResult:
+        """Run a request on this runtime's models with its extensions (on the caller's thread: front ends
+        queue this on `device`)."""
+        return generate(self.manager, request, control, extensions=self.extensions)
     @classmethod
     def create(cls, settings: Settings, config_path: Path | None = None,
                manager: ModelManager | None = None) -> Runtime:

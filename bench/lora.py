@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from backend import lora as lora_module
 from backend.extra_networks import NetworkSession, parse_tags
+from backend.lora_files import load_lora
 from backend.model_manager import ModelManager
 from backend.settings import Settings
 from bench.engine_vs_diffusers import build_checkpoints
@@ -123,7 +124,7 @@ def main() -> None:
     print(f"model: SD 1.5 shapes, {model.dtype}, {model.device}, {args.threads} threads", flush=True)
     paths = [write_lora(model, scratch / "Lora" / f"lora{i}.safetensors", seed=i) for i in range(5)]
     print(f"LoRA files: {len(paths)} x {paths[0].stat().st_size / 2**20:.0f} MiB "
-          f"(rank {RANK}, {len(lora_module.load_lora(manager.loras.find('lora0')).layers)} layers)", flush=True)
+          f"(rank {RANK}, {len(load_lora(manager.loras.find('lora0')).layers)} layers)", flush=True)
     manager.loras.refresh()
     networks = NetworkSession(model, manager.loras, manager.embeddings, [])
 

@@ -270,8 +270,9 @@ def test_model_files_are_not_served_and_a_foreign_host_is_refused(settings, mode
     demo, url, _ = launch(settings, ServerOptions(port=free_port(), api=True), block=False)
     try:
         base = url.rstrip("/")
+        cached = next(p for p in settings.cache_dir.rglob("*") if p.is_file())  # the tokenizer's vocabulary
         for path in (lora / "secret.safetensors", settings.model_dir("checkpoints") / "tiny-sd1.safetensors",
-                     "/etc/passwd"):
+                     cached, "/etc/passwd"):
             answer = requests.get(f"{base}/gradio_api/file={path}", timeout=30)
             assert answer.status_code in (403, 404), path
         assert requests.get(f"{base}/sdapi/v1/progress", timeout=30).status_code == 200
@@ -281,3 +282,33 @@ def test_model_files_are_not_served_and_a_foreign_host_is_refused(settings, mode
         assert requests.get(base, headers={"Host": "localhost"}, timeout=30).status_code == 200
     finally:
         demo.close()
+
+
+def test_the_ui_login_slows_down_failed_sign_ins():
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from ui.launch import SlowFailedLogins
+
+    async def login(request):
+        form = await request.form()
+        ok = form.get("password") == "right"
+        return JSONResponse({"success": ok}, status_code=200 if ok else 400)
+
+    waited = []
+
+    async def record(seconds):
+        waited.append(seconds)
+
+    app = Starlette(routes=[Route("/login", login, methods=["POST"]), Route("/other", login, methods=["POST"])],
+                    middleware=[Middleware(SlowFailedLogins, failures=FailedLogins(base=0.5), sleep=record)])
+    client = TestClient(app)
+    for _ in range(3):
+        assert client.post("/login", data={"password": "guess"}).status_code == 400
+    assert client.post("/other", data={"password": "guess"}).status_code == 400  # only the login route
+    assert waited == [0.5, 1.0, 2.0]
+    assert client.post("/login", data={"password": "right"}).status_code == 200
+    assert client.post("/login", data={"password": "guess"}).status_code == 400
+    assert waited[-1] == 0.5  # a success cleared the count

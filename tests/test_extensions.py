@@ -19,8 +19,11 @@ from backend.extensions import BUILTIN_EXTENSIONS_DIR, ExtensionRegistry, Instal
 from backend.generation import generate
 from backend.infotext import parse_infotext
 from backend.model_manager import ModelManager
+from backend.options import Options
 from backend.request import GenerationRequest
+from backend.runtime import Runtime
 from backend.settings import Settings
+from backend.styles import StyleDatabase
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILTINS = ["cfg-rescale", "dynamic-thresholding", "prompts-from-file", "xyz-plot"]
@@ -129,11 +132,12 @@ def test_a_builtin_is_disabled_by_name_or_by_a_marker_in_the_user_folder(tmp_pat
 
 
 def test_events_arrive_in_order_with_their_fields_and_changes_apply(sd1_manager, extensions_dir):
-    sd1_manager.extensions = only(extensions_dir)
+    registry = only(extensions_dir)
     events = __import__("easel_extensions.recorder", fromlist=["EVENTS"]).EVENTS
     events.clear()
     result = generate(sd1_manager, GenerationRequest(**SMALL, batch_size=2,
-                                                     script_args={"Recorder": {"args": [2.5, "hi"]}}))
+                                                     script_args={"Recorder": {"args": [2.5, "hi"]}}),
+                      extensions=registry)
     assert [e["event"] for e in events] == (["before_generation"] + ["guidance", "step"] * 3 + ["after_image"] * 2)
     assert events[0]["prompt"] == "a red star" and events[0]["args"] == {"strength": 2.5, "note": "hi"}
     guidance, step = events[1], events[2]
@@ -150,8 +154,8 @@ def test_events_arrive_in_order_with_their_fields_and_changes_apply(sd1_manager,
 
 
 def test_panel_defaults_apply_without_arguments(sd1_manager, extensions_dir):
-    sd1_manager.extensions = only(extensions_dir)
-    result = generate(sd1_manager, GenerationRequest(**SMALL))
+    registry = only(extensions_dir)
+    result = generate(sd1_manager, GenerationRequest(**SMALL), extensions=registry)
     assert parse_infotext(result.images[0].infotext)["Recorded"] == "1"
 
 
@@ -167,8 +171,8 @@ def test_a_step_callback_can_stop_sampling_and_change_latents(sd1_manager, tmp_p
             event.latents = event.latents * 0
             event.stop = event.step == 2
         ''')
-    sd1_manager.extensions = only(tmp_path / "ext")
-    result = generate(sd1_manager, GenerationRequest(**{**SMALL, "steps": 5}))
+    registry = only(tmp_path / "ext")
+    result = generate(sd1_manager, GenerationRequest(**{**SMALL, "steps": 5}), extensions=registry)
     calls = __import__("easel_extensions.stopper", fromlist=["CALLS"]).CALLS
     assert calls == [1, 2]
     pixels = np.asarray(result.images[0].image, dtype=np.int16)
@@ -178,15 +182,15 @@ def test_a_step_callback_can_stop_sampling_and_change_latents(sd1_manager, tmp_p
 
 # -- the built-in scripts on the default model ---------------------------------------------------------
 @pytest.fixture(scope="module")
-def default_manager(tmp_path_factory, tokenizer_cache) -> ModelManager:
+def default_manager(tmp_path_factory, tokenizer_cache) -> Runtime:
     import shutil
 
     data = tmp_path_factory.mktemp("ext-data")
     shutil.copytree(tokenizer_cache, data / "cache", dirs_exist_ok=True)
     settings = Settings(data_dir=data, ckpt_dir=ROOT / "models" / "Stable-diffusion", default_checkpoint="easel-shapes")
-    manager = ModelManager(settings)
-    manager.extensions = ExtensionRegistry(ROOT / "extensions")
-    return manager
+    # This folder's extensions/ (the example, off) after the built-ins, as `python app.py` loads them
+    return Runtime(settings, Options(), data / "config.json", ModelManager(settings),
+                   ExtensionRegistry(ROOT / "extensions"), StyleDatabase(data / "styles.csv"))
 
 
 def saturated(result) -> float:
@@ -206,10 +210,10 @@ def test_shipped_extensions_load_and_the_example_is_off(default_manager):
 
 
 def test_dynamic_thresholding_reduces_saturation_at_cfg_20_and_is_a_no_op_when_off(default_manager):
-    plain = generate(default_manager, GenerationRequest(**HIGH_CFG))
-    off = generate(default_manager, GenerationRequest(**HIGH_CFG, script_args={
+    plain = default_manager.generate(GenerationRequest(**HIGH_CFG))
+    off = default_manager.generate(GenerationRequest(**HIGH_CFG, script_args={
         "dynamic-thresholding": {"enabled": False, "mimic_scale": 7}}))
-    on = generate(default_manager, GenerationRequest(**HIGH_CFG, script_args={
+    on = default_manager.generate(GenerationRequest(**HIGH_CFG, script_args={
         "Dynamic thresholding (CFG scale fix)": {"args": [True, 7.0, 0.995]}}))
     assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(plain.images, off.images))
     print(f"saturated pixels at CFG 20: {saturated(plain):.3f} plain, {saturated(on):.3f} with dynamic thresholding")
@@ -220,10 +224,10 @@ def test_dynamic_thresholding_reduces_saturation_at_cfg_20_and_is_a_no_op_when_o
 
 
 def test_cfg_rescale_is_recorded_and_changes_the_image(default_manager):
-    plain = generate(default_manager, GenerationRequest(**{**HIGH_CFG, "batch_size": 1}))
-    zero = generate(default_manager, GenerationRequest(**{**HIGH_CFG, "batch_size": 1},
+    plain = default_manager.generate(GenerationRequest(**{**HIGH_CFG, "batch_size": 1}))
+    zero = default_manager.generate(GenerationRequest(**{**HIGH_CFG, "batch_size": 1},
                                                        script_args={"CFG rescale": {"phi": 0.0}}))
-    rescaled = generate(default_manager, GenerationRequest(**{**HIGH_CFG, "batch_size": 1},
+    rescaled = default_manager.generate(GenerationRequest(**{**HIGH_CFG, "batch_size": 1},
                                                            script_args={"cfg-rescale": {"args": [0.7]}}))
     assert np.array_equal(np.asarray(plain.images[0].image), np.asarray(zero.images[0].image))
     assert np.abs(np.asarray(plain.images[0].image, dtype=np.int16)

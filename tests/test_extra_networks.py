@@ -3,7 +3,8 @@
 import pytest
 
 from backend.extra_networks import NetworkTag, lora_activation, parse_tags
-from backend.lora import MAX_STRENGTH, Activation, LoraError
+from backend.lora import MAX_STRENGTH, Activation
+from backend.lora_files import LoraError
 
 TAG_CASES = [
     # (prompt, text left, tags)

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from backend import lora as lora_module
+from backend import lora_files as lora_module
 from backend.extra_networks import NetworkSession, parse_tags
 from backend.generation import generate
 from backend.infotext import parse_infotext
-from backend.lora import LayerUpdate, LoraError
+from backend.lora_files import LayerUpdate, LoraError
 from backend.model_manager import ModelManager
 from backend.request import GenerationRequest
 from tests.conftest import install
@@ -325,7 +325,8 @@ def test_layers_under_sequential_offload_are_patched_in_their_weights_map():
     """--lowvram keeps weights in accelerate's CPU map and loads them per forward: patch the map."""
     from accelerate import cpu_offload
 
-    from backend.lora import Activation, LoraFile, LoraOverlay, Matched
+    from backend.lora import Activation, LoraOverlay, Matched
+    from backend.lora_files import LoraFile
 
     torch.manual_seed(0)
     layer = torch.nn.Sequential(torch.nn.Linear(6, 5))

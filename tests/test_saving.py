@@ -121,3 +121,19 @@ def test_saving_goes_on_after_one_failed_image(sd1_manager, tmp_path, monkeypatc
     assert [image.path is None for image in result.images] == [True, False]
     assert [p.name for p in files_in(folder)] == ["00000-6.png", "00000-6.txt"]
     assert sum(w.startswith("saving failed") for w in result.warnings) == 1
+
+
+def test_an_extras_result_that_cannot_be_saved_is_returned_with_a_note(tmp_path, monkeypatch):
+    from backend.postprocess import ExtrasRequest, run_extras
+    from backend.upscalers import UpscalerLibrary
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "save_image", full_disk)
+    source = Image.new("RGB", (16, 12), (10, 200, 30))
+    results = run_extras(UpscalerLibrary([]), [source], ExtrasRequest(upscaler="Lanczos", scale=2), tmp_path / "out")
+    assert [r.image.size for r in results] == [(32, 24)] and results[0].path is None
+    assert results[0].notes == [f"saving failed: No space left on device; the image is shown but not saved in "
+                                f"{tmp_path / 'out' / 'extras-images'}"]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))

@@ -13,12 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend.extensions import ExtensionRegistry
-from backend.generation import generate
 from backend.infotext import parse_infotext
-from backend.model_manager import ModelManager
 from backend.progress import JobControl
 from backend.request import GenerationRequest, RequestError
+from backend.runtime import Runtime
 from backend.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +26,7 @@ XYZ = "X/Y/Z plot"
 
 
 @pytest.fixture(scope="module")
-def manager(tmp_path_factory, tokenizer_cache) -> ModelManager:
+def manager(tmp_path_factory, tokenizer_cache) -> Runtime:
     data = tmp_path_factory.mktemp("scripts-data")
     ckpt = data / "models" / "Stable-diffusion"
     ckpt.mkdir(parents=True)
@@ -36,14 +34,13 @@ def manager(tmp_path_factory, tokenizer_cache) -> ModelManager:
     shutil.copy(model, ckpt / model.name)
     shutil.copy(model, ckpt / "second-copy.safetensors")
     shutil.copytree(tokenizer_cache, data / "cache", dirs_exist_ok=True)
-    manager = ModelManager(Settings(data_dir=data, default_checkpoint="easel-shapes"))
-    manager.extensions = ExtensionRegistry(data / "extensions")  # nothing there: the built-ins alone
-    return manager
+    # A runtime for a data folder with no extensions of its own: the built-ins alone
+    return Runtime.create(Settings(data_dir=data, default_checkpoint="easel-shapes"))
 
 
 def xyz(manager, control=None, **args):
     request = GenerationRequest(**BASE, script_name=XYZ, script_args={XYZ: args})
-    return generate(manager, request, control)
+    return manager.generate(request, control)
 
 
 def differing_keys(a: str, b: str) -> set[str]:
@@ -72,14 +69,14 @@ def test_xyz_plot_makes_a_labelled_2x3_grid_and_six_cells_that_differ_only_in_th
 
 
 def test_a_checkpoint_axis_loads_each_checkpoint_once(manager):
-    manager.select("easel-shapes")
-    before = manager.load_count
+    manager.manager.select("easel-shapes")
+    before = manager.manager.load_count
     request = GenerationRequest(**BASE, checkpoint="easel-shapes.safetensors", script_name=XYZ, script_args={XYZ: {
         "x_type": "Seed", "x_values": "1, 2, 3", "y_type": "Checkpoint name", "y_values": "second-copy, easel-shapes"}})
-    result = generate(manager, request)
+    result = manager.generate(request)
     models = [parse_infotext(c.infotext)["Model"] for c in result.images[1:]]
     assert models == ["easel-shapes"] * 3 + ["second-copy"] * 3  # grouped by checkpoint
-    assert manager.load_count - before == 1  # the current model first, then second-copy, loaded once
+    assert manager.manager.load_count - before == 1  # the current model first, then second-copy, loaded once
     grid = result.images[0].image
     assert grid.size[1] > 2 * 64 and grid.size[0] > 3 * 64  # rows in the order the axis gave them
 
@@ -92,7 +89,7 @@ def test_prompt_search_replace_and_lora_weight_axes(manager):
         xyz(manager, x_type="Prompt S/R", x_values="purple, green")
     lora = GenerationRequest(**{**BASE, "prompt": BASE["prompt"] + " <lora:easel-outlined:1>"}, script_name=XYZ,
                              script_args={XYZ: {"x_type": "LoRA weight", "x_values": "0, 0.8"}})
-    cells = generate(manager, lora).images[1:]
+    cells = manager.generate(lora).images[1:]
     assert [parse_infotext(c.infotext)["Prompt"].split("<lora:")[1] for c in cells] == ["easel-outlined:0>",
                                                                                       "easel-outlined:0.8>"]
 
@@ -157,7 +154,7 @@ def test_a_plot_too_large_is_refused_before_queueing_and_before_any_generation(m
         manager.extensions.check_script(request)  # what the API and the UI call before queueing
     events = []
     with pytest.raises(RequestError, match=message):
-        generate(manager, request, JobControl(on_progress=events.append))  # the script checks again itself
+        manager.generate(request, JobControl(on_progress=events.append))  # the script checks again itself
     assert events == []
 
 
@@ -169,6 +166,23 @@ def test_plots_within_the_limits_and_other_scripts_pass_the_check(manager):
     manager.extensions.check_script(GenerationRequest(**BASE, script_name="Prompts from file or textbox"))  # no check
     with pytest.raises(RequestError, match="'purple' .* is not in the prompt"):
         manager.extensions.check_script(plot_request(x_type="Prompt S/R", x_values="purple, green"))
+
+
+def test_the_plot_limits_are_settings(manager):
+    small = plot_request(x_values="1-3", y_type="Steps", y_values="1-2")  # 6 cells of 64x64
+    manager.extensions.check_script(small)
+    manager.apply({"xyz_max_cells": 4}, save=False)
+    try:
+        with pytest.raises(RequestError, match=r"= 6 cells asked; a plot may have at most 4 cells"):
+            manager.extensions.check_script(small)
+        with pytest.raises(RequestError, match="at most 4 cells"):
+            manager.generate(small)
+        manager.apply({"xyz_max_cells": 1024, "xyz_max_megapixels": 1}, save=False)
+        wide = plot_request({"width": 512, "height": 512}, x_values="1-2", y_type="Steps", y_values="1-3")
+        with pytest.raises(RequestError, match=r"1024x1536 pixels .* 1 megapixels"):
+            manager.extensions.check_script(wide)
+    finally:
+        manager.apply({"xyz_max_cells": 1024, "xyz_max_megapixels": 64}, save=False)
 
 
 def test_xyz_plot_is_interruptible_between_cells(manager):
@@ -184,7 +198,7 @@ def test_prompts_from_file_runs_each_line_with_its_options(manager):
                        "", "a large yellow cross on a purple background, center"])
     request = GenerationRequest(**BASE, script_name="Prompts from file or textbox",
                                 script_args={"prompts-from-file": {"prompts": lines, "iterate_seed": True}})
-    result = generate(manager, request)
+    result = manager.generate(request)
     params = [parse_infotext(i.infotext) for i in result.images]
     assert [p["Prompt"] for p in params] == ["a small blue circle on a white background, top left",
                                             "a large green square on a black background",
@@ -193,9 +207,9 @@ def test_prompts_from_file_runs_each_line_with_its_options(manager):
     assert params[1]["Steps"] == "4" and params[1]["CFG scale"] == "5" and params[0]["Steps"] == "6"
     bad = request.with_changes(script_args={"prompts-from-file": {"prompts": "--stepz 4"}})
     with pytest.raises(RequestError, match="line 1: unknown option '--stepz'"):
-        generate(manager, bad)
+        manager.generate(bad)
 
 
 def test_an_unknown_script_names_the_installed_ones(manager):
     with pytest.raises(RequestError, match="script 'Loopback' not found; scripts: .*X/Y/Z plot"):
-        generate(manager, GenerationRequest(**BASE, script_name="Loopback"))
+        manager.generate(GenerationRequest(**BASE, script_name="Loopback"))

@@ -15,7 +15,7 @@ from ui.context import error_html
 def extensions_rows(ui) -> list[list[str]]:
     rows = []
     disabled = set(ui.ctx.options.disabled_extensions)
-    for extension in ui.ctx.manager.extensions.extensions:
+    for extension in ui.ctx.runtime.extensions.extensions:
         if extension.error:
             status = f"failed: {extension.error}"
         elif not extension.enabled:
@@ -33,7 +33,7 @@ def extensions_rows(ui) -> list[list[str]]:
 
 def extensions_tab(ui) -> None:
     ctx = ui.ctx
-    registry = ctx.manager.extensions
+    registry = ctx.runtime.extensions
     names = [e.name for e in registry.extensions]
     table = gr.Dataframe(extensions_rows(ui, ), headers=["extension", "status", "panel", "folder"],
                          interactive=False, elem_id="extensions_table", wrap=True)

@@ -181,8 +181,8 @@ class SlowFailedLogins:
     """ASGI middleware: a failed sign-in on gradio's login route waits before its answer, longer after
     each failure from the same address (see `api.access.FailedLogins`)."""
 
-    def __init__(self, app, failures):
-        self.app, self.failures = app, failures
+    def __init__(self, app, failures, sleep=asyncio.sleep):
+        self.app, self.failures, self.sleep = app, failures, sleep
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST" or not scope["path"].rstrip("/").endswith("/login"):
@@ -193,7 +193,7 @@ class SlowFailedLogins:
         async def answer(message):
             if message["type"] == "http.response.start":
                 if message["status"] >= 400:
-                    await asyncio.sleep(self.failures.failed(address))
+                    await self.sleep(self.failures.failed(address))
                 else:
                     self.failures.succeeded(address)
             await send(message)

@@ -17,8 +17,8 @@ from ui.context import EXTRA_NETWORK_KINDS, MASK_MODES, slug
 
 
 def generation_controls(ui, mode: str) -> dict[str, Any]:
+    """The page's controls by name: `GenerationRequest` fields, and `_`-prefixed UI-only parts."""
     c: dict[str, Any] = {}
-    options, size = ui.ctx.options, ui.ctx.native_size()
     with gr.Row():
         with gr.Column(scale=6):
             c["prompt"] = gr.Textbox(label="Prompt", lines=3, elem_id=f"{mode}_prompt",
@@ -40,64 +40,9 @@ def generation_controls(ui, mode: str) -> dict[str, Any]:
                 c["_save_style"] = gr.Button("Save style", size="sm")
     with gr.Row():
         with gr.Column(scale=1):
-            if mode == "img2img":
-                img2img_inputs(ui, c)
-            with gr.Row():
-                c["sampler"] = gr.Dropdown(list(SAMPLER_NAMES), value=options.default_sampler, label="Sampling method",
-                                           elem_id=f"{mode}_sampler")
-                c["schedule_type"] = gr.Dropdown(list(SCHEDULE_TYPES), value="Automatic", label="Schedule type")
-            c["steps"] = gr.Slider(1, 150, value=options.default_steps, step=1, label="Sampling steps",
-                                   elem_id=f"{mode}_steps")
-            with gr.Row():
-                with gr.Column(scale=4):
-                    c["width"] = gr.Slider(MIN_SIZE, 2048, value=size, step=8, label="Width", elem_id=f"{mode}_width")
-                    c["height"] = gr.Slider(MIN_SIZE, 2048, value=size, step=8, label="Height",
-                                            elem_id=f"{mode}_height")
-                c["_swap"] = gr.Button("⇅", elem_id=f"{mode}_swap", scale=0, min_width=40)
-                with gr.Column(scale=2):
-                    c["batch_count"] = gr.Slider(1, 100, value=1, step=1, label="Batch count",
-                                                 elem_id=f"{mode}_batch_count")
-                    c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{mode}_batch_size")
-            c["cfg_scale"] = gr.Slider(1, 30, value=options.default_cfg_scale, step=0.5, label="CFG Scale",
-                                       elem_id=f"{mode}_cfg_scale")
-            if mode == "img2img":
-                c["denoising_strength"] = gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength",
-                                                    elem_id="img2img_denoising_strength")
-            c["restore_faces"] = gr.Checkbox(False, label="Restore faces (the model is chosen in Settings)",
-                                             elem_id=f"{mode}_restore_faces")
-            with gr.Row():
-                c["seed"] = gr.Number(-1, label="Seed", precision=0, elem_id=f"{mode}_seed", scale=4)
-                c["_random_seed"] = gr.Button("🎲", scale=0, min_width=40, elem_id=f"{mode}_random_seed")
-                c["_reuse_seed"] = gr.Button("♻", scale=0, min_width=40, elem_id=f"{mode}_reuse_seed")
-            with gr.Accordion("Variation seed", open=False):
-                with gr.Row():
-                    c["subseed"] = gr.Number(-1, label="Variation seed", precision=0)
-                    c["subseed_strength"] = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength")
-                with gr.Row():
-                    c["seed_resize_from_w"] = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from width")
-                    c["seed_resize_from_h"] = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from height")
-            if mode == "txt2img":
-                hires_controls(ui, c)
-            extension_panels(ui, c, mode)
-            with gr.Accordion("Wildcards", open=False):
-                c["_wildcards"] = gr.Dataset(
-                    components=[gr.Textbox(visible=False), gr.Textbox(visible=False)], headers=["wildcard", "lines"],
-                    samples=wildcard_samples(ui, ), label="Click one to add it to the prompt", type="values",
-                    elem_id=f"{mode}_wildcards", samples_per_page=20)
-                c["_refresh_wildcards"] = gr.Button("🔄 Rescan wildcards", size="sm")
+            _settings_column(ui, c, mode)
         with gr.Column(scale=1):
-            c["_progress"] = gr.HTML("", elem_classes="easel-status", elem_id=f"{mode}_progress")
-            c["_preview"] = gr.Image(label="Live preview", visible=False, interactive=False, type="pil",
-                                     format="png", elem_id=f"{mode}_preview")
-            c["_gallery"] = gr.Gallery(label="Output", columns=2, height=420, format="png",
-                                       elem_id=f"{mode}_gallery", buttons=["download", "fullscreen"],
-                                       interactive=False)
-            with gr.Row():
-                c["_open_folder"] = gr.Button("📂 Open folder", size="sm")
-                c["_to_img2img"] = gr.Button("Send to img2img", size="sm", elem_id=f"{mode}_send_to_img2img")
-                c["_to_inpaint"] = gr.Button("Send to inpaint", size="sm", elem_id=f"{mode}_send_to_inpaint")
-                c["_to_extras"] = gr.Button("Send to extras", size="sm", elem_id=f"{mode}_send_to_extras")
-            c["_infotext"] = gr.HTML("", elem_id=f"{mode}_infotext")
+            _output_column(c, mode)
     # Per-browser state
     c["_infotexts"] = gr.State([])
     c["_paths"] = gr.State([])
@@ -106,10 +51,78 @@ def generation_controls(ui, mode: str) -> dict[str, Any]:
     return c
 
 
+
+
+def _settings_column(ui, c: dict[str, Any], mode: str) -> None:
+    """Sampler, steps, size, batch, CFG, seeds, then hires fix, extension panels and wildcards."""
+    options, size = ui.ctx.options, ui.ctx.native_size()
+    if mode == "img2img":
+        img2img_inputs(ui, c)
+    with gr.Row():
+        c["sampler"] = gr.Dropdown(list(SAMPLER_NAMES), value=options.default_sampler, label="Sampling method",
+                                   elem_id=f"{mode}_sampler")
+        c["schedule_type"] = gr.Dropdown(list(SCHEDULE_TYPES), value="Automatic", label="Schedule type")
+    c["steps"] = gr.Slider(1, 150, value=options.default_steps, step=1, label="Sampling steps",
+                           elem_id=f"{mode}_steps")
+    with gr.Row():
+        with gr.Column(scale=4):
+            c["width"] = gr.Slider(MIN_SIZE, 2048, value=size, step=8, label="Width", elem_id=f"{mode}_width")
+            c["height"] = gr.Slider(MIN_SIZE, 2048, value=size, step=8, label="Height",
+                                    elem_id=f"{mode}_height")
+        c["_swap"] = gr.Button("⇅", elem_id=f"{mode}_swap", scale=0, min_width=40)
+        with gr.Column(scale=2):
+            c["batch_count"] = gr.Slider(1, 100, value=1, step=1, label="Batch count",
+                                         elem_id=f"{mode}_batch_count")
+            c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{mode}_batch_size")
+    c["cfg_scale"] = gr.Slider(1, 30, value=options.default_cfg_scale, step=0.5, label="CFG Scale",
+                               elem_id=f"{mode}_cfg_scale")
+    if mode == "img2img":
+        c["denoising_strength"] = gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength",
+                                            elem_id="img2img_denoising_strength")
+    c["restore_faces"] = gr.Checkbox(False, label="Restore faces (the model is chosen in Settings)",
+                                     elem_id=f"{mode}_restore_faces")
+    with gr.Row():
+        c["seed"] = gr.Number(-1, label="Seed", precision=0, elem_id=f"{mode}_seed", scale=4)
+        c["_random_seed"] = gr.Button("🎲", scale=0, min_width=40, elem_id=f"{mode}_random_seed")
+        c["_reuse_seed"] = gr.Button("♻", scale=0, min_width=40, elem_id=f"{mode}_reuse_seed")
+    with gr.Accordion("Variation seed", open=False):
+        with gr.Row():
+            c["subseed"] = gr.Number(-1, label="Variation seed", precision=0)
+            c["subseed_strength"] = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength")
+        with gr.Row():
+            c["seed_resize_from_w"] = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from width")
+            c["seed_resize_from_h"] = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from height")
+    if mode == "txt2img":
+        hires_controls(ui, c)
+    extension_panels(ui, c, mode)
+    with gr.Accordion("Wildcards", open=False):
+        c["_wildcards"] = gr.Dataset(
+            components=[gr.Textbox(visible=False), gr.Textbox(visible=False)], headers=["wildcard", "lines"],
+            samples=wildcard_samples(ui), label="Click one to add it to the prompt", type="values",
+            elem_id=f"{mode}_wildcards", samples_per_page=20)
+        c["_refresh_wildcards"] = gr.Button("🔄 Rescan wildcards", size="sm")
+
+
+def _output_column(c: dict[str, Any], mode: str) -> None:
+    """Progress, live preview, the gallery and its buttons, the selected image's infotext."""
+    c["_progress"] = gr.HTML("", elem_classes="easel-status", elem_id=f"{mode}_progress")
+    c["_preview"] = gr.Image(label="Live preview", visible=False, interactive=False, type="pil",
+                             format="png", elem_id=f"{mode}_preview")
+    c["_gallery"] = gr.Gallery(label="Output", columns=2, height=420, format="png",
+                               elem_id=f"{mode}_gallery", buttons=["download", "fullscreen"],
+                               interactive=False)
+    with gr.Row():
+        c["_open_folder"] = gr.Button("📂 Open folder", size="sm")
+        c["_to_img2img"] = gr.Button("Send to img2img", size="sm", elem_id=f"{mode}_send_to_img2img")
+        c["_to_inpaint"] = gr.Button("Send to inpaint", size="sm", elem_id=f"{mode}_send_to_inpaint")
+        c["_to_extras"] = gr.Button("Send to extras", size="sm", elem_id=f"{mode}_send_to_extras")
+    c["_infotext"] = gr.HTML("", elem_id=f"{mode}_infotext")
+
+
 def extension_panels(ui, c: dict[str, Any], mode: str) -> None:
     """Each extension's panel (values reach it as `event.args`, keys `_ext:<name>:<control>`), and
     the Script dropdown with each script's controls (keys `_ext:<script title>:<control>`)."""
-    registry = ui.ctx.manager.extensions
+    registry = ui.ctx.runtime.extensions
     for extension in registry.panels(mode):
         with gr.Accordion(extension.panel.title, open=False, elem_id=f"{mode}_ext_{extension.name}"):
             extension_controls(c, mode, extension.name, extension.panel.controls)

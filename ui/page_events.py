@@ -14,7 +14,6 @@ from typing import Any
 import gradio as gr
 
 from backend import outputs
-from backend.generation import generate
 from backend.request import GenerationRequest
 from ui import jobs
 from ui.context import (
@@ -95,7 +94,7 @@ def wire_generation(ui, mode: str, top: dict[str, Any]) -> None:
             yield {c["_progress"]: error_html(message)}
             return
         try:
-            for event in jobs.run(lambda control: generate(ctx.manager, generation, control), job, ctx.device,
+            for event in jobs.run(lambda control: ctx.runtime.generate(generation, control), job, ctx.device,
                                   owner=f"ui:{session}", kind=mode):
                 if isinstance(event, jobs.Running):
                     update = {c["_progress"]: progress_html(event)}

@@ -29,24 +29,7 @@ def wire_page_helpers(ui, mode: str) -> None:
     c["_reuse_seed"].click(lambda seed: seed, inputs=c["_last_seed"], outputs=c["seed"], queue=False,
                            api_visibility="private")
 
-    def apply_styles(names, prompt, negative):
-        prompt, negative = ctx.styles.apply(names or [], prompt, negative)
-        return prompt, negative, []
-
-    c["_apply_styles"].click(apply_styles, inputs=[c["_styles"], c["prompt"], c["negative_prompt"]],
-                             outputs=[c["prompt"], c["negative_prompt"], c["_styles"]], queue=False,
-                             api_visibility="private")
-
-    def save_style(name, prompt, negative):
-        try:
-            ctx.styles.save(Style(name or "", prompt, negative))
-        except (ValueError, OSError) as exc:
-            raise gr.Error(f"cannot save the style: {exc}") from exc
-        gr.Info(f"Saved style '{name.strip()}' to {ctx.styles.path}")
-        return gr.update(choices=ctx.styles.names), ""
-
-    c["_save_style"].click(save_style, inputs=[c["_style_name"], c["prompt"], c["negative_prompt"]],
-                           outputs=[c["_styles"], c["_style_name"]], queue=False, api_visibility="private")
+    _wire_styles(ui, mode)
 
     def select(infotexts, evt: gr.SelectData):
         index = evt.index if isinstance(evt.index, int) else 0
@@ -122,3 +105,27 @@ def wire_extra_networks(ui, mode: str) -> None:
                                         c["_en_negative"]],
                           outputs=[c["prompt"], c["negative_prompt"], c["_en_details"], c["_en_cards"]],
                           queue=False, api_visibility="private")
+
+
+def _wire_styles(ui, mode: str) -> None:
+    """Apply the chosen styles to the prompts, or save the prompts as a new style in styles.csv."""
+    c, ctx = ui.pages[mode], ui.ctx
+
+    def apply_styles(names, prompt, negative):
+        prompt, negative = ctx.styles.apply(names or [], prompt, negative)
+        return prompt, negative, []
+
+    c["_apply_styles"].click(apply_styles, inputs=[c["_styles"], c["prompt"], c["negative_prompt"]],
+                             outputs=[c["prompt"], c["negative_prompt"], c["_styles"]], queue=False,
+                             api_visibility="private")
+
+    def save_style(name, prompt, negative):
+        try:
+            ctx.styles.save(Style(name or "", prompt, negative))
+        except (ValueError, OSError) as exc:
+            raise gr.Error(f"cannot save the style: {exc}") from exc
+        gr.Info(f"Saved style '{name.strip()}' to {ctx.styles.path}")
+        return gr.update(choices=ctx.styles.names), ""
+
+    c["_save_style"].click(save_style, inputs=[c["_style_name"], c["prompt"], c["negative_prompt"]],
+                           outputs=[c["_styles"], c["_style_name"]], queue=False, api_visibility="private")

@@ -46,13 +46,17 @@ def settings_tab(ui) -> None:
                                      label="Upscaler tile size (0: no tiling; smaller uses less memory)"),
             "ESRGAN_tile_overlap": gr.Slider(0, 48, value=o.ESRGAN_tile_overlap, step=1,
                                              label="Upscaler tile overlap, pixels"),
+            "xyz_max_cells": gr.Number(o.xyz_max_cells, precision=0, label="X/Y/Z plot: most cells in a plot"),
+            "xyz_max_megapixels": gr.Number(o.xyz_max_megapixels, precision=0,
+                                            label="X/Y/Z plot: largest grid image, megapixels"),
         }
         apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit")
         result = gr.HTML(elem_id="settings_result")
 
     def apply_settings(values: dict):
         typed = {name: values[component] for name, component in controls.items()}
-        for name in ("checkpoint_cache", "default_steps", "live_preview_every", "ESRGAN_tile", "ESRGAN_tile_overlap"):
+        for name in ("checkpoint_cache", "default_steps", "live_preview_every", "ESRGAN_tile", "ESRGAN_tile_overlap",
+                     "xyz_max_cells", "xyz_max_megapixels"):
             typed[name] = int(typed[name])
         typed["default_cfg_scale"] = float(typed["default_cfg_scale"])
         typed["code_former_weight"] = float(typed["code_former_weight"])

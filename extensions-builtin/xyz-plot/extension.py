@@ -21,7 +21,7 @@ from backend.request import GeneratedImage, RequestError
 
 TITLE = "X/Y/Z plot"
 # Limits, checked before any work: a plot's cells, and its grid image's pixels (cells only, no legend)
-MAX_CELLS = 1024
+MAX_CELLS = 1024  # defaults of the options xyz_max_cells and xyz_max_megapixels
 MAX_GRID_SIDE = 16384
 MAX_GRID_PIXELS = 64_000_000
 LARGEST_NATIVE_SIZE = 1024  # a request without width/height gets the model's: at most SDXL's 1024
@@ -56,7 +56,13 @@ def register(easel) -> None:
         Control("z_values", "Z values", "text", ""),
         Control("draw_legend", "Draw legend", "checkbox", True),
         Control("include_cells", "Include the cell images", "checkbox", True),
-    ], run, check=check)
+    ], lambda job: run(job, limits(easel)), check=lambda args, request: plan(args, request, *limits(easel)))
+
+
+def limits(easel) -> tuple[int, int]:
+    """(most cells, most grid pixels): the Settings options, or the defaults."""
+    cells = easel.option("xyz_max_cells", MAX_CELLS)
+    return cells, easel.option("xyz_max_megapixels", MAX_GRID_PIXELS // 1_000_000) * 1_000_000
 
 
 def parse_values(axis: str, text: str, limit: int = MAX_CELLS) -> list:
@@ -123,34 +129,30 @@ def cell_size(request) -> tuple[int, int]:
     return width, height
 
 
-def plan(args: dict, request) -> tuple[list[tuple[str, str]], list[list]]:
+def plan(args: dict, request, max_cells: int = MAX_CELLS,
+         max_pixels: int = MAX_GRID_PIXELS) -> tuple[list[tuple[str, str]], list[list]]:
     """The axes and their values, or a RequestError before any work: an unknown axis, a bad value, a
-    Prompt S/R word not in the prompt, more than MAX_CELLS cells, or a grid larger than MAX_GRID_SIDE
-    pixels a side or MAX_GRID_PIXELS in all."""
+    Prompt S/R word not in the prompt, more than `max_cells` cells, or a grid larger than MAX_GRID_SIDE
+    pixels a side or `max_pixels` in all."""
     axes = [(args["x_type"], args["x_values"]), (args["y_type"], args["y_values"]), (args["z_type"], args["z_values"])]
     for axis, _ in axes:
         if axis not in AXES:
             raise RequestError(f"X/Y/Z plot: unknown axis '{axis}'; axes: {', '.join(AXES)}")
-    values = [parse_values(axis, str(text or "")) for axis, text in axes]
+    values = [parse_values(axis, str(text or ""), max_cells) for axis, text in axes]
     columns, rows, grids = (len(v) for v in values)
-    if columns * rows * grids > MAX_CELLS:
+    if columns * rows * grids > max_cells:
         raise RequestError(f"X/Y/Z plot: {columns} x {rows} x {grids} = {columns * rows * grids} cells asked; "
-                           f"a plot may have at most {MAX_CELLS} cells")
+                           f"a plot may have at most {max_cells} cells (Settings: X/Y/Z plot cells)")
     width, height = cell_size(request)
     side_x, side_y = grids * columns * width + JOIN_GAP * (grids - 1), rows * height
-    if max(side_x, side_y) > MAX_GRID_SIDE or side_x * side_y > MAX_GRID_PIXELS:
+    if max(side_x, side_y) > MAX_GRID_SIDE or side_x * side_y > max_pixels:
         raise RequestError(f"X/Y/Z plot: the grid would be {side_x}x{side_y} pixels ({width}x{height} a cell); "
-                           f"the limit is {MAX_GRID_SIDE} pixels a side and {MAX_GRID_PIXELS // 1_000_000} "
+                           f"the limit is {MAX_GRID_SIDE} pixels a side and {max_pixels // 1_000_000} "
                            f"megapixels: plot fewer or smaller cells")
     for (axis, _), vals in zip(axes, values):
         if axis == "Prompt S/R" and vals[0] not in request.prompt and vals[0] not in request.negative_prompt:
             raise RequestError(f"X/Y/Z plot: '{vals[0]}' (the first Prompt S/R value) is not in the prompt")
     return axes, values
-
-
-def check(args: dict, request) -> None:
-    """Registered with the script: refuses a plot before it is queued (see `plan`)."""
-    plan(args, request)
 
 
 def apply(request, axis: str, value, search: str | None):
@@ -177,9 +179,9 @@ def label(axis: str, value) -> str:
     return f"{axis}: {value:g}" if isinstance(value, float) else f"{axis}: {value}"
 
 
-def run(job) -> None:
+def run(job, limits: tuple[int, int] = (MAX_CELLS, MAX_GRID_PIXELS)) -> None:
     args, request = job.args, job.request
-    axes, values = plan(args, request)  # the check again, for callers that did not run it before queueing
+    axes, values = plan(args, request, *limits)  # the check again, for callers that did not run it before queueing
     searches = [vals[0] if axis == "Prompt S/R" else None for (axis, _), vals in zip(axes, values)]
     cells = list(itertools.product(*(range(len(v)) for v in values)))  # (ix, iy, iz)
     checkpoint_axes = [i for i, (axis, _) in enumerate(axes) if axis == "Checkpoint name"]
