@@ -312,3 +312,14 @@ def test_the_ui_login_slows_down_failed_sign_ins():
     assert client.post("/login", data={"password": "right"}).status_code == 200
     assert client.post("/login", data={"password": "guess"}).status_code == 400
     assert waited[-1] == 0.5  # a success cleared the count
+
+
+def test_the_job_status_reports_images_and_warnings_once_finished(runtime, client):
+    body = {**SMALL, "override_settings": {"not_an_option": 1}}
+    job = client.post("/easel/v1/jobs/txt2img", json=body, auth=ANN).json()
+    runtime.device.get(job["id"]).wait(120)
+    status = client.get(f"/easel/v1/jobs/{job['id']}", auth=ANN).json()
+    assert status["status"] == "done" and status["images"] == 1
+    assert status["warnings"] == ["override setting 'not_an_option' is not an option Easel knows; ignored"]
+    assert client.get(f"/easel/v1/jobs/{job['id']}", auth=ROOT).status_code == 200  # an admin sees it
+    assert client.get(f"/easel/v1/jobs/{job['id']}", auth=("root", "wrong")).status_code == 401
