@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 # A1111's option names for Easel's options of another name.
 OPTION_ALIASES = {"samples_save": "save_images", "sd_checkpoint_cache": "checkpoint_cache",
                   "samples_filename_pattern": "filename_pattern", "show_progress_every_n_steps": "live_preview_every"}
-RESTART_OPTIONS = ("disabled_extensions",)  # read at start only
 OPTION_NAMES = tuple(sorted(f.name for f in fields(Options)))
 
 
@@ -65,6 +64,7 @@ class Runtime:
         """Run a request on this runtime's models with its extensions (on the caller's thread: front ends
         queue this on `device`)."""
         return generate(self.manager, request, control, extensions=self.extensions)
+
     @classmethod
     def create(cls, settings: Settings, config_path: Path | None = None,
                manager: ModelManager | None = None) -> Runtime:
@@ -73,7 +73,9 @@ class Runtime:
         clean_stale_temporaries(options_path.parent)
         options = load_options(options_path)
         options = _drop_unsafe_folders(options, settings)
-        if settings.checkpoint_cache_size == 1 and options.checkpoint_cache != 1:
+        if settings.checkpoint_cache_size != 1:  # --checkpoint-cache wins over the saved option for this run
+            options = replace(options, checkpoint_cache=settings.checkpoint_cache_size)
+        elif options.checkpoint_cache != 1:
             settings = settings.with_changes(checkpoint_cache_size=options.checkpoint_cache)
         manager = manager or ModelManager(settings)
         extensions = ExtensionRegistry(Path(settings.data_dir) / "extensions", set(options.disabled_extensions))

@@ -323,3 +323,34 @@ def test_the_job_status_reports_images_and_warnings_once_finished(runtime, clien
     assert status["warnings"] == ["override setting 'not_an_option' is not an option Easel knows; ignored"]
     assert client.get(f"/easel/v1/jobs/{job['id']}", auth=ROOT).status_code == 200  # an admin sees it
     assert client.get(f"/easel/v1/jobs/{job['id']}", auth=("root", "wrong")).status_code == 401
+
+
+def test_the_checkpoint_cache_flag_wins_over_the_saved_option(settings, sd1_manager):
+    (settings.data_dir / "config.json").write_text('{"checkpoint_cache": 3}')
+    assert Runtime.create(settings).manager.settings.checkpoint_cache_size == 3
+    flagged = Runtime.create(settings.with_changes(checkpoint_cache_size=2))
+    assert flagged.options.checkpoint_cache == 2 and flagged.manager.settings.checkpoint_cache_size == 2
+    flagged.apply({"save_txt": True}, save=False)  # another option changing keeps it
+    assert flagged.manager.settings.checkpoint_cache_size == 2
+
+
+# -- 5. a failed save ---------------------------------------------------------------------------------------
+def test_a_failed_save_still_returns_the_images_with_a_warning(runtime, client, monkeypatch):
+    import errno
+
+    from backend import outputs
+
+    real = outputs.save_image
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs, "save_image", full_disk)
+    answer = client.post("/sdapi/v1/txt2img", json={**SMALL, "save_images": True, "batch_size": 2}, auth=ANN)
+    assert answer.status_code == 200 and len(answer.json()["images"]) == 2
+    info = json.loads(answer.json()["info"])
+    assert [w for w in info["warnings"] if w.startswith("saving failed: No space left on device")] == [info["warnings"][0]]
+    assert not list(runtime.settings.output_root.rglob("*.png"))
+    monkeypatch.setattr(outputs, "save_image", real)
+    saved = client.post("/sdapi/v1/txt2img", json={**SMALL, "save_images": True}, auth=ANN)
+    assert json.loads(saved.json()["info"])["warnings"] == [] and len(list(runtime.settings.output_root.rglob("*.png"))) == 1
