@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from backend.images import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
+from backend.request import RANDN_SOURCES
 from backend.samplers import SAMPLER_NAMES, SCHEDULE_TYPES
 from backend.settings import PRECISIONS, Settings
 
@@ -98,6 +99,8 @@ def _add_generate_command(commands) -> None:
     gen.add_argument("--batch-size", type=int)
     gen.add_argument("--batch-count", type=int)
     gen.add_argument("--clip-skip", type=int)
+    gen.add_argument("--randn-source", choices=RANDN_SOURCES,
+                     help="noise: GPU (the device's, A1111's default), CPU, or NV (an NVIDIA GPU's noise anywhere)")
     gen.add_argument("--init-image", type=Path, help="img2img: the starting image")
     gen.add_argument("--denoising-strength", type=float)
     gen.add_argument("--resize-mode", choices=RESIZE_MODES)
@@ -173,7 +176,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 _REQUEST_ARGS = (
     "prompt", "negative_prompt", "checkpoint", "vae", "steps", "sampler", "schedule_type", "cfg_scale", "seed",
     "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "width", "height", "batch_size",
-    "batch_count", "clip_skip", "denoising_strength", "resize_mode", "mask_blur", "masked_content",
+    "batch_count", "clip_skip", "randn_source", "denoising_strength", "resize_mode", "mask_blur", "masked_content",
     "inpaint_area", "only_masked_padding", "invert_mask", "save_images", "upscaler", "upscale_by", "enable_hr",
     "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "hr_sampler", "hr_prompt",
     "hr_negative_prompt", "restore_faces", "face_restorer", "face_visibility", "codeformer_weight",

@@ -69,14 +69,16 @@ def schedule_label(name: str | None) -> str:
     return SCHEDULER_NAMES.get(name.strip().lower(), name)
 
 
-def fill_from_infotext(values: dict, body: m.Txt2ImgRequest) -> None:
-    """A1111's `infotext` field: parameters of a PNG fill the fields this request did not set."""
-    parsed = infotext.request_fields(infotext.parse_infotext(body.infotext or ""))
+def fill_from_infotext(values: dict, body: m.Txt2ImgRequest, device: str = "cpu") -> None:
+    """A1111's `infotext` field: parameters of a PNG fill the fields this request did not set (the
+    noise source, as A1111 does, through `override_settings`)."""
+    parsed = infotext.request_fields(infotext.parse_infotext(body.infotext or ""), device)
     for field_name, api_name in _INFOTEXT_FIELDS.items():
         if field_name in parsed and api_name not in body.model_fields_set:
             values[api_name] = parsed[field_name]
-    if "clip_skip" in parsed and "CLIP_stop_at_last_layers" not in values["override_settings"]:
-        values["override_settings"] = {**values["override_settings"], "CLIP_stop_at_last_layers": parsed["clip_skip"]}
+    for field_name, option in (("clip_skip", "CLIP_stop_at_last_layers"), ("randn_source", "randn_source")):
+        if field_name in parsed and option not in values["override_settings"]:
+            values["override_settings"] = {**values["override_settings"], option: parsed[field_name]}
 
 
 def body_fields(values: dict, mode: str) -> dict[str, Any]:

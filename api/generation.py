@@ -34,7 +34,7 @@ def plan(api: ApiContext, body: m.Txt2ImgRequest, mode: str, caller: Caller) -> 
     runtime = api.runtime
     values = body.model_dump()
     if body.infotext:
-        convert.fill_from_infotext(values, body)
+        convert.fill_from_infotext(values, body, str(runtime.manager.placement.device))
     overrides: dict[str, Any] = values["override_settings"]
     option_changes = {key: value for key, value in overrides.items() if option_name(key)}
     if any(option_name(key) in FOLDER_OPTIONS for key in option_changes) and not caller.admin:

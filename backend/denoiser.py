@@ -40,7 +40,8 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
     run, n, f = inputs.run, len(inputs.seeds), model.vae_scale_factor
     latent_hw = (run.height // f, run.width // f)
     # 1. Initial noise, one CPU generator per image; one scheduler per image
-    start_noise, generators = noise.batch_noise(_noise_specs(inputs, f), (model.vae.config.latent_channels, *latent_hw))
+    specs = _noise_specs(inputs, f, str(model.device))
+    start_noise, generators = noise.batch_noise(specs, (model.vae.config.latent_channels, *latent_hw))
     start_noise = start_noise.to(model.device, model.dtype)
     schedulers = _schedulers(model, inputs)
     # 2. Starting latents: pure noise, or the init image noised to where img2img starts
@@ -137,12 +138,13 @@ def _each(schedulers, fn) -> torch.Tensor:
     return torch.cat([fn(i, s) for i, s in enumerate(schedulers)])
 
 
-def _noise_specs(inputs: BatchInputs, f: int) -> list[noise.NoiseSpec]:
+def _noise_specs(inputs: BatchInputs, f: int, device: str) -> list[noise.NoiseSpec]:
     run = inputs.run
     resize_from = None
     if run.seed_resize_from_w > 0 and run.seed_resize_from_h > 0:
         resize_from = (run.seed_resize_from_h // f, run.seed_resize_from_w // f)
-    return [noise.NoiseSpec(seed, sub, run.subseed_strength, resize_from) for seed, sub in inputs.seeds]
+    return [noise.NoiseSpec(seed, sub, run.subseed_strength, resize_from, run.randn_source, device)
+            for seed, sub in inputs.seeds]
 
 
 def _skip_to_strength(schedulers, timesteps, run: GenerationRequest):

@@ -361,7 +361,8 @@ def infotext_parameters(model, run, sampler, schedule, seed, subseed, extra: dic
         ),
         "Denoising strength": run.denoising_strength if run.init_image is not None or run.enable_hr else None,
         "Clip skip": run.clip_skip if run.clip_skip > 1 else None,
-        "RNG": "CPU",  # noise is drawn on the CPU, so A1111 reproduces it with this setting
+        # A1111 writes the source unless it is its default (GPU); GPU noise drawn on a CPU is the CPU's
+        "RNG": rng if (rng := noise.effective_source(run.randn_source, str(model.device))) != noise.GPU else None,
         **(extra or {}),  # Lora hashes, TI hashes, the postprocessing upscaler
         "Emphasis": run.emphasis if run.emphasis != "Original" else None,
         "Styles array": json.dumps(list(run.styles)) if run.styles else None,

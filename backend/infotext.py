@@ -215,11 +215,12 @@ _REQUEST_FIELDS = {
 _HIRES_KEYS = ("Hires upscale", "Hires upscaler", "Hires resize-1")
 
 
-def request_fields(parameters: Mapping[str, str]) -> dict[str, Any]:
+def request_fields(parameters: Mapping[str, str], device: str = "cpu") -> dict[str, Any]:
     """Parsed infotext -> keyword arguments for `GenerationRequest`.
 
     Values that cannot be used are skipped: unparseable, not finite ("inf", "nan", "1e400"), or
-    whole numbers beyond 64 bits.
+    whole numbers beyond 64 bits. `RNG` (absent: A1111's default, GPU) becomes the noise source that
+    reproduces the image on `device`: GPU noise was an NVIDIA GPU's, which NV reproduces elsewhere.
     """
     fields: dict[str, Any] = {}
     for key, (name, convert) in _REQUEST_FIELDS.items():
@@ -235,6 +236,9 @@ def request_fields(parameters: Mapping[str, str]) -> dict[str, Any]:
         except ValueError:
             pass
     fields["restore_faces"] = "Face restoration" in parameters
+    source = str(parameters.get("RNG", "GPU")).strip().upper()
+    if source in ("GPU", "CPU", "NV"):
+        fields["randn_source"] = "NV" if source == "GPU" and not str(device).startswith("cuda") else source
     # A1111's paste: hires fix is on exactly when the infotext has its keys
     fields["enable_hr"] = "Denoising strength" in parameters and any(k in parameters for k in _HIRES_KEYS)
     return fields

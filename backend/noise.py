@@ -1,5 +1,7 @@
-"""Seeds and initial noise, drawn on the CPU from each image's own generator so a seed means the same
-image on every device and image i of a batch can be regenerated alone with seed+i.
+"""Seeds and initial noise, from each image's own generator so image i of a batch can be regenerated
+alone with seed+i, from A1111's noise sources: CPU (torch's CPU generator: the same image on every
+device), GPU (the generation device's generator, A1111's default) and NV (NVIDIA's Philox generator
+computed on the CPU: an NVIDIA GPU's image on any machine).
 
 Variation seeds blend two noises by spherical interpolation; seed resize pastes noise drawn at the old
 size into the centre of the new one (A1111's "Resize seed from").
@@ -12,7 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
+from backend import philox
+from backend.request import RANDN_SOURCES
+
 MAX_SEED = 2**32 - 1
+GPU, CPU, NV = RANDN_SOURCES
 
 
 def resolve_seed(seed: int | None, rng: random.Random | None = None) -> int:
@@ -51,20 +57,43 @@ class NoiseSpec:
     subseed: int = 0
     subseed_strength: float = 0.0
     resize_from: tuple[int, int] | None = None  # latent (height, width) the seed was first used at
+    source: str = CPU  # A1111's `randn_source`: CPU, GPU or NV
+    device: str = "cpu"  # where GPU noise is drawn (the generation device)
+
+
+def effective_source(source: str, device: str) -> str:
+    """The source a draw really uses: GPU noise on a device without its own generator (the CPU, MPS) is
+    the CPU's, so it is recorded as such and reproduces elsewhere with `RNG: CPU`."""
+    if source not in RANDN_SOURCES:
+        raise ValueError(f"noise source must be one of {', '.join(RANDN_SOURCES)}, not {source!r}")
+    return GPU if source == GPU and str(device).startswith("cuda") else CPU if source == GPU else source
+
+
+def _randn(source: str, seed: int, shape, device: str) -> torch.Tensor:
+    """One standard normal draw of `shape` for `seed`, on the CPU, from the chosen source."""
+    if source == NV:
+        return philox.PhiloxGenerator(seed).randn_tensor(tuple(shape))
+    if source == GPU:
+        generator = torch.Generator(device).manual_seed(seed)
+        return torch.randn(tuple(shape), generator=generator, device=device).cpu()
+    return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(seed))
 
 
 def initial_noise(spec: NoiseSpec, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Generator]:
-    """Noise of `shape` (C, H, W) for one image, and its generator, left ready for the sampler's
-    own noise draws (ancestral and SDE samplers)."""
-    generator = torch.Generator("cpu").manual_seed(spec.seed)
+    """Noise of `shape` (C, H, W) for one image, and a CPU generator for the sampler's own noise draws
+    (ancestral and SDE samplers): with the CPU source it continues from the initial draw, as A1111's
+    CPU source does; with the GPU and NV sources it starts from the seed."""
+    source = effective_source(spec.source, spec.device)
     draw_shape = (shape[0], *spec.resize_from) if spec.resize_from else shape
-    noise = torch.randn(draw_shape, generator=generator)
+    generator = torch.Generator("cpu").manual_seed(spec.seed)
+    if source == CPU:
+        noise = torch.randn(draw_shape, generator=generator)
+    else:
+        noise = _randn(source, spec.seed, draw_shape, spec.device)
     if spec.subseed_strength > 0:
-        sub = torch.randn(draw_shape, generator=torch.Generator("cpu").manual_seed(spec.subseed))
-        noise = slerp(spec.subseed_strength, noise, sub)
+        noise = slerp(spec.subseed_strength, noise, _randn(source, spec.subseed, draw_shape, spec.device))
     if tuple(draw_shape) != tuple(shape):
-        full = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(spec.seed))
-        noise = _paste_centred(noise, full)
+        noise = _paste_centred(noise, _randn(source, spec.seed, shape, spec.device))
     return noise, generator
 
 

@@ -15,7 +15,7 @@ from dataclasses import field as dataclass_field
 from pathlib import Path
 
 from backend.errors import InputError
-from backend.request import EMPHASIS_MODES
+from backend.request import EMPHASIS_MODES, RANDN_SOURCES
 from backend.samplers import SAMPLER_NAMES
 from backend.settings import MODEL_FOLDERS
 
@@ -53,6 +53,9 @@ class Options:
     # Upscaler tiles (A1111's names): input pixels per tile side (0: no tiling) and overlap
     ESRGAN_tile: int = 192
     ESRGAN_tile_overlap: int = 8
+    # Noise source (A1111's randn_source): GPU (the device's generator), CPU, or NV (an NVIDIA GPU's noise on
+    # any machine); infotexts record it as `RNG`
+    randn_source: str = "GPU"
     # X/Y/Z plot: the most cells a plot may have, and the largest grid image (megapixels)
     xyz_max_cells: int = 1024
     xyz_max_megapixels: int = 64
@@ -68,6 +71,8 @@ class Options:
             raise ValueError("default steps must be between 1 and 150")
         if self.default_cfg_scale < 0:
             raise ValueError("default CFG scale must be 0 or more")
+        if self.randn_source not in RANDN_SOURCES:
+            raise ValueError(f"random number source must be one of: {', '.join(RANDN_SOURCES)}")
         if self.emphasis not in EMPHASIS_MODES:
             raise ValueError(f"emphasis must be one of: {', '.join(EMPHASIS_MODES)}")
         if self.face_restoration_model not in ("CodeFormer", "GFPGAN"):

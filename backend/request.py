@@ -12,6 +12,7 @@ from backend.errors import InputError
 from backend.images import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
 
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")  # as backend.conditioning
+RANDN_SOURCES = ("GPU", "CPU", "NV")  # A1111's `randn_source` choices, its default first (see backend.noise)
 
 MIN_SIZE, MAX_SIZE = 64, 4096
 MAX_STEPS = 1000
@@ -52,6 +53,7 @@ class GenerationRequest:
     batch_size: int = 1
     batch_count: int = 1
     clip_skip: int = 1
+    randn_source: str = "GPU"  # A1111's noise sources: GPU (the device's generator), CPU, NV (NVIDIA's, on any machine)
     emphasis: str = "Original"  # how (word:1.2) weights apply: Original, No norm, Ignore, None
     styles: tuple[str, ...] = ()  # names from styles.csv, applied to both prompts at generation
     same_wildcards: bool = False  # one wildcard expansion (the first image's) for the whole batch
@@ -120,6 +122,8 @@ class GenerationRequest:
         _need(1 <= self.batch_count <= MAX_BATCH_COUNT, f"batch count must be between 1 and {MAX_BATCH_COUNT}")
         _need(1 <= self.clip_skip <= 12, f"clip skip must be between 1 and 12, not {self.clip_skip}")
         _need(self.emphasis in EMPHASIS_MODES, f"emphasis must be one of: {', '.join(EMPHASIS_MODES)}")
+        _need(self.randn_source in RANDN_SOURCES,
+              f"random number source must be one of: {', '.join(RANDN_SOURCES)}, not {self.randn_source!r}")
         _need(0 <= self.subseed_strength <= 1, "variation strength must be between 0 and 1")
         _need(0 <= self.denoising_strength <= 1, "denoising strength must be between 0 and 1")
         _need(self.resize_mode in RESIZE_MODES, f"resize mode must be one of: {', '.join(RESIZE_MODES)}")

@@ -133,7 +133,7 @@ class Runtime:
         o = options or self.options
         defaults: dict[str, Any] = dict(
             save_images=o.save_images, output_dir=self.output_dir(mode, o), filename_pattern=o.filename_pattern,
-            save_txt=o.save_txt, emphasis=o.emphasis, same_wildcards=o.same_wildcards,
+            save_txt=o.save_txt, emphasis=o.emphasis, same_wildcards=o.same_wildcards, randn_source=o.randn_source,
             face_restorer=o.face_restoration_model, codeformer_weight=o.code_former_weight,
             save_before_face_restoration=o.save_images_before_face_restoration,
         )

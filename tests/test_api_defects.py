@@ -354,3 +354,14 @@ def test_a_failed_save_still_returns_the_images_with_a_warning(runtime, client, 
     monkeypatch.setattr(outputs, "save_image", real)
     saved = client.post("/sdapi/v1/txt2img", json={**SMALL, "save_images": True}, auth=ANN)
     assert json.loads(saved.json()["info"])["warnings"] == [] and len(list(runtime.settings.output_root.rglob("*.png"))) == 1
+
+
+def test_an_a1111_infotext_without_rng_runs_on_nvidias_noise(client):
+    """A1111's default source is its GPU's; pasted here (no NVIDIA GPU), NV reproduces that noise."""
+    answer = client.post("/sdapi/v1/txt2img", json={**SMALL, "infotext": "a cat\nSteps: 2, Sampler: Euler, Seed: 3"},
+                         auth=ANN)
+    assert answer.status_code == 200 and "RNG: NV" in infotext_of(answer)
+    cpu = client.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {"randn_source": "CPU"}}, auth=ANN)
+    assert "RNG: CPU" in infotext_of(cpu)
+    bad = client.post("/sdapi/v1/txt2img", json={**SMALL, "override_settings": {"randn_source": "TPU"}}, auth=ANN)
+    assert bad.status_code == 422 and "random number source" in bad.json()["detail"]

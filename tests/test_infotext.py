@@ -248,3 +248,14 @@ def test_oversized_seed_resize_is_skipped(size):
     fields = request_fields(parse_infotext(f"p\nSteps: 3, Seed: 1, Seed resize from: {size}"))
     assert "seed_resize_from_w" not in fields and "seed_resize_from_h" not in fields
     assert (fields["steps"], fields["seed"]) == (3, 1)
+
+
+@pytest.mark.parametrize("text, device, source", [
+    ("x\nSteps: 2, Sampler: Euler, Seed: 1", "cpu", "NV"),  # A1111's default (GPU) made on an NVIDIA GPU
+    ("x\nSteps: 2, Sampler: Euler, Seed: 1", "cuda:0", "GPU"),
+    ("x\nSteps: 2, Sampler: Euler, Seed: 1, RNG: CPU", "cuda", "CPU"),
+    ("x\nSteps: 2, Sampler: Euler, Seed: 1, RNG: NV", "cuda", "NV"),
+    ("x\nSteps: 2, Sampler: Euler, Seed: 1, RNG: GPU", "mps", "NV"),
+])
+def test_the_rng_key_picks_the_noise_source_that_reproduces_the_image_here(text, device, source):
+    assert request_fields(parse_infotext(text), device)["randn_source"] == source

@@ -2,6 +2,7 @@
 
 import random
 
+import pytest
 import torch
 
 from backend import noise
@@ -50,3 +51,48 @@ def test_seed_resize_pastes_the_old_noise_in_the_centre():
 def test_random_seed_uses_the_injected_rng():
     assert noise.resolve_seed(-1, random.Random(1)) == random.Random(1).randrange(0, 2**32 - 1)
     assert noise.resolve_seed(77) == 77
+
+
+def test_the_nv_source_draws_nvidias_philox_noise_on_the_cpu():
+    from backend.philox import PhiloxGenerator
+
+    drawn, generator = noise.initial_noise(NoiseSpec(1234, source="NV"), (4, 8, 8))
+    assert torch.equal(drawn, PhiloxGenerator(1234).randn_tensor((4, 8, 8)))
+    assert not torch.equal(drawn, noise.initial_noise(NoiseSpec(1234), (4, 8, 8))[0])
+    # variation seeds and seed resize draw from the same source
+    varied, _ = noise.initial_noise(NoiseSpec(1234, 99, 0.5, source="NV"), (4, 8, 8))
+    assert torch.allclose(varied, noise.slerp(0.5, drawn, PhiloxGenerator(99).randn_tensor((4, 8, 8))))
+    resized, _ = noise.initial_noise(NoiseSpec(1234, resize_from=(4, 4), source="NV"), (4, 8, 8))
+    assert torch.equal(resized[:, 2:6, 2:6], PhiloxGenerator(1234).randn_tensor((4, 4, 4)))
+
+
+@pytest.mark.parametrize("source, device, effective", [
+    ("GPU", "cpu", "CPU"), ("GPU", "cuda:0", "GPU"), ("GPU", "mps", "CPU"), ("CPU", "cuda", "CPU"),
+    ("NV", "cpu", "NV"), ("NV", "cuda", "NV"),
+])
+def test_gpu_noise_on_a_device_without_its_own_generator_is_the_cpus(source, device, effective):
+    assert noise.effective_source(source, device) == effective
+
+
+def test_gpu_noise_on_the_cpu_equals_cpu_noise():
+    assert torch.equal(noise.initial_noise(NoiseSpec(7, source="GPU"), (4, 8, 8))[0],
+                       noise.initial_noise(NoiseSpec(7, source="CPU"), (4, 8, 8))[0])
+
+
+def test_generation_records_the_source_it_used_and_pastes_back(sd1_manager):
+    import numpy as np
+
+    from backend.generation import generate
+    from backend.infotext import parse_infotext, request_fields
+    from backend.request import GenerationRequest
+
+    base = dict(prompt="a red star", width=64, height=64, steps=2, sampler="Euler", seed=5, save_images=False)
+    default = generate(sd1_manager, GenerationRequest(**base)).images[0]
+    nv = generate(sd1_manager, GenerationRequest(**base, randn_source="NV")).images[0]
+    cpu = generate(sd1_manager, GenerationRequest(**base, randn_source="CPU")).images[0]
+    assert "RNG: CPU" in default.infotext and "RNG: NV" in nv.infotext  # GPU noise on a CPU is the CPU's
+    assert np.array_equal(np.asarray(default.image), np.asarray(cpu.image))
+    assert not np.array_equal(np.asarray(nv.image), np.asarray(cpu.image))
+    pasted = request_fields(parse_infotext(nv.infotext))
+    again = generate(sd1_manager, GenerationRequest(**{**base, "randn_source": pasted["randn_source"]})).images[0]
+    assert np.array_equal(np.asarray(again.image), np.asarray(nv.image))

@@ -239,7 +239,7 @@ def test_infotext_fills_every_request_field():
     assert fields == {"prompt": "a cat", "negative_prompt": "dog", "steps": 33, "sampler": "Euler a",
                       "schedule_type": "Automatic", "cfg_scale": 5.5, "seed": 42, "width": 64, "height": 128,
                       "clip_skip": 2, "denoising_strength": 0.4, "subseed_strength": 0.0, "enable_hr": False,
-                      "restore_faces": False}
+                      "restore_faces": False, "randn_source": "NV"}  # no RNG key: an NVIDIA GPU's noise
 
 
 def test_styles_unwind_from_a_styled_prompt(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from backend.errors import InputError
-from backend.request import EMPHASIS_MODES
+from backend.request import EMPHASIS_MODES, RANDN_SOURCES
 from backend.samplers import SAMPLER_NAMES
 from ui.context import error_html
 
@@ -30,6 +30,9 @@ def settings_tab(ui) -> None:
             "emphasis": gr.Radio(list(EMPHASIS_MODES), value=o.emphasis, label="Emphasis mode: how (word:1.2) "
                                  "weights apply (Original: scale, then restore the mean; No norm: scale only; "
                                  "Ignore: drop weights; None: brackets are plain text)"),
+            "randn_source": gr.Radio(list(RANDN_SOURCES), value=o.randn_source, label="Random number source: GPU "
+                                     "(the device's; A1111's default), CPU (the same on every machine), NV (an "
+                                     "NVIDIA GPU's noise on any machine)"),
             "same_wildcards": gr.Checkbox(o.same_wildcards, label="Same wildcard picks for every image of a batch"),
             "live_preview_every": gr.Slider(0, 50, value=o.live_preview_every, step=1,
                                             label="Live preview every N steps (0: off)"),
