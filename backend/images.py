@@ -15,15 +15,16 @@ INPAINT_AREAS = ("Whole picture", "Only masked")
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) float tensor in [-1, 1]."""
-    array = np.array(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    """RGB PIL image -> (3, H, W) float tensor in [-1, 1], computed as A1111 computes it."""
+    array = 2.0 * (np.array(image.convert("RGB")).astype(np.float32) / 255.0) - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
 def to_pil(tensor: torch.Tensor) -> Image.Image:
-    """(3, H, W) tensor in [-1, 1] -> RGB PIL image (rounded, not truncated)."""
-    array = ((tensor.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array, "RGB")
+    """(3, H, W) tensor in [-1, 1] -> RGB PIL image, as A1111 converts: float32 in [0, 1], times 255,
+    truncated to 8 bits (not rounded), so the same decoded tensor gives the same bytes (NaN: black)."""
+    unit = ((tensor.float() + 1.0) / 2.0).clamp(0.0, 1.0).nan_to_num(0.0).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray((np.float32(255.0) * unit).astype(np.uint8), "RGB")
 
 
 def resize_image(image: Image.Image, width: int, height: int, mode: str = "Just resize") -> Image.Image:
@@ -116,7 +117,9 @@ def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
         filled = torch.where(hole, estimate, filled)
         known = torch.where(hole, torch.ones_like(known), known)
         size *= 2
-    return to_pil(filled[0])
+    # rounded, not truncated: the known pixels come back exactly as they were
+    array = ((filled[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array, "RGB")
 
 
 def overlay(original: Image.Image, generated: Image.Image, mask: Image.Image) -> Image.Image:

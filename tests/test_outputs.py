@@ -6,6 +6,7 @@ import stat
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from backend import outputs
@@ -92,3 +93,22 @@ def test_saved_files_get_the_usual_mode_for_the_umask(tmp_path, umask, mode):
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == mode
     assert stat.S_IMODE(path.with_suffix(".txt").stat().st_mode) == mode
+
+
+@pytest.mark.parametrize("value, byte", [
+    (-1.0, 0), (1.0, 255), (-2.0, 0), (3.0, 255), (0.0, 127),  # 127.5 truncates to 127, as A1111's astype(uint8)
+    (2 * 100.99 / 255 - 1, 100), (2 * 101.0 / 255 - 1, 101), (float("nan"), 0),
+])
+def test_pixels_are_converted_to_8_bits_as_a1111_does(value, byte):
+    from backend.images import to_pil
+
+    assert to_pil(torch.full((3, 1, 1), value)).getpixel((0, 0)) == (byte, byte, byte)
+
+
+def test_an_image_read_as_a1111_reads_it_comes_back_within_one_level():
+    """A1111 truncates, so a tensor read from bytes can come back one level lower, never higher."""
+    from backend.images import to_pil, to_tensor
+
+    image = Image.fromarray(np.arange(256 * 3, dtype=np.uint8)[: 16 * 16 * 3].reshape(16, 16, 3), "RGB")
+    back = np.asarray(to_pil(to_tensor(image))).astype(int) - np.asarray(image).astype(int)
+    assert back.min() >= -1 and back.max() == 0
