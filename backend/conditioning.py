@@ -12,6 +12,8 @@
   embeddings are swapped for the vectors), never split across two chunks.
 - Prompt editing and alternation become a schedule: each distinct text is encoded once, and the
   denoising loop picks the embedding in force at each step. `AND` gives several weighted subprompts.
+- Lengths, as in A1111: the texts of one schedule are padded with empty chunks to the longest of them;
+  subprompts and the negative prompt keep their own lengths (`stack_contexts`, `pad_cond_uncond`).
 """
 
 from __future__ import annotations
@@ -207,11 +209,14 @@ Schedule = list[tuple[int, PromptEmbedding]]  # (last step it applies to, embedd
 @dataclass
 class Conditioning:
     """Everything the denoising loop needs from the prompts: the positive subprompts (`AND`) with their
-    weights and schedules, and the negative prompt's schedule. All embeddings have the same length."""
+    weights and schedules, and the negative prompt's schedule. The embeddings of one schedule have the
+    same length; subprompts and the negative may differ, and then `empty` holds the embedding of ""
+    (one chunk), what A1111's "Pad prompt/negative prompt" pads with."""
 
     positive: list[tuple[float, Schedule]]
     negative: Schedule
     texts: int  # distinct texts encoded
+    empty: PromptEmbedding | None = None
 
     @staticmethod
     def at(schedule: Schedule, step: int) -> PromptEmbedding:
@@ -226,17 +231,62 @@ class Conditioning:
     def is_static(self) -> bool:
         return all(len(s) == 1 for _, s in self.positive) and len(self.negative) == 1
 
+    def lengths_differ(self, step: int) -> bool:
+        """Whether the conditional batch (the longest subprompt) and the negative prompt have different
+        token lengths at `step`: A1111 then runs them apart, or pads them with `pad_cond_uncond`."""
+        longest = max(Conditioning.at(schedule, step).chunks for _, schedule in self.positive)
+        return longest != Conditioning.at(self.negative, step).chunks
+
 
 def encode_for_generation(model, prompt: str, negative: str, steps: int, clip_skip: int = 1,
                           emphasis: str = "Original", embeddings: EmbeddingSet | None = None) -> Conditioning:
-    """Schedules for the positive subprompts and the negative prompt; each distinct text encoded once."""
+    """Schedules for the positive subprompts and the negative prompt. As A1111 encodes them, the texts
+    of one schedule are padded to the longest of them with empty chunks, and each schedule keeps its
+    own length; each distinct (text, length) is encoded once."""
     positive = [(weight, prompt_parser.prompt_schedules(text, steps)) for text, weight in prompt_parser.split_and(prompt)]
     negative_schedule = prompt_parser.prompt_schedules(negative, steps)
-    texts = {text for _, schedule in positive for _, text in schedule} | {text for _, text in negative_schedule}
-    chunks = max(chunk_count(model, text, emphasis, embeddings) for text in texts)
-    encoded = {text: encode_prompt(model, text, clip_skip, chunks, emphasis, embeddings) for text in sorted(texts)}
-    return Conditioning(
-        positive=[(weight, [(end, encoded[text]) for end, text in schedule]) for weight, schedule in positive],
-        negative=[(end, encoded[text]) for end, text in negative_schedule],
-        texts=len(encoded),
-    )
+    counts: dict[str, int] = {}
+    encoded: dict[tuple[str, int], PromptEmbedding] = {}
+
+    def encode_schedule(schedule: list[tuple[int, str]]) -> Schedule:
+        for _, text in schedule:
+            if text not in counts:
+                counts[text] = chunk_count(model, text, emphasis, embeddings)
+        chunks = max(counts[text] for _, text in schedule)
+        for _, text in schedule:
+            if (text, chunks) not in encoded:
+                encoded[text, chunks] = encode_prompt(model, text, clip_skip, chunks, emphasis, embeddings)
+        return [(end, encoded[text, chunks]) for end, text in schedule]
+
+    positive_encoded = [(weight, encode_schedule(schedule)) for weight, schedule in positive]
+    negative_encoded = encode_schedule(negative_schedule)
+    lengths = {chunks for _, chunks in encoded}
+    empty = encode_prompt(model, "", clip_skip, 1, emphasis) if len(lengths) > 1 else None
+    return Conditioning(positive_encoded, negative_encoded, texts=len(encoded), empty=empty)
+
+
+def stack_contexts(embeddings: list[PromptEmbedding]) -> torch.Tensor:
+    """The embeddings' contexts as one (count, tokens, dim) batch. A shorter one is padded with copies of
+    its last vector, as A1111 stacks the `AND` subprompts of a batch."""
+    tokens = max(e.context.shape[0] for e in embeddings)
+    return torch.stack([
+        torch.cat([e.context, e.context[-1:].expand(tokens - e.context.shape[0], -1)])
+        if e.context.shape[0] < tokens else e.context
+        for e in embeddings
+    ])
+
+
+def pad_cond_uncond(cond: torch.Tensor, uncond: torch.Tensor, empty: PromptEmbedding
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A1111's "Pad prompt/negative prompt": the shorter of two (batch, tokens, dim) contexts gets the
+    empty prompt's 77 vectors appended, whole chunks at a time, until both have the same length."""
+    chunks = (cond.shape[1] - uncond.shape[1]) // empty.context.shape[0]
+
+    def padded(context: torch.Tensor, repeats: int) -> torch.Tensor:
+        return torch.cat([context, empty.context[None].repeat(context.shape[0], repeats, 1).to(context)], dim=1)
+
+    if chunks > 0:
+        uncond = padded(uncond, chunks)
+    elif chunks < 0:
+        cond = padded(cond, -chunks)
+    return cond, uncond

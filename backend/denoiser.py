@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from backend import images, init_image, noise, preview, samplers, vae_codec
-from backend.conditioning import Conditioning
+from backend.conditioning import Conditioning, pad_cond_uncond, stack_contexts
 from backend.extensions import NO_EXTENSIONS, ExtensionRegistry, Guidance, Step
 from backend.init_image import InitSource
 from backend.progress import JobControl, Progress
@@ -186,42 +186,80 @@ def _inpaint_conditioning(model, source: InitSource | None, n: int, latent_hw) -
     return torch.cat([mask, vae_codec.encode(model, masked)], dim=1).expand(n, -1, -1, -1)
 
 
+@dataclass
+class _UNetCall:
+    """One UNet call of a guidance step: its rows of the step's batch (the negative prompt's first, then
+    each subprompt's) and its text inputs."""
+
+    start: int
+    context: torch.Tensor
+    added: dict | None
+
+
 class _Guidance:
-    """Classifier-free guidance over the prompts in force at each step: one UNet batch holding the
-    negative prompt and every `AND` subprompt for every image, combined as A1111 does:
-    uncond + sum(weight * cfg * (cond - uncond)). Without guidance (CFG 1, one subprompt) the negative
-    pass is skipped."""
+    """Classifier-free guidance over the prompts in force at each step, combined as A1111 does:
+    uncond + sum(weight * cfg * (cond - uncond)). As in A1111, the `AND` subprompts run as one batch
+    (a shorter one padded with copies of its last vector); the negative prompt joins it when the token
+    lengths match, and otherwise runs in a call of its own (A1111's default) or, with
+    `pad_cond_uncond`, the shorter side is padded with the empty prompt's embedding to join it.
+    Without guidance (CFG 1, one subprompt) the negative pass is skipped."""
 
     def __init__(self, model, cond: Conditioning, n: int, run: GenerationRequest, hook=None):
         self.model, self.cond, self.n, self.run, self.hook = model, cond, n, run, hook
         self.skip_negative = run.cfg_scale == 1 and len(cond.positive) == 1
         self._cached: tuple | None = None
 
-    def _inputs(self, step: int):
-        embeddings = [Conditioning.at(schedule, step) for _, schedule in self.cond.positive]
-        if not self.skip_negative:
-            embeddings.insert(0, Conditioning.at(self.cond.negative, step))
-        key = tuple(id(e) for e in embeddings)
+    def _calls(self, step: int) -> list[_UNetCall]:
+        conds = [Conditioning.at(schedule, step) for _, schedule in self.cond.positive]
+        uncond = None if self.skip_negative else Conditioning.at(self.cond.negative, step)
+        key = (tuple(id(e) for e in conds), id(uncond))
         if self._cached is None or self._cached[0] != key:
-            n, model, run = self.n, self.model, self.run
-            context = torch.cat([e.context[None].expand(n, -1, -1) for e in embeddings])
-            added = None
-            if model.family == "sdxl":
-                # SDXL's micro-conditioning: original size, crop offset, target size; pooled text.
-                time_ids = torch.tensor([[run.height, run.width, 0, 0, run.height, run.width]], device=model.device)
-                pooled = torch.cat([e.pooled[None].expand(n, -1) for e in embeddings])
-                added = {"text_embeds": pooled, "time_ids": time_ids.to(model.dtype).expand(pooled.shape[0], -1)}
-            self._cached = (key, context, added)
-        return self._cached[1], self._cached[2]
+            self._cached = (key, self._plan(conds, uncond))
+        return self._cached[1]
+
+    def _plan(self, conds, uncond) -> list[_UNetCall]:
+        cond_context = stack_contexts(conds)
+        if uncond is None:
+            return [self._call(0, cond_context, conds)]
+        uncond_context = uncond.context[None]
+        if self.run.pad_cond_uncond and cond_context.shape[1] != uncond_context.shape[1]:
+            cond_context, uncond_context = pad_cond_uncond(cond_context, uncond_context, self.cond.empty)
+        if cond_context.shape[1] == uncond_context.shape[1]:
+            return [self._call(0, torch.cat([uncond_context, cond_context]), [uncond, *conds])]
+        # Lengths differ: as A1111, the conditional rows in slices of two subprompts, then the negative.
+        calls = [self._call(self.n * (1 + i), cond_context[i : i + 2], conds[i : i + 2])
+                 for i in range(0, len(conds), 2)]
+        return [*calls, self._call(0, uncond_context, [uncond])]
+
+    def _call(self, start: int, contexts: torch.Tensor, embeddings) -> _UNetCall:
+        """A call for `contexts` (one per embedding), each repeated for the group's images."""
+        n, model, run = self.n, self.model, self.run
+        added = None
+        if model.family == "sdxl":
+            # SDXL's micro-conditioning: original size, crop offset, target size; pooled text.
+            time_ids = torch.tensor([[run.height, run.width, 0, 0, run.height, run.width]], device=model.device)
+            pooled = torch.cat([e.pooled[None].expand(n, -1) for e in embeddings])
+            added = {"text_embeds": pooled, "time_ids": time_ids.to(model.dtype).expand(pooled.shape[0], -1)}
+        return _UNetCall(start, contexts.repeat_interleave(n, dim=0), added)
+
+    def _unet(self, model_input: torch.Tensor, t, calls: list[_UNetCall]) -> torch.Tensor:
+        """The UNet's predictions for every row of the step's batch, in the batch's order."""
+        rows = sum(call.context.shape[0] for call in calls)
+        passes = rows // self.n
+        batch = model_input.repeat(passes, 1, 1, 1) if passes > 1 else model_input
+        if len(calls) == 1:
+            return self.model.unet(batch, t, encoder_hidden_states=calls[0].context,
+                                   added_cond_kwargs=calls[0].added).sample
+        pieces = {call.start: self.model.unet(batch[call.start : call.start + call.context.shape[0]], t,
+                                              encoder_hidden_states=call.context, added_cond_kwargs=call.added).sample
+                  for call in calls}
+        return torch.cat([pieces[start] for start in sorted(pieces)])
 
     def predict(self, model_input: torch.Tensor, t, step: int) -> torch.Tensor:
-        context, added = self._inputs(step)
-        passes = context.shape[0] // self.n
-        batch = model_input.repeat(passes, 1, 1, 1) if passes > 1 else model_input
-        out = self.model.unet(batch, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        out = self._unet(model_input, t, self._calls(step))
         if self.skip_negative:
             return out
-        outputs = out.chunk(passes)
+        outputs = out.chunk(len(self.cond.positive) + 1)
         uncond, result = outputs[0], outputs[0].clone()
         for (weight, _), cond in zip(self.cond.positive, outputs[1:]):
             result += (cond - uncond) * (weight * self.run.cfg_scale)

@@ -8,13 +8,21 @@ image as a single generation with seed+i, whatever the sampler.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
-from backend import conditioning, denoiser, hires, infotext, init_image, noise, outputs, samplers, vae_codec
+from backend import (
+    conditioning,
+    denoiser,
+    hires,
+    image_record,
+    init_image,
+    noise,
+    outputs,
+    samplers,
+    vae_codec,
+)
 from backend.extensions import NO_EXTENSIONS, AfterImage, BeforeGeneration, ExtensionRegistry, ScriptRun
 from backend.extra_networks import NetworkSession
 from backend.model_manager import ModelManager
@@ -22,7 +30,6 @@ from backend.progress import JobControl
 from backend.request import GeneratedImage, GenerationRequest, GenerationResult, RequestError, check_dimension
 from backend.styles import StyleDatabase
 from backend.upscalers import Interrupted
-from backend.version import INFOTEXT_VERSION
 from backend.wildcards import Wildcards
 
 logger = logging.getLogger(__name__)
@@ -143,6 +150,7 @@ class _Job:
         self.source = init_image.prepare(run, run.width, run.height) if run.init_image is not None else None
         self.saver = outputs.ImageSaver(run.output_dir or manager.settings.output_root / f"{run.mode}-images",
                                         result.warnings)
+        self.padded: set[int] = set()  # batches whose conds were padded to the unconds' length (A1111's "Pad conds")
 
     def _positions(self, batch: int) -> range:
         return range(batch * self.run.batch_size, (batch + 1) * self.run.batch_size)
@@ -154,6 +162,8 @@ class _Job:
         seeds = [_seeds(run, p) for p in positions]
         texts = [self.prompts.texts(p) for p in positions]
         conds = self.prompts.conditioning_for_batch(texts)
+        if run.pad_cond_uncond and any(c.lengths_differ(run.steps - 1) for c in conds):
+            self.padded.add(batch)
         share = (0.0, hires.first_pass_share(run) if plan.hires is not None else 1.0)
         inputs = denoiser.BatchInputs(run, plan.sampler, plan.schedule, conds, self.source, seeds, share=share,
                                       extensions=self.extensions, warnings=self.result.warnings)
@@ -182,7 +192,8 @@ class _Job:
             image = self.source.restore(image)
         extra = {**(plan.hires.infotext(run, plan.sampler) if plan.hires is not None else {}),
                  "Lora hashes": lora_hashes,
-                 "TI hashes": networks.ti_hashes(*networks.strip(texts)[0])}
+                 "TI hashes": networks.ti_hashes(*networks.strip(texts)[0]),
+                 "Pad conds": True if batch in self.padded else None}
         before_faces = None
         if plan.face_restorer is not None:
             before_faces = image
@@ -192,8 +203,10 @@ class _Job:
         if self.extensions.has("after_image"):
             image = _after_image(self.extensions, run, image, batch * run.batch_size + index, texts[0], extra,
                                  result.warnings)
-        return _finish_image(self.model, run, plan.sampler, plan.schedule, batch, index, image, self.saver, self.now,
-                             texts, extra, before_faces if run.save_before_face_restoration else None)
+        seed, subseed = _seeds(run, batch * run.batch_size + index)
+        return image_record.finish_image(self.model, run, plan.sampler, plan.schedule, seed, subseed, image,
+                                         self.saver, self.now, texts, extra,
+                                         before_faces if run.save_before_face_restoration else None)
 
 
 class _HiresPlan:
@@ -340,59 +353,3 @@ def _seeds(run: GenerationRequest, position: int) -> tuple[int, int]:
     if run.subseed_strength > 0:
         return run.seed, run.subseed + position
     return run.seed + position, run.subseed
-
-
-def infotext_parameters(model, run, sampler, schedule, seed, subseed, extra: dict | None = None) -> dict:
-    params = {
-        "Steps": run.steps,
-        "Sampler": sampler.name,
-        "Schedule type": schedule,
-        "CFG scale": run.cfg_scale,
-        "Seed": seed,
-        "Size": f"{run.width}x{run.height}",
-        "Model hash": model.model_hash,
-        "Model": Path(model.name).name,
-        "VAE hash": model.vae_hash,
-        "VAE": model.vae_name,  # the file name with its extension, as A1111 writes it
-        "Variation seed": subseed if run.subseed_strength > 0 else None,
-        "Variation seed strength": run.subseed_strength if run.subseed_strength > 0 else None,
-        "Seed resize from": (
-            f"{run.seed_resize_from_w}x{run.seed_resize_from_h}" if run.seed_resize_from_w > 0 else None
-        ),
-        "Denoising strength": run.denoising_strength if run.init_image is not None or run.enable_hr else None,
-        "Clip skip": run.clip_skip if run.clip_skip > 1 else None,
-        # A1111 writes the source unless it is its default (GPU); GPU noise drawn on a CPU is the CPU's
-        "RNG": rng if (rng := noise.effective_source(run.randn_source, str(model.device))) != noise.GPU else None,
-        **(extra or {}),  # Lora hashes, TI hashes, the postprocessing upscaler
-        "Emphasis": run.emphasis if run.emphasis != "Original" else None,
-        "Styles array": json.dumps(list(run.styles)) if run.styles else None,
-    }
-    if run.mask is not None:
-        params["Mask blur"] = run.mask_blur
-        if run.inpaint_area == "Only masked":
-            params["Inpaint area"] = "Only masked"
-            params["Masked area padding"] = run.only_masked_padding
-    params["Version"] = INFOTEXT_VERSION
-    return params
-
-
-def _finish_image(model, run, sampler, schedule, batch, index, image, saver: outputs.ImageSaver, now,
-                  texts: tuple[str, str], extra: dict, before_faces=None) -> GeneratedImage:
-    seed, subseed = _seeds(run, batch * run.batch_size + index)
-    prompt, negative = texts
-    params = infotext_parameters(model, run, sampler, schedule, seed, subseed, extra)
-    # The expanded prompt is the prompt (the PNG reproduces alone); the template is recorded beside it.
-    if prompt != run.prompt:
-        params["Wildcard prompt"] = run.prompt
-    if negative != run.negative_prompt:
-        params["Wildcard negative prompt"] = run.negative_prompt
-    text = infotext.format_infotext(prompt, negative, params)
-    path = None
-    if run.save_images:
-        when = now or dt.datetime.now()
-        name = outputs.expand_filename_pattern(run.filename_pattern, outputs.filename_values(
-            prompt, seed, model.name, sampler.name, run.steps, run.cfg_scale, run.width, run.height, when))
-        if before_faces is not None:  # A1111's "save a copy of the image before doing face restoration"
-            saver.save(before_faces, seed, text, when, name=f"{name or seed}-before-face-restoration")
-        path = saver.save(image, seed, text, when, name=name, save_txt=run.save_txt)
-    return GeneratedImage(image, seed, subseed, prompt, negative, text, path)

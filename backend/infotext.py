@@ -184,6 +184,12 @@ def _finite_number(text: str) -> float:
     return value
 
 
+def _true_or_false(text: str) -> bool:
+    if text.strip() not in ("True", "False"):
+        raise ValueError(f"{text!r} is not True or False")
+    return text.strip() == "True"
+
+
 # Infotext key -> (GenerationRequest field, converter raising ValueError on a value it cannot use)
 _REQUEST_FIELDS = {
     "Prompt": ("prompt", str),
@@ -202,6 +208,7 @@ _REQUEST_FIELDS = {
     "Denoising strength": ("denoising_strength", _finite_number),
     "Clip skip": ("clip_skip", _whole_number),
     "Emphasis": ("emphasis", str),
+    "Pad conds": ("pad_cond_uncond", _true_or_false),
     "Face restoration": ("face_restorer", str),
     "Hires upscale": ("hr_scale", _finite_number),
     "Hires resize-1": ("hr_resize_x", _whole_number),

@@ -42,6 +42,10 @@ class Options:
     live_preview_every: int = 5
     # How (word:1.2) weights apply (A1111's "Emphasis mode")
     emphasis: str = "Original"
+    # Prompt and negative prompt of different lengths (over 75 tokens, BREAK): False runs the UNet on each
+    # at its own length (A1111's default); True pads the shorter with the empty prompt to batch them
+    # (A1111's "Pad prompt/negative prompt": faster, other images; infotexts say `Pad conds: True`)
+    pad_cond_uncond: bool = False
     # Wildcards: one expansion for the whole batch instead of one per image
     same_wildcards: bool = False
     # Face restoration (A1111's settings of the same names)
@@ -83,6 +87,8 @@ class Options:
             raise ValueError("upscaler tile size must be 0 (no tiles) or more, and its overlap 0-128")
         if not 1 <= self.xyz_max_cells <= 100_000 or not 1 <= self.xyz_max_megapixels <= 1024:
             raise ValueError("X/Y/Z plot limits: 1-100,000 cells and 1-1,024 megapixels")
+        if not isinstance(self.pad_cond_uncond, bool):
+            raise ValueError("pad_cond_uncond must be true or false")
         if self.live_preview_every < 0:
             raise ValueError("live preview period must be 0 (off) or more")
 

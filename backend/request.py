@@ -55,6 +55,7 @@ class GenerationRequest:
     clip_skip: int = 1
     randn_source: str = "GPU"  # A1111's noise sources: GPU (the device's generator), CPU, NV (NVIDIA's, on any machine)
     emphasis: str = "Original"  # how (word:1.2) weights apply: Original, No norm, Ignore, None
+    pad_cond_uncond: bool = False  # A1111's "Pad prompt/negative prompt" (see Options.pad_cond_uncond)
     styles: tuple[str, ...] = ()  # names from styles.csv, applied to both prompts at generation
     same_wildcards: bool = False  # one wildcard expansion (the first image's) for the whole batch
     checkpoint: str | None = None  # None: the active model
@@ -122,6 +123,7 @@ class GenerationRequest:
         _need(1 <= self.batch_count <= MAX_BATCH_COUNT, f"batch count must be between 1 and {MAX_BATCH_COUNT}")
         _need(1 <= self.clip_skip <= 12, f"clip skip must be between 1 and 12, not {self.clip_skip}")
         _need(self.emphasis in EMPHASIS_MODES, f"emphasis must be one of: {', '.join(EMPHASIS_MODES)}")
+        _need(isinstance(self.pad_cond_uncond, bool), "pad_cond_uncond must be true or false")
         _need(self.randn_source in RANDN_SOURCES,
               f"random number source must be one of: {', '.join(RANDN_SOURCES)}, not {self.randn_source!r}")
         _need(0 <= self.subseed_strength <= 1, "variation strength must be between 0 and 1")

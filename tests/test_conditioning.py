@@ -128,3 +128,23 @@ def test_a_200_token_prompt_generates(manager):
     assert conditioning.chunk_count(model, prompt) == 3
     image = _image(manager, prompt)
     assert image.shape == (64, 64, 3) and image.std() > 10
+
+
+def test_each_schedule_keeps_its_length_and_the_empty_prompt_pads(sd1_manager):
+    model = sd1_manager.activate()
+    cond = conditioning.encode_for_generation(model, "a [red:blue BREAK sky:2] star AND a circle", "ugly", 6)
+    (_, edited), (_, circle) = cond.positive
+    short, long, negative = edited[0][1], edited[1][1], cond.negative[0][1]
+    # One schedule's texts share a length: the short one gets an empty chunk (A1111's empty_chunk).
+    assert (short.chunks, long.chunks, circle[0][1].chunks, negative.chunks) == (2, 2, 1, 1)
+    assert cond.empty.chunks == 1 and torch.equal(short.context[77:], cond.empty.context)
+    assert cond.lengths_differ(0) and cond.lengths_differ(5)  # 2 chunks against 1 at every step
+    # Subprompts stack padded with their last vector; pad_cond_uncond appends the empty prompt.
+    stacked = conditioning.stack_contexts([short, circle[0][1]])
+    assert stacked.shape[:2] == (2, 154) and torch.equal(stacked[0], short.context)
+    assert torch.equal(stacked[1, 77:], circle[0][1].context[-1:].expand(77, -1))
+    padded_cond, padded_uncond = conditioning.pad_cond_uncond(stacked, negative.context[None], cond.empty)
+    assert padded_cond is stacked and padded_uncond.shape[:2] == (1, 154)
+    assert torch.equal(padded_uncond[0], torch.cat([negative.context, cond.empty.context]))
+    plain = conditioning.encode_for_generation(model, "a star", "ugly", 6)
+    assert plain.empty is None and not plain.lengths_differ(0)

@@ -33,6 +33,8 @@ def settings_tab(ui) -> None:
             "randn_source": gr.Radio(list(RANDN_SOURCES), value=o.randn_source, label="Random number source: GPU "
                                      "(the device's; A1111's default), CPU (the same on every machine), NV (an "
                                      "NVIDIA GPU's noise on any machine)"),
+            "pad_cond_uncond": gr.Checkbox(o.pad_cond_uncond, label="Pad prompt/negative prompt: run prompts of "
+                                           "different lengths as one batch (faster; A1111's non-default setting)"),
             "same_wildcards": gr.Checkbox(o.same_wildcards, label="Same wildcard picks for every image of a batch"),
             "live_preview_every": gr.Slider(0, 50, value=o.live_preview_every, step=1,
                                             label="Live preview every N steps (0: off)"),
