@@ -19,11 +19,11 @@ from backend.images import MASKED_CONTENT, RESIZE_MODES
 from backend.job_queue import FAILED, DeviceQueue, Job
 from backend.postprocess import ExtrasRequest
 from backend.request import GenerationRequest, GenerationResult
+from backend.samplers import SCHEDULE_TYPES
 from backend.version import INFOTEXT_VERSION
 
 # A1111's scheduler names (the API's `scheduler` field) -> Easel's schedule type labels.
-SCHEDULER_NAMES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras",
-                   "exponential": "Exponential", "sgm_uniform": "SGM Uniform"}
+SCHEDULER_NAMES = {label.lower().replace(" ", "_"): label for label in SCHEDULE_TYPES}
 # override_settings keys applied to the request itself -> (GenerationRequest field, type).
 REQUEST_OVERRIDES = {"sd_model_checkpoint": ("checkpoint", str), "sd_vae": ("vae", str),
                      "CLIP_stop_at_last_layers": ("clip_skip", int)}

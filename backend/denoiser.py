@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from backend import images, init_image, noise, preview, samplers, vae_codec
+from backend import images, init_image, k_sampling, noise, preview, samplers, schedules, vae_codec
 from backend.conditioning import Conditioning, pad_cond_uncond, stack_contexts
 from backend.extensions import NO_EXTENSIONS, ExtensionRegistry, Guidance, Step
 from backend.init_image import InitSource
@@ -43,12 +43,16 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
     specs = _noise_specs(inputs, f, str(model.device))
     start_noise, generators = noise.batch_noise(specs, (model.vae.config.latent_channels, *latent_hw))
     start_noise = start_noise.to(model.device, model.dtype)
+    if k_sampling.uses_k_diffusion(inputs.sampler.name):
+        return _denoise_k(model, inputs, control, batch, start_noise, latent_hw)
     schedulers = _schedulers(model, inputs)
     # 2. Starting latents: pure noise, or the init image noised to where img2img starts
     latents, timesteps, blend = _starting_latents(model, inputs, schedulers, start_noise, latent_hw)
     # 3. What every step uses: an inpainting model's extra channels, guidance, each image's generator
     extra_channels = _inpaint_conditioning(model, inputs.source, n, latent_hw) if model.is_inpainting else None
-    guidance = _BatchGuidance(model, inputs.conds, run, _guidance_hook(inputs, schedulers[0], len(timesteps)))
+    alphas, prediction = schedulers[0].alphas_cumprod, schedulers[0].config.get("prediction_type", "epsilon")
+    alpha_bar = lambda t: float(alphas[min(len(alphas) - 1, max(0, int(round(float(t)))))])  # noqa: E731
+    guidance = _BatchGuidance(model, inputs.conds, run, _guidance_hook(inputs, alpha_bar, prediction, len(timesteps)))
     stepped = inputs.extensions.has("step")
     step_kwargs = [_step_kwargs(s, g) for s, g in zip(schedulers, generators)]
     # 4. Denoising loop
@@ -98,13 +102,7 @@ def _starting_latents(model, inputs: BatchInputs, schedulers, start_noise, laten
     source = inputs.source
     if source is None:
         return start_noise * schedulers[0].init_noise_sigma, timesteps, None
-    if source.latents is None:
-        source.latents = vae_codec.encode(model, images.to_tensor(source.image)[None])
-    init_latents = source.latents.expand(len(inputs.seeds), -1, -1, -1)
-    mask = None
-    if source.mask is not None:
-        mask = init_image.latent_mask(source.mask, latent_hw, model.device, model.dtype)
-        init_latents = _masked_content(inputs.run.masked_content, init_latents, start_noise, mask)
+    init_latents, mask = _init_latents(model, inputs, start_noise, latent_hw)
     timesteps = _skip_to_strength(schedulers, timesteps, inputs.run)
     latents = _each(schedulers, lambda i, s: s.add_noise(init_latents[i : i + 1], start_noise[i : i + 1],
                                                           timesteps[:1]))
@@ -112,6 +110,63 @@ def _starting_latents(model, inputs: BatchInputs, schedulers, start_noise, laten
     if mask is not None and not model.is_inpainting:
         blend = _InpaintBlend(schedulers, timesteps, init_latents, start_noise, mask)
     return latents, timesteps, blend
+
+
+def _init_latents(model, inputs: BatchInputs, start_noise, latent_hw):
+    """img2img's encoded init image (once for all batches), with A1111's masked content, and the latent
+    mask (1: repaint), or None without one."""
+    source = inputs.source
+    if source.latents is None:
+        source.latents = vae_codec.encode(model, images.to_tensor(source.image)[None])
+    init_latents = source.latents.expand(len(inputs.seeds), -1, -1, -1)
+    mask = None
+    if source.mask is not None:
+        mask = init_image.latent_mask(source.mask, latent_hw, model.device, model.dtype)
+        init_latents = _masked_content(inputs.run.masked_content, init_latents, start_noise, mask)
+    return init_latents, mask
+
+
+def _denoise_k(model, inputs: BatchInputs, control: JobControl, batch: int, start_noise, latent_hw):
+    """A1111's k-diffusion samplers (see `backend.k_sampling`): the batch's final latents, or None."""
+    run = inputs.run
+    alphas = k_sampling.model_alphas_cumprod(model.scheduler_config)
+    krun = k_sampling.KRun(inputs.sampler.name, inputs.schedule, model.family, run.steps, inputs.seeds,
+                           run.randn_source, None if inputs.source is None else run.denoising_strength,
+                           fixed_steps=inputs.phase == "Hires")
+    sigmas = k_sampling.schedule_for(krun, alphas).to(model.device)
+    # 1. Start: noise at the first sigma, or the init image noised to it; inpainting's blend
+    blend, noise_ = None, start_noise.float()
+    if inputs.source is None:
+        start = noise_ * sigmas[0]
+    else:
+        init_latents, mask = _init_latents(model, inputs, start_noise, latent_hw)
+        start = init_latents.float() + noise_ * sigmas[0]
+        blend = (init_latents.float(), mask.float()) if mask is not None else None
+    # 2. The UNet as a denoiser in sigma space, behind guidance
+    extra = _inpaint_conditioning(model, inputs.source, len(inputs.seeds), latent_hw) if model.is_inpainting else None
+    log_sigmas = schedules.model_sigmas(alphas).log()
+    alpha_bar = lambda t: float(1.0 / (1.0 + schedules.t_to_sigma(torch.as_tensor([float(t)]), log_sigmas)[0] ** 2))  # noqa: E731
+    prediction = model.scheduler_config.get("prediction_type", "epsilon")
+    steps = len(sigmas) - 1
+    guidance = _BatchGuidance(model, inputs.conds, run, _guidance_hook(inputs, alpha_bar, prediction, steps))
+    denoiser = k_sampling.SigmaDenoiser(model, guidance.predict, alphas, extra, blend)
+    # 3. Sampling, reporting progress and previews, with the extensions' step events
+    step_event = None
+    if inputs.extensions.has("step"):
+        def step_event(i, total, sigma, x):
+            t = float(schedules.sigma_to_t(torch.as_tensor([sigma]), log_sigmas)[0])
+            return _step_event(inputs, i, total, t, x)
+    hooks = k_sampling.Hooks(
+        control, lambda step, total, image: Progress(step, total, batch, run.batch_count, image, inputs.phase,
+                                                     inputs.share),
+        lambda denoised: preview.cheap_preview(denoised[0].to(model.dtype), model.family), step_event)
+    with torch.no_grad(), model.use(model.unet):
+        latents = k_sampling.sample_batch(krun, denoiser, sigmas, start, hooks)
+    if latents is None:
+        return None
+    if blend is not None:  # A1111: the unmasked area is the init image's
+        latents = blend[0] * (1 - blend[1]) + latents * blend[1]
+    return latents.to(model.dtype)
 
 
 class _InpaintBlend:
@@ -304,22 +359,20 @@ def _step_event(inputs: BatchInputs, step: int, steps: int, t, latents) -> tuple
     return box["latents"], box["stop"]
 
 
-def _guidance_hook(inputs: BatchInputs, scheduler, steps: int):
+def _guidance_hook(inputs: BatchInputs, alpha_bar, prediction_type: str, steps: int):
     """A function (step, t, model_input, cond, uncond, prediction) -> prediction running the
-    extensions' `guidance` callbacks, or None when none listens."""
+    extensions' `guidance` callbacks, or None when none listens. `alpha_bar(t)`: the timestep's
+    cumulative alpha."""
     registry = inputs.extensions
     if not registry.has("guidance"):
         return None
-    alphas = scheduler.alphas_cumprod
-    prediction_type = scheduler.config.get("prediction_type", "epsilon")
 
     def hook(step, t, model_input, cond, uncond, prediction):
-        index = min(len(alphas) - 1, max(0, int(round(float(t)))))
         box = {"prediction": prediction}
 
         def make(extension):
             return Guidance(step, steps, float(t), cond, uncond, box["prediction"], inputs.run.cfg_scale,
-                            prediction_type, float(alphas[index]), model_input,
+                            prediction_type, alpha_bar(t), model_input,
                             registry.args(extension, inputs.run.script_args))
 
         registry.emit("guidance", make, inputs.warnings, lambda event: box.update(prediction=event.prediction))

@@ -85,8 +85,9 @@ def second_pass_steps(run: GenerationRequest) -> int:
 
 
 def first_pass_share(run: GenerationRequest) -> float:
-    """The first pass's share of a batch's steps (for progress; the hires pass runs its strength's share)."""
-    hires_steps = max(1, int(second_pass_steps(run) * run.denoising_strength))
+    """The first pass's share of a batch's steps (for progress; as A1111, the hires pass runs exactly its
+    steps, the last ones of a longer schedule)."""
+    hires_steps = second_pass_steps(run)
     return run.steps / (run.steps + hires_steps)
 
 

@@ -69,7 +69,7 @@ def effective_source(source: str, device: str) -> str:
     return GPU if source == GPU and str(device).startswith("cuda") else CPU if source == GPU else source
 
 
-def _randn(source: str, seed: int, shape, device: str) -> torch.Tensor:
+def randn_for_seed(source: str, seed: int, shape, device: str) -> torch.Tensor:
     """One standard normal draw of `shape` for `seed`, on the CPU, from the chosen source."""
     if source == NV:
         return philox.PhiloxGenerator(seed).randn_tensor(tuple(shape))
@@ -89,11 +89,11 @@ def initial_noise(spec: NoiseSpec, shape: tuple[int, int, int]) -> tuple[torch.T
     if source == CPU:
         noise = torch.randn(draw_shape, generator=generator)
     else:
-        noise = _randn(source, spec.seed, draw_shape, spec.device)
+        noise = randn_for_seed(source, spec.seed, draw_shape, spec.device)
     if spec.subseed_strength > 0:
-        noise = slerp(spec.subseed_strength, noise, _randn(source, spec.subseed, draw_shape, spec.device))
+        noise = slerp(spec.subseed_strength, noise, randn_for_seed(source, spec.subseed, draw_shape, spec.device))
     if tuple(draw_shape) != tuple(shape):
-        noise = _paste_centred(noise, _randn(source, spec.seed, shape, spec.device))
+        noise = _paste_centred(noise, randn_for_seed(source, spec.seed, shape, spec.device))
     return noise, generator
 
 

@@ -1,7 +1,8 @@
-"""A1111's sampler names and schedule types, backed by diffusers schedulers.
+"""A1111's sampler names and schedule types: k-diffusion samplers (`backend.k_sampling`, as A1111
+computes them) and the timestep samplers DDIM, PLMS, UniPC and LCM (diffusers schedulers).
 
 `resolve(sampler, schedule_type)` validates a pair (legacy names such as "DPM++ 2M Karras" split by
-their suffix) and `make_scheduler` builds the diffusers scheduler for a model's noise schedule.
+their suffix) and `make_scheduler` builds the diffusers scheduler of a timestep sampler.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 import diffusers
 import torch
 
-from backend.ancestral_scheduler import DPMSolverSinglestepAncestralScheduler
+from backend import schedules
 from backend.errors import InputError
 
 AUTOMATIC = "Automatic"
@@ -24,7 +25,8 @@ SCHEDULE_OPTIONS = {
     "Exponential": {"use_exponential_sigmas": True},
     "SGM Uniform": {"timestep_spacing": "trailing"},
 }
-SCHEDULE_TYPES = (AUTOMATIC, *SCHEDULE_OPTIONS)
+SCHEDULE_TYPES = schedules.SCHEDULE_TYPES  # every one of A1111's, for the k-diffusion samplers
+K_DIFFUSION = "k-diffusion"  # the `scheduler` of the samplers `backend.k_sampling` runs
 
 
 class SamplerError(InputError):
@@ -42,21 +44,22 @@ class Sampler:
     timestep_spacing: str = "linspace"
 
 
-SAMPLERS = (
-    Sampler("DPM++ 2M", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2},
-            "Karras", ("k_dpmpp_2m",)),
-    Sampler("DPM++ SDE", "DPMSolverSDEScheduler", {}, "Karras", ("k_dpmpp_sde",)),
-    Sampler("DPM++ 2M SDE", "DPMSolverMultistepScheduler",
-            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, "Karras", ("k_dpmpp_2m_sde",)),
-    Sampler("DPM++ 2S a", "DPMSolverSinglestepAncestralScheduler", {}, "Karras", ("k_dpmpp_2s_a",)),
-    Sampler("DPM++ 3M SDE", "DPMSolverMultistepScheduler",
-            {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, "Exponential", ("k_dpmpp_3m_sde",)),
-    Sampler("Euler a", "EulerAncestralDiscreteScheduler", {}, "Uniform", ("k_euler_a", "euler_ancestral")),
-    Sampler("Euler", "EulerDiscreteScheduler", {}, "Uniform", ("k_euler",)),
-    Sampler("LMS", "LMSDiscreteScheduler", {}, "Uniform", ("k_lms",)),
-    Sampler("Heun", "HeunDiscreteScheduler", {}, "Uniform", ("k_heun",)),
-    Sampler("DPM2", "KDPM2DiscreteScheduler", {}, "Karras", ("k_dpm_2",)),
-    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, "Karras", ("k_dpm_2_a",)),
+SAMPLERS = (  # A1111's order
+    Sampler("DPM++ 2M", K_DIFFUSION, {}, "Karras", ("k_dpmpp_2m",)),
+    Sampler("DPM++ SDE", K_DIFFUSION, {}, "Karras", ("k_dpmpp_sde",)),
+    Sampler("DPM++ 2M SDE", K_DIFFUSION, {}, "Exponential", ("k_dpmpp_2m_sde",)),
+    Sampler("DPM++ 2M SDE Heun", K_DIFFUSION, {}, "Exponential", ("k_dpmpp_2m_sde_heun",)),
+    Sampler("DPM++ 2S a", K_DIFFUSION, {}, "Karras", ("k_dpmpp_2s_a",)),
+    Sampler("DPM++ 3M SDE", K_DIFFUSION, {}, "Exponential", ("k_dpmpp_3m_sde",)),
+    Sampler("Euler a", K_DIFFUSION, {}, "Uniform", ("k_euler_a", "euler_ancestral")),
+    Sampler("Euler", K_DIFFUSION, {}, "Uniform", ("k_euler",)),
+    Sampler("LMS", K_DIFFUSION, {}, "Uniform", ("k_lms",)),
+    Sampler("Heun", K_DIFFUSION, {}, "Uniform", ("k_heun",)),
+    Sampler("DPM2", K_DIFFUSION, {}, "Karras", ("k_dpm_2",)),
+    Sampler("DPM2 a", K_DIFFUSION, {}, "Karras", ("k_dpm_2_a",)),
+    Sampler("DPM fast", K_DIFFUSION, {}, "Uniform", ("k_dpm_fast",)),
+    Sampler("DPM adaptive", K_DIFFUSION, {}, "Uniform", ("k_dpm_ad",)),
+    Sampler("Restart", K_DIFFUSION, {}, "Karras", ("restart",)),
     Sampler("DDIM", "DDIMScheduler", {"set_alpha_to_one": False}, "Uniform", ("ddim",), "leading"),
     Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, "Uniform", ("plms", "pndm"), "leading"),
     Sampler("UniPC", "UniPCMultistepScheduler", {}, "Uniform", ("unipc",)),
@@ -67,8 +70,8 @@ _BY_NAME = {key.lower(): s for s in SAMPLERS for key in (s.name, *s.aliases)}
 
 
 def scheduler_class(sampler: Sampler) -> type:
-    if sampler.scheduler == DPMSolverSinglestepAncestralScheduler.__name__:
-        return DPMSolverSinglestepAncestralScheduler
+    if sampler.scheduler == K_DIFFUSION:
+        raise ValueError(f"{sampler.name} is a k-diffusion sampler: backend.k_sampling runs it, not a diffusers scheduler")
     return getattr(diffusers, sampler.scheduler)
 
 
@@ -77,6 +80,8 @@ def _scheduler_parameters(sampler: Sampler) -> set[str]:
 
 
 def supported_schedules(sampler: Sampler) -> list[str]:
+    if sampler.scheduler == K_DIFFUSION:
+        return [label for label in SCHEDULE_TYPES if label != AUTOMATIC]
     params = _scheduler_parameters(sampler)
     return [label for label, options in SCHEDULE_OPTIONS.items() if set(options) <= params]
 
@@ -88,7 +93,7 @@ def resolve(sampler_name: str, schedule_type: str = AUTOMATIC) -> tuple[Sampler,
     sampler = _BY_NAME.get(name.lower())
     if sampler is None:
         # Legacy infotexts join the two: "DPM++ 2M Karras", "Euler a SGM Uniform".
-        for label in sorted(SCHEDULE_OPTIONS, key=len, reverse=True):
+        for label in sorted(SCHEDULE_TYPES[1:], key=len, reverse=True):
             if name.lower().endswith(" " + label.lower()):
                 sampler = _BY_NAME.get(name[: -len(label) - 1].strip().lower())
                 if sampler is not None:
@@ -101,6 +106,8 @@ def resolve(sampler_name: str, schedule_type: str = AUTOMATIC) -> tuple[Sampler,
     if schedule.lower() not in labels:
         raise SamplerError(f"unknown schedule type '{schedule_type}'; available: {', '.join(SCHEDULE_TYPES)}")
     schedule = labels[schedule.lower()]
+    if sampler.scheduler == K_DIFFUSION:  # as A1111 writes it: Automatic stays Automatic without a default
+        return sampler, schedules.sampler_schedule(sampler.name, schedule).infotext_schedule
     if schedule == AUTOMATIC:
         schedule = sampler.default_schedule
     supported = supported_schedules(sampler)
@@ -115,7 +122,8 @@ def resolve(sampler_name: str, schedule_type: str = AUTOMATIC) -> tuple[Sampler,
 def make_scheduler(sampler: Sampler, schedule: str, model_scheduler_config: dict, seed: int | None = None):
     """A fresh diffusers scheduler (they hold per-run state: one per image keeps batches reproducible)."""
     cls = scheduler_class(sampler)
-    options = {"timestep_spacing": sampler.timestep_spacing, **sampler.options, **SCHEDULE_OPTIONS[schedule]}
+    # A1111's timestep samplers ignore the schedule type (a hires pass may pass on the first pass's)
+    options = {"timestep_spacing": sampler.timestep_spacing, **sampler.options, **SCHEDULE_OPTIONS.get(schedule, {})}
     if sampler.scheduler == "DPMSolverSDEScheduler":
         if seed is not None:
             options["noise_sampler_seed"] = seed

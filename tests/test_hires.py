@@ -32,9 +32,10 @@ def test_latent_hires_makes_the_large_image_and_records_the_first_pass(sd1_manag
     assert params["Size"] == "64x64"  # A1111 records the first pass's size
     assert params["Hires upscale"] == "1.5" and params["Hires steps"] == "3" and params["Hires upscaler"] == "Latent"
     assert params["Denoising strength"] == "0.7"
-    # 4 first-pass steps, then int(3 x 0.7) = 2 hires steps; the bar never goes back
+    # 4 first-pass steps, then the 3 hires steps (A1111 runs exactly the hires steps, of a schedule of
+    # int(3 / 0.7) = 4); the bar never goes back
     assert [(e.phase, e.step, e.steps) for e in events] == [("", 1, 4), ("", 2, 4), ("", 3, 4), ("", 4, 4),
-                                                            ("Hires", 1, 2), ("Hires", 2, 2)]
+                                                            ("Hires", 1, 3), ("Hires", 2, 3), ("Hires", 3, 3)]
     fractions = [e.fraction for e in events]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
 
