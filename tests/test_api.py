@@ -171,8 +171,8 @@ def test_omitted_fields_take_a1111s_api_defaults(server):
     response = post(server, "/sdapi/v1/txt2img", {"prompt": "a red circle", "width": 64, "height": 64, "seed": 2})
     assert response.status_code == 200
     text = decoded(response.json()["images"][0]).info["parameters"]
-    assert "Steps: 50, Sampler: Euler, Schedule type: Automatic" not in text  # the schedule is resolved
-    assert "Steps: 50, Sampler: Euler, Schedule type: Uniform, CFG scale: 7, Seed: 2" in text
+    # Euler has no schedule of its own: A1111 samples the model's spacing and writes "Automatic"
+    assert "Steps: 50, Sampler: Euler, Schedule type: Automatic, CFG scale: 7, Seed: 2" in text
 
 
 def test_infotext_fills_the_fields_the_request_leaves_unset(server):
