@@ -12,8 +12,8 @@ randomly seeded Brownian tree, A1111 builds a `BrownianTreeNoiseSampler` from th
 early (Interrupt, Skip), raise `StopSampling` from the callback or the model: `sample` then returns the
 latest denoised estimate, as A1111 does.
 
-The schedule is the caller's, as A1111 builds it: `KSampler.default_schedule` for "Automatic", and
-without its next-to-last sigma where `discard_penultimate_sigma`. DPM fast and DPM adaptive run from
+The schedule is the caller's, as A1111 builds it (`backend.schedules.sigmas`: the sampler's own schedule
+for "Automatic", without the next-to-last sigma where A1111 drops it). DPM fast and DPM adaptive run from
 `sigma_max` to `sigma_min` (default: the schedule's range; A1111's txt2img passes the model's own) and
 stop there, not at 0.
 """
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from backend import schedules
 from backend.errors import InputError
 from backend.k_samplers_sde import (
     BrownianTreeNoiseSampler,
@@ -303,55 +304,50 @@ _DPM_SOLVER_RANGE = {"sigma_min": None, "sigma_max": None}
 
 @dataclass(frozen=True)
 class KSampler:
-    """One A1111 sampler: its function, A1111's options for it (every option it accepts), and how A1111
-    prepares its run (`default_schedule` for "Automatic"; the schedule drops its next-to-last sigma;
-    a per-image Brownian tree as noise; two model calls a step; noise that ENSD offsets)."""
+    """One A1111 sampler: its function and A1111's options for it (every option it accepts). How A1111
+    prepares its run (its schedule for "Automatic", a dropped next-to-last sigma, Brownian-tree noise)
+    and its aliases are in `backend.schedules.sampler_schedule`, the one table of those."""
 
     name: str
     function: Callable[..., torch.Tensor]
     defaults: dict = field(default_factory=dict)
-    aliases: tuple[str, ...] = ()
-    default_schedule: str = "Uniform"
-    discard_penultimate_sigma: bool = False
-    brownian_noise: bool = False
-    second_order: bool = False
-    uses_ensd: bool = False
+
+    @property
+    def brownian_noise(self) -> bool:
+        return schedules.sampler_schedule(self.name).brownian_noise
+
+    @property
+    def discard_penultimate_sigma(self) -> bool:
+        return schedules.sampler_schedule(self.name).discard_penultimate_sigma
 
 
-K_SAMPLERS = {s.name: s for s in (
-    KSampler("DPM++ 2M", sample_dpmpp_2m, {}, ("k_dpmpp_2m",), "Karras"),
-    KSampler("DPM++ SDE", sample_dpmpp_sde, {**_ANCESTRAL, "r": 0.5}, ("k_dpmpp_sde",), "Karras",
-             brownian_noise=True, second_order=True),
-    KSampler("DPM++ 2M SDE", sample_dpmpp_2m_sde, {**_ANCESTRAL, "solver_type": "midpoint"}, ("k_dpmpp_2m_sde",),
-             "Exponential", brownian_noise=True),
-    KSampler("DPM++ 2M SDE Heun", sample_dpmpp_2m_sde, {**_ANCESTRAL, "solver_type": "heun"},
-             ("k_dpmpp_2m_sde_heun",), "Exponential", brownian_noise=True),
-    KSampler("DPM++ 2S a", sample_dpmpp_2s_ancestral, {**_ANCESTRAL}, ("k_dpmpp_2s_a",), "Karras",
-             second_order=True, uses_ensd=True),
-    KSampler("DPM++ 3M SDE", sample_dpmpp_3m_sde, {**_ANCESTRAL}, ("k_dpmpp_3m_sde",), "Exponential",
-             discard_penultimate_sigma=True, brownian_noise=True),
-    KSampler("Euler a", sample_euler_ancestral, {**_ANCESTRAL}, ("k_euler_a", "k_euler_ancestral"), uses_ensd=True),
-    KSampler("Euler", sample_euler, {**_CHURN}, ("k_euler",)),
-    KSampler("LMS", sample_lms, {"order": 4}, ("k_lms",)),
-    KSampler("Heun", sample_heun, {**_CHURN}, ("k_heun",), second_order=True),
-    KSampler("DPM2", sample_dpm_2, {**_CHURN}, ("k_dpm_2",), "Karras", discard_penultimate_sigma=True,
-             second_order=True),
-    KSampler("DPM2 a", sample_dpm_2_ancestral, {**_ANCESTRAL}, ("k_dpm_2_a",), "Karras", discard_penultimate_sigma=True,
-             second_order=True, uses_ensd=True),
-    KSampler("DPM fast", sample_dpm_fast, {**_ANCESTRAL, **_DPM_SOLVER_RANGE, "n": None}, ("k_dpm_fast",),
-             uses_ensd=True),
-    KSampler("DPM adaptive", sample_dpm_adaptive,
-             {**_ANCESTRAL, **_DPM_SOLVER_RANGE, "order": 3, "rtol": 0.05, "atol": 0.0078, "h_init": 0.05,
-              "pcoeff": 0.0, "icoeff": 1.0, "dcoeff": 0.0, "accept_safety": 0.81}, ("k_dpm_ad",), uses_ensd=True),
-    KSampler("Restart", sample_restart, {"s_noise": 1.0, "restart_list": None}, ("restart",), "Karras",
-             second_order=True),
+_ADAPTIVE = {"order": 3, "rtol": 0.05, "atol": 0.0078, "h_init": 0.05, "pcoeff": 0.0, "icoeff": 1.0, "dcoeff": 0.0,
+             "accept_safety": 0.81}
+K_SAMPLERS = {s.name: s for s in (  # A1111's order
+    KSampler("DPM++ 2M", sample_dpmpp_2m),
+    KSampler("DPM++ SDE", sample_dpmpp_sde, {**_ANCESTRAL, "r": 0.5}),
+    KSampler("DPM++ 2M SDE", sample_dpmpp_2m_sde, {**_ANCESTRAL, "solver_type": "midpoint"}),
+    KSampler("DPM++ 2M SDE Heun", sample_dpmpp_2m_sde, {**_ANCESTRAL, "solver_type": "heun"}),
+    KSampler("DPM++ 2S a", sample_dpmpp_2s_ancestral, {**_ANCESTRAL}),
+    KSampler("DPM++ 3M SDE", sample_dpmpp_3m_sde, {**_ANCESTRAL}),
+    KSampler("Euler a", sample_euler_ancestral, {**_ANCESTRAL}),
+    KSampler("Euler", sample_euler, {**_CHURN}),
+    KSampler("LMS", sample_lms, {"order": 4}),
+    KSampler("Heun", sample_heun, {**_CHURN}),
+    KSampler("DPM2", sample_dpm_2, {**_CHURN}),
+    KSampler("DPM2 a", sample_dpm_2_ancestral, {**_ANCESTRAL}),
+    KSampler("DPM fast", sample_dpm_fast, {**_ANCESTRAL, **_DPM_SOLVER_RANGE, "n": None}),
+    KSampler("DPM adaptive", sample_dpm_adaptive, {**_ANCESTRAL, **_DPM_SOLVER_RANGE, **_ADAPTIVE}),
+    KSampler("Restart", sample_restart, {"s_noise": 1.0, "restart_list": None}),
 )}
-_BY_NAME = {key.lower(): s for s in K_SAMPLERS.values() for key in (s.name, *s.aliases)}
 
 
 def find_k_sampler(name: str) -> KSampler:
     """A sampler by its A1111 name or alias, in any case."""
-    sampler = _BY_NAME.get(str(name).strip().lower())
+    try:
+        sampler = K_SAMPLERS.get(schedules.sampler_schedule(str(name)).sampler)
+    except InputError:
+        sampler = None
     if sampler is None:
         raise InputError(f"unknown k-diffusion sampler {name!r}; available: {', '.join(K_SAMPLERS)}")
     return sampler

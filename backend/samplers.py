@@ -27,6 +27,8 @@ SCHEDULE_OPTIONS = {
 }
 SCHEDULE_TYPES = schedules.SCHEDULE_TYPES  # every one of A1111's, for the k-diffusion samplers
 K_DIFFUSION = "k-diffusion"  # the `scheduler` of the samplers `backend.k_sampling` runs
+K_SAMPLER_NAMES = ("DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE",
+                   "Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "Restart")
 
 
 class SamplerError(InputError):
@@ -44,22 +46,8 @@ class Sampler:
     timestep_spacing: str = "linspace"
 
 
-SAMPLERS = (  # A1111's order
-    Sampler("DPM++ 2M", K_DIFFUSION, {}, "Karras", ("k_dpmpp_2m",)),
-    Sampler("DPM++ SDE", K_DIFFUSION, {}, "Karras", ("k_dpmpp_sde",)),
-    Sampler("DPM++ 2M SDE", K_DIFFUSION, {}, "Exponential", ("k_dpmpp_2m_sde",)),
-    Sampler("DPM++ 2M SDE Heun", K_DIFFUSION, {}, "Exponential", ("k_dpmpp_2m_sde_heun",)),
-    Sampler("DPM++ 2S a", K_DIFFUSION, {}, "Karras", ("k_dpmpp_2s_a",)),
-    Sampler("DPM++ 3M SDE", K_DIFFUSION, {}, "Exponential", ("k_dpmpp_3m_sde",)),
-    Sampler("Euler a", K_DIFFUSION, {}, "Uniform", ("k_euler_a", "euler_ancestral")),
-    Sampler("Euler", K_DIFFUSION, {}, "Uniform", ("k_euler",)),
-    Sampler("LMS", K_DIFFUSION, {}, "Uniform", ("k_lms",)),
-    Sampler("Heun", K_DIFFUSION, {}, "Uniform", ("k_heun",)),
-    Sampler("DPM2", K_DIFFUSION, {}, "Karras", ("k_dpm_2",)),
-    Sampler("DPM2 a", K_DIFFUSION, {}, "Karras", ("k_dpm_2_a",)),
-    Sampler("DPM fast", K_DIFFUSION, {}, "Uniform", ("k_dpm_fast",)),
-    Sampler("DPM adaptive", K_DIFFUSION, {}, "Uniform", ("k_dpm_ad",)),
-    Sampler("Restart", K_DIFFUSION, {}, "Karras", ("restart",)),
+SAMPLERS = (  # A1111's order: the k-diffusion samplers (their aliases in backend.schedules), then the timestep ones
+    *(Sampler(name, K_DIFFUSION, aliases=schedules.sampler_aliases(name)) for name in K_SAMPLER_NAMES),
     Sampler("DDIM", "DDIMScheduler", {"set_alpha_to_one": False}, "Uniform", ("ddim",), "leading"),
     Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, "Uniform", ("plms", "pndm"), "leading"),
     Sampler("UniPC", "UniPCMultistepScheduler", {}, "Uniform", ("unipc",)),

@@ -110,6 +110,11 @@ class SamplerSchedule:
     lcm_table: bool
 
 
+def sampler_aliases(sampler_name: str) -> tuple[str, ...]:
+    """A1111's other names of a sampler (`k_euler_a`, ...)."""
+    return _SAMPLERS[sampler_schedule(sampler_name).sampler].aliases
+
+
 def schedule_label(schedule_type: str) -> str:
     """A1111's label for a schedule type given as a label or as A1111's internal name, any case."""
     label = _SCHEDULE_KEYS.get((schedule_type or AUTOMATIC).strip().lower())

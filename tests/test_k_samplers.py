@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend import k_samplers
+from backend import k_samplers, samplers
 from backend.errors import InputError
 from backend.k_samplers import K_SAMPLERS, BrownianTreeNoiseSampler, StopSampling, sample
 from backend.k_samplers_sde import brownian_interval
@@ -504,6 +504,7 @@ def test_a1111_defaults():
     assert K_SAMPLERS["DPM++ 2M SDE Heun"].defaults["solver_type"] == "heun"
     assert [n for n, s in K_SAMPLERS.items() if s.brownian_noise] == ["DPM++ SDE", "DPM++ 2M SDE",
                                                                        "DPM++ 2M SDE Heun", "DPM++ 3M SDE"]
+    assert list(K_SAMPLERS) == list(samplers.K_SAMPLER_NAMES)  # one list of names
     assert {n for n, s in K_SAMPLERS.items() if s.discard_penultimate_sigma} == {"DPM2", "DPM2 a", "DPM++ 3M SDE"}
 
 
