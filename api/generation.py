@@ -42,7 +42,7 @@ def plan(api: ApiContext, body: m.Txt2ImgRequest, mode: str, caller: Caller) -> 
     options = runtime.checked(option_changes) if option_changes else runtime.options
     fields = {**runtime.request_defaults(mode, options=options), **convert.body_fields(values, mode),
               "checkpoint": runtime.manager.selected, **convert.request_overrides(overrides)}
-    if "checkpoint" in fields and "sd_model_checkpoint" in overrides:
+    if "sd_model_checkpoint" in overrides:
         fields["checkpoint"] = runtime.manager.index.resolve_checkpoint(fields["checkpoint"]).filename
     fields.update(scripts(runtime, body, mode))
     if mode == "img2img":

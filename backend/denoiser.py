@@ -149,7 +149,7 @@ def _denoise_k(model, inputs: BatchInputs, control: JobControl, batch: int, star
     prediction = model.scheduler_config.get("prediction_type", "epsilon")
     steps = len(sigmas) - 1
     guidance = _BatchGuidance(model, inputs.conds, run, _guidance_hook(inputs, alpha_bar, prediction, steps))
-    denoiser = k_sampling.SigmaDenoiser(model, guidance.predict, alphas, extra, blend)
+    denoiser = k_sampling.SigmaDenoiser(model, guidance.predict, log_sigmas, extra, blend)
     # 3. Sampling, reporting progress and previews, with the extensions' step events
     step_event = None
     if inputs.extensions.has("step"):

@@ -237,11 +237,9 @@ def sample_dpmpp_2m(model: Model, x, sigmas, noise_sampler=None, callback=None):
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device="cpu") -> torch.Tensor:
-    """Karras et al.'s schedule: n sigmas evenly spaced in sigma**(1/rho), then a final 0."""
-    ramp = torch.linspace(0, 1, n)
-    low, high = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (high + ramp * (low - high)) ** rho
-    return torch.cat([sigmas, sigmas.new_zeros([1])]).to(device)
+    """Karras et al.'s schedule (`backend.schedules.karras`: n sigmas evenly spaced in sigma**(1/rho),
+    then a final 0), on `device`: what Restart rebuilds its schedule with."""
+    return schedules.karras(n, sigma_min, sigma_max, rho).to(device)
 
 
 def restart_plan(sigmas: torch.Tensor, restart_list: dict | None = None) -> list[tuple]:

@@ -96,9 +96,9 @@ class SigmaDenoiser:
     the unmasked area of the estimate is the init image's). Counts its calls: A1111 advances prompt
     schedules once per call."""
 
-    def __init__(self, model, predict: Callable, alphas_cumprod: torch.Tensor, extra_channels=None, blend=None):
+    def __init__(self, model, predict: Callable, log_sigmas: torch.Tensor, extra_channels=None, blend=None):
         self.model, self.predict, self.extra_channels, self.blend = model, predict, extra_channels, blend
-        self.log_sigmas = schedules.model_sigmas(alphas_cumprod).log()
+        self.log_sigmas = log_sigmas  # the model's sigma table, log (schedules.model_sigmas)
         self.v_prediction = model.scheduler_config.get("prediction_type") == "v_prediction"
         self.calls = 0
 

@@ -66,7 +66,9 @@ def effective_source(source: str, device: str) -> str:
     the CPU's, so it is recorded as such and reproduces elsewhere with `RNG: CPU`."""
     if source not in RANDN_SOURCES:
         raise ValueError(f"noise source must be one of {', '.join(RANDN_SOURCES)}, not {source!r}")
-    return GPU if source == GPU and str(device).startswith("cuda") else CPU if source == GPU else source
+    if source == GPU and not str(device).startswith("cuda"):
+        return CPU
+    return source
 
 
 def randn_for_seed(source: str, seed: int, shape, device: str) -> torch.Tensor:

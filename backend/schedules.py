@@ -256,7 +256,7 @@ def _schedule(label, n, low, high, table, *, family, rho, beta_alpha, beta_beta)
     if label == "Uniform":
         return table.uniform(n)
     if label == "Karras":
-        return _karras(n, low, high, KARRAS_RHO if rho is None else float(rho))
+        return karras(n, low, high, KARRAS_RHO if rho is None else float(rho))
     if label == "Exponential":
         return _append_zero(torch.linspace(math.log(high), math.log(low), n).exp())
     if label == "Polyexponential":
@@ -281,7 +281,7 @@ def _schedule(label, n, low, high, table, *, family, rho, beta_alpha, beta_beta)
     raise AssertionError(label)
 
 
-def _karras(n, sigma_min, sigma_max, rho):
+def karras(n, sigma_min, sigma_max, rho=KARRAS_RHO) -> torch.Tensor:
     # Karras et al. (2022), eq. 5: evenly spaced in sigma ** (1 / rho).
     low_root, high_root = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     ramp = torch.linspace(0, 1, n)
