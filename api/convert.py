@@ -76,7 +76,8 @@ def fill_from_infotext(values: dict, body: m.Txt2ImgRequest, device: str = "cpu"
     for field_name, api_name in _INFOTEXT_FIELDS.items():
         if field_name in parsed and api_name not in body.model_fields_set:
             values[api_name] = parsed[field_name]
-    for field_name, option in (("clip_skip", "CLIP_stop_at_last_layers"), ("randn_source", "randn_source")):
+    for field_name, option in (("clip_skip", "CLIP_stop_at_last_layers"), ("randn_source", "randn_source"),
+                               ("eta_noise_seed_delta", "eta_noise_seed_delta")):
         if field_name in parsed and option not in values["override_settings"]:
             values["override_settings"] = {**values["override_settings"], option: parsed[field_name]}
 

@@ -1,12 +1,10 @@
-"""One batch through the sampler: initial latents (noise, or a noised init image), the guided
-denoising loop, and inpainting's blending, with progress, previews, interrupt and skip.
-
-Each image has its own CPU generator and its own scheduler instance; only the UNet runs batched.
+"""One batch through the sampler: each image's initial noise, the init image and inpainting's blend,
+classifier-free guidance over the prompts in force at each step, and the extensions' `guidance` and
+`step` callbacks. `backend.k_sampling` runs the sampler itself, as A1111 does.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,80 +34,76 @@ class BatchInputs:
 
 
 def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobControl, batch: int) -> torch.Tensor | None:
-    """Final latents of one batch, or None when the batch was skipped or interrupted."""
-    run, n, f = inputs.run, len(inputs.seeds), model.vae_scale_factor
+    """Final latents of one batch through A1111's sampler (see `backend.k_sampling`), or None when the batch
+    was skipped or interrupted."""
+    run, f = inputs.run, model.vae_scale_factor
     latent_hw = (run.height // f, run.width // f)
-    # 1. Initial noise, one CPU generator per image; one scheduler per image
-    specs = _noise_specs(inputs, f, str(model.device))
-    start_noise, generators = noise.batch_noise(specs, (model.vae.config.latent_channels, *latent_hw))
-    start_noise = start_noise.to(model.device, model.dtype)
-    if k_sampling.uses_k_diffusion(inputs.sampler.name):
-        return _denoise_k(model, inputs, control, batch, start_noise, latent_hw)
-    schedulers = _schedulers(model, inputs)
-    # 2. Starting latents: pure noise, or the init image noised to where img2img starts
-    latents, timesteps, blend = _starting_latents(model, inputs, schedulers, start_noise, latent_hw)
-    # 3. What every step uses: an inpainting model's extra channels, guidance, each image's generator
-    extra_channels = _inpaint_conditioning(model, inputs.source, n, latent_hw) if model.is_inpainting else None
-    alphas, prediction = schedulers[0].alphas_cumprod, schedulers[0].config.get("prediction_type", "epsilon")
-    alpha_bar = lambda t: float(alphas[min(len(alphas) - 1, max(0, int(round(float(t)))))])  # noqa: E731
-    guidance = _BatchGuidance(model, inputs.conds, run, _guidance_hook(inputs, alpha_bar, prediction, len(timesteps)))
-    stepped = inputs.extensions.has("step")
-    step_kwargs = [_step_kwargs(s, g) for s, g in zip(schedulers, generators)]
-    # 4. Denoising loop
+    # 1. Each image's initial noise, from its seed and the chosen source
+    start_noise = noise.batch_noise(_noise_specs(inputs, f, str(model.device)),
+                                    (model.vae.config.latent_channels, *latent_hw))
+    start_noise = start_noise.to(model.device)  # float32 as A1111's, whatever the UNet's type
+    alphas = k_sampling.model_alphas_cumprod(model.scheduler_config)
+    krun = k_sampling.KRun(inputs.sampler.name, inputs.schedule, model.family, run.steps, inputs.seeds,
+                           run.randn_source, None if inputs.source is None else run.denoising_strength,
+                           fixed_steps=inputs.phase == "Hires", eta_noise_seed_delta=run.eta_noise_seed_delta,
+                           seed_resized=run.seed_resize_from_w > 0 and run.seed_resize_from_h > 0)
+    # 2. The init image and inpainting's blend (A1111 blends with inpainting models too)
+    init_latents = blend = None
+    if inputs.source is not None:
+        init_latents, mask = _init_latents(model, inputs, start_noise, latent_hw)
+        init_latents = init_latents.float()
+        blend = (init_latents, mask.float()) if mask is not None else None
+    extra = _inpaint_conditioning(model, inputs.source, len(inputs.seeds), latent_hw) if model.is_inpainting else None
+    # 3. Sampling, reporting progress and previews, with the extensions' step events
+    hooks = k_sampling.Hooks(
+        control, lambda step, total, image: Progress(step, total, batch, run.batch_count, image, inputs.phase,
+                                                     inputs.share),
+        lambda denoised: preview.cheap_preview(denoised[0].to(model.dtype), model.family),
+        (lambda i, total, t, x: _step_event(inputs, i, total, t, x)) if inputs.extensions.has("step") else None)
     with torch.no_grad(), model.use(model.unet):
-        for step, t in enumerate(timesteps):
-            if control.should_stop_batch:
-                return None
-            model_input = _each(schedulers, lambda i, s, latents=latents, t=t: s.scale_model_input(latents[i : i + 1], t))
-            if extra_channels is not None:
-                model_input = torch.cat([model_input, extra_channels], dim=1)
-            prediction = guidance.predict(model_input, t, step)
-            outputs = [
-                s.step(prediction[i : i + 1], t, latents[i : i + 1], **step_kwargs[i])
-                for i, s in enumerate(schedulers)
-            ]
-            latents = torch.cat([out.prev_sample for out in outputs])
-            if blend is not None:
-                latents = blend.after_step(latents, step)
-            _report(model, control, outputs[0], latents, step, len(timesteps), batch, inputs)
-            if stepped:
-                latents, stop = _step_event(inputs, step, len(timesteps), t, latents)
-                if stop:
-                    break
-    return blend.final(latents) if blend is not None else latents
+        if k_sampling.uses_timesteps(krun.sampler):
+            latents = _sample_timesteps(model, inputs, krun, alphas, start_noise, init_latents, blend,
+                                        extra, hooks)
+        else:
+            latents = _sample_sigmas(model, inputs, krun, alphas, start_noise, init_latents, blend,
+                                     extra, hooks)
+    if latents is None:
+        return None
+    if blend is not None:  # A1111: the unmasked area is the init image's
+        latents = blend[0] * (1 - blend[1]) + latents * blend[1]
+    return latents.to(model.dtype)
 
 
-def _schedulers(model, inputs: BatchInputs) -> list:
-    """One scheduler per image (seeded by its seed), its timesteps set for the request's steps."""
-    schedulers = [
-        samplers.make_scheduler(inputs.sampler, inputs.schedule, model.scheduler_config, seed)
-        for seed, _ in inputs.seeds
-    ]
-    for scheduler in schedulers:
-        scheduler.set_timesteps(inputs.run.steps, device=model.device)
-        # Step by position, not by looking the timestep up: with zero-terminal-SNR models, Karras and
-        # exponential sigmas above the top training sigma all round to timestep 999, and a lookup
-        # would land on the wrong repeat and run off the end of the schedule.
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
-    return schedulers
+def _sample_sigmas(model, inputs: BatchInputs, krun, alphas, start_noise, init_latents, blend, extra, hooks):
+    """k-diffusion samplers and LCM: start at noise x the first sigma (img2img: added to the init image)."""
+    plan = schedules.sampler_schedule(krun.sampler)
+    table = schedules.SigmaTable.build(alphas, lcm=plan.lcm_table)
+    sigmas = k_sampling.schedule_for(krun, alphas).to(model.device)
+    start = start_noise * sigmas[0] if init_latents is None else init_latents + start_noise * sigmas[0]
+    log_sigmas = schedules.model_sigmas(alphas).log()
+
+    def alpha_bar(t) -> float:  # for the extensions: the cumulative alpha at the UNet's (fractional) timestep
+        return float(1.0 / (1.0 + schedules.t_to_sigma(torch.as_tensor([float(t)]), log_sigmas)[0] ** 2))
+
+    guidance = _BatchGuidance(model, inputs.conds, inputs.run, _guidance_hook(inputs, alpha_bar, model, len(sigmas) - 1))
+    denoiser = k_sampling.SigmaDenoiser(model, guidance.predict, table, extra, blend)
+    return k_sampling.sample_batch(krun, denoiser, sigmas, start, hooks)
 
 
-def _starting_latents(model, inputs: BatchInputs, schedulers, start_noise, latent_hw):
-    """The first step's latents, the timesteps to run, and the inpainting blend to apply (None
-    without a mask, or with an inpainting model, which sees the mask itself)."""
-    timesteps = schedulers[0].timesteps
-    source = inputs.source
-    if source is None:
-        return start_noise * schedulers[0].init_noise_sigma, timesteps, None
-    init_latents, mask = _init_latents(model, inputs, start_noise, latent_hw)
-    timesteps = _skip_to_strength(schedulers, timesteps, inputs.run)
-    latents = _each(schedulers, lambda i, s: s.add_noise(init_latents[i : i + 1], start_noise[i : i + 1],
-                                                          timesteps[:1]))
-    blend = None
-    if mask is not None and not model.is_inpainting:
-        blend = _InpaintBlend(schedulers, timesteps, init_latents, start_noise, mask)
-    return latents, timesteps, blend
+def _sample_timesteps(model, inputs: BatchInputs, krun, alphas, start_noise, init_latents, blend, extra, hooks):
+    """DDIM, DDIM CFG++, PLMS, UniPC: start at unit noise (img2img: the init image noised to its timestep)."""
+    timesteps, noised_to = k_sampling.timesteps_for(krun)
+    start = start_noise
+    if init_latents is not None:
+        alpha = alphas[noised_to].float()
+        start = init_latents * alpha.sqrt() + start_noise * (1 - alpha).sqrt()
+
+    def alpha_bar(t) -> float:
+        return float(alphas[min(len(alphas) - 1, max(0, int(float(t))))])
+
+    guidance = _BatchGuidance(model, inputs.conds, inputs.run, _guidance_hook(inputs, alpha_bar, model, len(timesteps)))
+    denoiser = k_sampling.TimestepDenoiser(model, guidance, alphas, extra, blend)
+    return k_sampling.sample_timesteps(krun, denoiser, timesteps.to(model.device), start, hooks)
 
 
 def _init_latents(model, inputs: BatchInputs, start_noise, latent_hw):
@@ -126,73 +120,6 @@ def _init_latents(model, inputs: BatchInputs, start_noise, latent_hw):
     return init_latents, mask
 
 
-def _denoise_k(model, inputs: BatchInputs, control: JobControl, batch: int, start_noise, latent_hw):
-    """A1111's k-diffusion samplers (see `backend.k_sampling`): the batch's final latents, or None."""
-    run = inputs.run
-    alphas = k_sampling.model_alphas_cumprod(model.scheduler_config)
-    krun = k_sampling.KRun(inputs.sampler.name, inputs.schedule, model.family, run.steps, inputs.seeds,
-                           run.randn_source, None if inputs.source is None else run.denoising_strength,
-                           fixed_steps=inputs.phase == "Hires")
-    sigmas = k_sampling.schedule_for(krun, alphas).to(model.device)
-    # 1. Start: noise at the first sigma, or the init image noised to it; inpainting's blend
-    blend, noise_ = None, start_noise.float()
-    if inputs.source is None:
-        start = noise_ * sigmas[0]
-    else:
-        init_latents, mask = _init_latents(model, inputs, start_noise, latent_hw)
-        start = init_latents.float() + noise_ * sigmas[0]
-        blend = (init_latents.float(), mask.float()) if mask is not None else None
-    # 2. The UNet as a denoiser in sigma space, behind guidance
-    extra = _inpaint_conditioning(model, inputs.source, len(inputs.seeds), latent_hw) if model.is_inpainting else None
-    log_sigmas = schedules.model_sigmas(alphas).log()
-    alpha_bar = lambda t: float(1.0 / (1.0 + schedules.t_to_sigma(torch.as_tensor([float(t)]), log_sigmas)[0] ** 2))  # noqa: E731
-    prediction = model.scheduler_config.get("prediction_type", "epsilon")
-    steps = len(sigmas) - 1
-    guidance = _BatchGuidance(model, inputs.conds, run, _guidance_hook(inputs, alpha_bar, prediction, steps))
-    denoiser = k_sampling.SigmaDenoiser(model, guidance.predict, log_sigmas, extra, blend)
-    # 3. Sampling, reporting progress and previews, with the extensions' step events
-    step_event = None
-    if inputs.extensions.has("step"):
-        def step_event(i, total, sigma, x):
-            t = float(schedules.sigma_to_t(torch.as_tensor([sigma]), log_sigmas)[0])
-            return _step_event(inputs, i, total, t, x)
-    hooks = k_sampling.Hooks(
-        control, lambda step, total, image: Progress(step, total, batch, run.batch_count, image, inputs.phase,
-                                                     inputs.share),
-        lambda denoised: preview.cheap_preview(denoised[0].to(model.dtype), model.family), step_event)
-    with torch.no_grad(), model.use(model.unet):
-        latents = k_sampling.sample_batch(krun, denoiser, sigmas, start, hooks)
-    if latents is None:
-        return None
-    if blend is not None:  # A1111: the unmasked area is the init image's
-        latents = blend[0] * (1 - blend[1]) + latents * blend[1]
-    return latents.to(model.dtype)
-
-
-class _InpaintBlend:
-    """Inpainting with a plain model: after each step the unmasked area becomes the init image noised
-    to the next step's level, and after the last step the init image itself."""
-
-    def __init__(self, schedulers, timesteps, init_latents, start_noise, mask):
-        self.schedulers, self.timesteps = schedulers, timesteps
-        self.init_latents, self.start_noise, self.mask = init_latents, start_noise, mask
-
-    def after_step(self, latents: torch.Tensor, step: int) -> torch.Tensor:
-        if step + 1 >= len(self.timesteps):
-            return latents
-        next_t = self.timesteps[step + 1 : step + 2]
-        known = _each(self.schedulers, lambda i, s: s.add_noise(
-            self.init_latents[i : i + 1], self.start_noise[i : i + 1], next_t))
-        return known * (1 - self.mask) + latents * self.mask
-
-    def final(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.init_latents * (1 - self.mask) + latents * self.mask
-
-
-def _each(schedulers, fn) -> torch.Tensor:
-    return torch.cat([fn(i, s) for i, s in enumerate(schedulers)])
-
-
 def _noise_specs(inputs: BatchInputs, f: int, device: str) -> list[noise.NoiseSpec]:
     run = inputs.run
     resize_from = None
@@ -200,22 +127,6 @@ def _noise_specs(inputs: BatchInputs, f: int, device: str) -> list[noise.NoiseSp
         resize_from = (run.seed_resize_from_h // f, run.seed_resize_from_w // f)
     return [noise.NoiseSpec(seed, sub, run.subseed_strength, resize_from, run.randn_source, device)
             for seed, sub in inputs.seeds]
-
-
-def _skip_to_strength(schedulers, timesteps, run: GenerationRequest):
-    """img2img runs the last `strength` share of the schedule (at least one step), as A1111 does."""
-    steps_to_run = max(1, min(run.steps, int(run.steps * run.denoising_strength)))
-    begin = (run.steps - steps_to_run) * schedulers[0].order
-    for scheduler in schedulers:
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(begin)
-    return timesteps[begin:]
-
-
-def _step_kwargs(scheduler, generator) -> dict:
-    """Ancestral and SDE steps draw noise from the image's own generator (the Brownian-tree SDE
-    sampler is seeded per image instead)."""
-    return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
 
 def _masked_content(kind: str, init_latents, start_noise, mask):
@@ -261,8 +172,13 @@ class _Guidance:
 
     def __init__(self, model, cond: Conditioning, n: int, run: GenerationRequest, hook=None):
         self.model, self.cond, self.n, self.run, self.hook = model, cond, n, run, hook
-        self.skip_negative = run.cfg_scale == 1 and len(cond.positive) == 1
         self._cached: tuple | None = None
+        self.cfg_multiplier, self.keep_uncond = 1.0, False  # DDIM CFG++: CFG / 12.5, and its negative prediction
+        self.last_uncond: torch.Tensor | None = None
+
+    @property
+    def skip_negative(self) -> bool:
+        return self.run.cfg_scale == 1 and len(self.cond.positive) == 1 and not self.keep_uncond
 
     def _calls(self, step: int) -> list[_UNetCall]:
         conds = [Conditioning.at(schedule, step) for _, schedule in self.cond.positive]
@@ -316,8 +232,10 @@ class _Guidance:
             return out
         outputs = out.chunk(len(self.cond.positive) + 1)
         uncond, result = outputs[0], outputs[0].clone()
+        if self.keep_uncond:
+            self.last_uncond = uncond
         for (weight, _), cond in zip(self.cond.positive, outputs[1:]):
-            result += (cond - uncond) * (weight * self.run.cfg_scale)
+            result += (cond - uncond) * (weight * (self.run.cfg_scale * self.cfg_multiplier))
         if self.hook is not None:  # extensions see the conditional prediction at CFG 1 and the combination
             conditional = uncond + sum((c - uncond) * w for (w, _), c in zip(self.cond.positive, outputs[1:]))
             result = self.hook(step, t, model_input[:, : uncond.shape[1]], conditional, uncond, result)
@@ -333,6 +251,26 @@ class _BatchGuidance:
             groups.setdefault(id(cond), []).append(index)
         self.groups = [(indices, _Guidance(model, conds[indices[0]], len(indices), run, hook))
                        for indices in groups.values()]
+
+    def configure(self, cfg_multiplier: float, keep_uncond: bool) -> None:
+        """DDIM CFG++: guide at CFG x `cfg_multiplier`, keeping the negative prompt's prediction."""
+        for _, guidance in self.groups:
+            guidance.cfg_multiplier, guidance.keep_uncond = cfg_multiplier, keep_uncond
+
+    @property
+    def keep_uncond(self) -> bool:
+        return self.groups[0][1].keep_uncond
+
+    @property
+    def last_uncond(self) -> torch.Tensor:
+        """The negative prompt's prediction of the last call, per image (with `keep_uncond`)."""
+        if len(self.groups) == 1:
+            return self.groups[0][1].last_uncond
+        first = self.groups[0][1].last_uncond
+        out = first.new_empty((sum(len(indices) for indices, _ in self.groups), *first.shape[1:]))
+        for indices, guidance in self.groups:
+            out[indices] = guidance.last_uncond
+        return out
 
     def predict(self, model_input: torch.Tensor, t, step: int) -> torch.Tensor:
         if len(self.groups) == 1:
@@ -359,13 +297,14 @@ def _step_event(inputs: BatchInputs, step: int, steps: int, t, latents) -> tuple
     return box["latents"], box["stop"]
 
 
-def _guidance_hook(inputs: BatchInputs, alpha_bar, prediction_type: str, steps: int):
+def _guidance_hook(inputs: BatchInputs, alpha_bar, model, steps: int):
     """A function (step, t, model_input, cond, uncond, prediction) -> prediction running the
     extensions' `guidance` callbacks, or None when none listens. `alpha_bar(t)`: the timestep's
     cumulative alpha."""
     registry = inputs.extensions
     if not registry.has("guidance"):
         return None
+    prediction_type = model.scheduler_config.get("prediction_type", "epsilon")
 
     def hook(step, t, model_input, cond, uncond, prediction):
         box = {"prediction": prediction}
@@ -379,11 +318,3 @@ def _guidance_hook(inputs: BatchInputs, alpha_bar, prediction_type: str, steps: 
         return box["prediction"]
 
     return hook
-
-
-def _report(model, control: JobControl, output, latents, step: int, steps: int, batch: int, inputs: BatchInputs) -> None:
-    image = None
-    if control.wants_preview(step + 1):
-        denoised = getattr(output, "pred_original_sample", None)
-        image = preview.cheap_preview((denoised if denoised is not None else latents[:1])[0], model.family)
-    control.report(Progress(step + 1, steps, batch, inputs.run.batch_count, image, inputs.phase, inputs.share))

@@ -7,7 +7,7 @@ import datetime as dt
 import json
 from pathlib import Path
 
-from backend import infotext, noise, outputs
+from backend import infotext, noise, outputs, schedules
 from backend.request import GeneratedImage
 from backend.version import INFOTEXT_VERSION
 
@@ -32,6 +32,9 @@ def infotext_parameters(model, run, sampler, schedule, seed, subseed, extra: dic
         ),
         "Denoising strength": run.denoising_strength if run.init_image is not None or run.enable_hr else None,
         "Clip skip": run.clip_skip if run.clip_skip > 1 else None,
+        # A1111 writes ENSD only for the samplers it marks as using it (the ancestral ones, DPM fast/adaptive)
+        "ENSD": run.eta_noise_seed_delta if run.eta_noise_seed_delta and schedules.sampler_schedule(
+            sampler.name).uses_ensd else None,
         # A1111 writes the source unless it is its default (GPU); GPU noise drawn on a CPU is the CPU's
         "RNG": rng if (rng := noise.effective_source(run.randn_source, str(model.device))) != noise.GPU else None,
         **(extra or {}),  # Lora hashes, TI hashes, the postprocessing upscaler

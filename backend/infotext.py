@@ -209,6 +209,7 @@ _REQUEST_FIELDS = {
     "Clip skip": ("clip_skip", _whole_number),
     "Emphasis": ("emphasis", str),
     "Pad conds": ("pad_cond_uncond", _true_or_false),
+    "ENSD": ("eta_noise_seed_delta", _whole_number),
     "Face restoration": ("face_restorer", str),
     "Hires upscale": ("hr_scale", _finite_number),
     "Hires resize-1": ("hr_resize_x", _whole_number),

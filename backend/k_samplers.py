@@ -293,6 +293,20 @@ def sample_restart(model: Model, x, sigmas, noise_sampler=None, callback=None, s
     return x
 
 
+def sample_lcm(model: Model, x, sigmas, noise_sampler=None, callback=None):
+    """A1111's LCM sampler: jump to the model's consistency estimate, then noise it to the next sigma."""
+    noise_sampler = randn_noise(x) if noise_sampler is None else noise_sampler
+    ones = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * ones)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        x = denoised
+        if sigmas[i + 1] > 0:
+            x = x + sigmas[i + 1] * noise_sampler(sigmas[i], sigmas[i + 1])
+    return x
+
+
 # -- the table and the entry point ---------------------------------------------------------------------
 
 _CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
@@ -337,6 +351,7 @@ K_SAMPLERS = {s.name: s for s in (  # A1111's order
     KSampler("DPM fast", sample_dpm_fast, {**_ANCESTRAL, **_DPM_SOLVER_RANGE, "n": None}),
     KSampler("DPM adaptive", sample_dpm_adaptive, {**_ANCESTRAL, **_DPM_SOLVER_RANGE, **_ADAPTIVE}),
     KSampler("Restart", sample_restart, {"s_noise": 1.0, "restart_list": None}),
+    KSampler("LCM", sample_lcm),  # A1111's own (sd_samplers_lcm.py), listed after the timestep samplers
 )}
 
 

@@ -81,24 +81,18 @@ def randn_for_seed(source: str, seed: int, shape, device: str) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(seed))
 
 
-def initial_noise(spec: NoiseSpec, shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Generator]:
-    """Noise of `shape` (C, H, W) for one image, and a CPU generator for the sampler's own noise draws
-    (ancestral and SDE samplers): with the CPU source it continues from the initial draw, as A1111's
-    CPU source does; with the GPU and NV sources it starts from the seed."""
+def initial_noise(spec: NoiseSpec, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Noise of `shape` (C, H, W) for one image, as A1111's ImageRNG draws it first: the seed's, mixed with
+    the variation seed's, and with "resize seed from" the smaller draw pasted into the centre of a full one."""
     source = effective_source(spec.source, spec.device)
     draw_shape = (shape[0], *spec.resize_from) if spec.resize_from else shape
-    generator = torch.Generator("cpu").manual_seed(spec.seed)
-    if source == CPU:
-        noise = torch.randn(draw_shape, generator=generator)
-    else:
-        noise = randn_for_seed(source, spec.seed, draw_shape, spec.device)
+    noise = randn_for_seed(source, spec.seed, draw_shape, spec.device)
     if spec.subseed_strength > 0:
         noise = slerp(spec.subseed_strength, noise, randn_for_seed(source, spec.subseed, draw_shape, spec.device))
     if tuple(draw_shape) != tuple(shape):
         noise = _paste_centred(noise, randn_for_seed(source, spec.seed, shape, spec.device))
-    return noise, generator
+    return noise
 
 
-def batch_noise(specs: list[NoiseSpec], shape: tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:
-    drawn = [initial_noise(spec, shape) for spec in specs]
-    return torch.stack([n for n, _ in drawn]), [g for _, g in drawn]
+def batch_noise(specs: list[NoiseSpec], shape: tuple[int, int, int]) -> torch.Tensor:
+    return torch.stack([initial_noise(spec, shape) for spec in specs])

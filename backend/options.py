@@ -60,6 +60,9 @@ class Options:
     # Noise source (A1111's randn_source): GPU (the device's generator), CPU, or NV (an NVIDIA GPU's noise on
     # any machine); infotexts record it as `RNG`
     randn_source: str = "GPU"
+    # A1111's "Eta noise seed delta" (ENSD): ancestral and other per-step noise comes from generators seeded
+    # seed + this (31337 in NovelAI-style infotexts); 0 continues each image's own generator
+    eta_noise_seed_delta: int = 0
     # X/Y/Z plot: the most cells a plot may have, and the largest grid image (megapixels)
     xyz_max_cells: int = 1024
     xyz_max_megapixels: int = 64
@@ -75,6 +78,8 @@ class Options:
             raise ValueError("default steps must be between 1 and 150")
         if self.default_cfg_scale < 0:
             raise ValueError("default CFG scale must be 0 or more")
+        if not 0 <= self.eta_noise_seed_delta < 2**63:
+            raise ValueError("eta noise seed delta (ENSD) must be 0 or a positive whole number")
         if self.randn_source not in RANDN_SOURCES:
             raise ValueError(f"random number source must be one of: {', '.join(RANDN_SOURCES)}")
         if self.emphasis not in EMPHASIS_MODES:

@@ -54,6 +54,7 @@ class GenerationRequest:
     batch_count: int = 1
     clip_skip: int = 1
     randn_source: str = "GPU"  # A1111's noise sources: GPU (the device's generator), CPU, NV (NVIDIA's, on any machine)
+    eta_noise_seed_delta: int = 0  # A1111's ENSD: per-step noise from generators seeded seed + this (infotext `ENSD`)
     emphasis: str = "Original"  # how (word:1.2) weights apply: Original, No norm, Ignore, None
     pad_cond_uncond: bool = False  # A1111's "Pad prompt/negative prompt" (see Options.pad_cond_uncond)
     styles: tuple[str, ...] = ()  # names from styles.csv, applied to both prompts at generation
@@ -126,6 +127,8 @@ class GenerationRequest:
         _need(isinstance(self.pad_cond_uncond, bool), "pad_cond_uncond must be true or false")
         _need(self.randn_source in RANDN_SOURCES,
               f"random number source must be one of: {', '.join(RANDN_SOURCES)}, not {self.randn_source!r}")
+        _need(0 <= self.eta_noise_seed_delta < 2**64,
+              f"eta noise seed delta (ENSD) must be between 0 and 2^64 - 1, not {_describe(self.eta_noise_seed_delta)}")
         _need(0 <= self.subseed_strength <= 1, "variation strength must be between 0 and 1")
         _need(0 <= self.denoising_strength <= 1, "denoising strength must be between 0 and 1")
         _need(self.resize_mode in RESIZE_MODES, f"resize mode must be one of: {', '.join(RESIZE_MODES)}")

@@ -136,7 +136,7 @@ class Runtime:
             save_txt=o.save_txt, emphasis=o.emphasis, same_wildcards=o.same_wildcards, randn_source=o.randn_source,
             face_restorer=o.face_restoration_model, codeformer_weight=o.code_former_weight,
             save_before_face_restoration=o.save_images_before_face_restoration,
-            pad_cond_uncond=o.pad_cond_uncond,
+            pad_cond_uncond=o.pad_cond_uncond, eta_noise_seed_delta=o.eta_noise_seed_delta,
         )
         if controls:
             defaults.update(sampler=o.default_sampler, steps=o.default_steps, cfg_scale=o.default_cfg_scale)

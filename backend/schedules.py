@@ -239,7 +239,7 @@ def sigmas(alphas_cumprod, steps: int, schedule: str = AUTOMATIC, family: str = 
         label, discard, lcm = plan.schedule, plan.discard_penultimate_sigma, plan.lcm_table
 
     # 2. The model's sigma table, and the range A1111 hands the schedule functions (python floats)
-    table = _Table.build(alphas_cumprod, lcm=lcm)
+    table = SigmaTable.build(alphas_cumprod, lcm=lcm)
     low = table.sigmas[0].item() if sigma_min is None else float(sigma_min)
     high = table.sigmas[-1].item() if sigma_max is None else float(sigma_max)
 
@@ -322,16 +322,17 @@ def _beta(n, sigma_min, sigma_max, alpha, beta):
 
 
 @dataclass(frozen=True)
-class _Table:
+class SigmaTable:
     """The model's discrete schedule as the sampler's denoiser sees it: k-diffusion's DiscreteSchedule, or
-    A1111's LCMCompVisDenoiser (every 20th entry, quantized timesteps)."""
+    A1111's LCMCompVisDenoiser (every 20th entry, quantized timesteps). `to_t` is the UNet's timestep for
+    a sigma."""
 
     sigmas: torch.Tensor
     log_sigmas: torch.Tensor
     lcm: bool
 
     @classmethod
-    def build(cls, alphas_cumprod, *, lcm: bool) -> _Table:
+    def build(cls, alphas_cumprod, *, lcm: bool) -> SigmaTable:
         alphas = _checked_alphas_cumprod(alphas_cumprod)
         if lcm:
             if len(alphas) != TRAIN_TIMESTEPS:

@@ -249,7 +249,7 @@ def test_nan_output_is_an_error_with_the_remedy(sd1_manager):
         (dict(batch_size=0), "batch size"),
         (dict(denoising_strength=1.5), "denoising strength"),
         (dict(sampler="Euler b"), "unknown sampler 'Euler b'; available: DPM\\+\\+ 2M"),
-        (dict(sampler="DDIM", schedule_type="Karras"), "DDIM does not support the Karras schedule"),
+        (dict(sampler="DDIM", schedule_type="Karas"), "unknown schedule type 'Karas'; available: Automatic"),
         (dict(mask=Image.new("L", (64, 64))), "a mask needs an init image"),
     ],
 )

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from backend import k_samplers, samplers
+from backend import k_samplers, k_sampling, samplers
 from backend.errors import InputError
 from backend.k_samplers import K_SAMPLERS, BrownianTreeNoiseSampler, StopSampling, sample
 from backend.k_samplers_sde import brownian_interval
@@ -494,7 +494,7 @@ def test_brownian_tree_wants_one_seed_per_image():
 def test_a1111_defaults():
     assert set(K_SAMPLERS) == {"Euler", "Euler a", "Heun", "DPM2", "DPM2 a", "LMS", "DPM++ 2S a", "DPM++ 2M",
                                "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM fast",
-                               "DPM adaptive", "Restart"}
+                               "DPM adaptive", "Restart", "LCM"}
     for name in ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE", "DPM fast",
                  "DPM adaptive"):
         assert K_SAMPLERS[name].defaults["eta"] == 1.0 and K_SAMPLERS[name].defaults["s_noise"] == 1.0
@@ -504,7 +504,7 @@ def test_a1111_defaults():
     assert K_SAMPLERS["DPM++ 2M SDE Heun"].defaults["solver_type"] == "heun"
     assert [n for n, s in K_SAMPLERS.items() if s.brownian_noise] == ["DPM++ SDE", "DPM++ 2M SDE",
                                                                        "DPM++ 2M SDE Heun", "DPM++ 3M SDE"]
-    assert list(K_SAMPLERS) == list(samplers.K_SAMPLER_NAMES)  # one list of names
+    assert [*K_SAMPLERS] == [n for n in samplers.SAMPLER_NAMES if not k_sampling.uses_timesteps(n)]  # one list of names
     assert {n for n, s in K_SAMPLERS.items() if s.discard_penultimate_sigma} == {"DPM2", "DPM2 a", "DPM++ 3M SDE"}
 
 

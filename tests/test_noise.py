@@ -6,21 +6,43 @@ import pytest
 import torch
 
 from backend import noise
+from backend.k_sampling import ImageNoise
 from backend.noise import NoiseSpec
 
 
 def test_noise_is_torch_randn_from_a_cpu_generator_seeded_with_the_seed():
-    drawn, generator = noise.initial_noise(NoiseSpec(1234), (4, 8, 8))
+    drawn = noise.initial_noise(NoiseSpec(1234), (4, 8, 8))
     assert torch.equal(drawn, torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(1234)))
-    # The generator continues from there for the sampler's own draws.
+    # Per-step noise continues each image's generator from there (A1111's ImageRNG.next).
     reference = torch.Generator().manual_seed(1234)
     torch.randn((4, 8, 8), generator=reference)
-    assert torch.equal(torch.randn(3, generator=generator), torch.randn(3, generator=reference))
+    steps = ImageNoise([1234, 99], "CPU", "cpu", (4, 8, 8))
+    first, second = steps.next(), steps.next()
+    assert torch.equal(first[0], torch.randn((4, 8, 8), generator=reference))
+    assert torch.equal(second[0], torch.randn((4, 8, 8), generator=reference))
+    assert torch.equal(first[1], torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(99))[1])
+
+
+@pytest.mark.parametrize("source", ["CPU", "NV"])
+def test_ensd_draws_per_step_noise_from_generators_seeded_seed_plus_delta(source):
+    steps = ImageNoise([1234, 2**64 - 1], source, "cpu", (4, 8, 8), ensd=31337)
+    first, second = steps.next(), steps.next()
+    # A1111's ImageRNG.first(): after the initial noise, fresh generators seeded seed + ENSD
+    fresh = ImageNoise([1234 + 31337], source, "cpu", (4, 8, 8), first_drawn=False)
+    assert torch.equal(first[0], fresh.next()[0]) and torch.equal(second[0], fresh.next()[0])
+    assert torch.equal(first[0], noise.randn_for_seed(source, 1234 + 31337, (4, 8, 8), "cpu"))
+    assert torch.equal(first[1], noise.randn_for_seed(source, 31336, (4, 8, 8), "cpu"))  # wraps past 2^64
+
+
+def test_a_resized_seeds_generator_starts_at_the_seed():
+    # A1111 draws a resized seed's noise apart from its generator, so the first step's noise is the seed's first draw
+    steps = ImageNoise([3], "CPU", "cpu", (4, 8, 12), first_drawn=False)
+    assert torch.equal(steps.next()[0], torch.randn((4, 8, 12), generator=torch.Generator().manual_seed(3)))
 
 
 def test_batch_noise_equals_single_draws():
-    batch, _ = noise.batch_noise([NoiseSpec(5), NoiseSpec(6)], (4, 8, 8))
-    assert torch.equal(batch[1], noise.initial_noise(NoiseSpec(6), (4, 8, 8))[0])
+    batch = noise.batch_noise([NoiseSpec(5), NoiseSpec(6)], (4, 8, 8))
+    assert torch.equal(batch[1], noise.initial_noise(NoiseSpec(6), (4, 8, 8)))
 
 
 def test_slerp_endpoints_and_norm():
@@ -34,17 +56,17 @@ def test_slerp_endpoints_and_norm():
 
 
 def test_variation_strength_blends_toward_the_subseed():
-    base, _ = noise.initial_noise(NoiseSpec(10), (4, 8, 8))
-    sub, _ = noise.initial_noise(NoiseSpec(11), (4, 8, 8))
-    half, _ = noise.initial_noise(NoiseSpec(10, 11, 0.5), (4, 8, 8))
+    base = noise.initial_noise(NoiseSpec(10), (4, 8, 8))
+    sub = noise.initial_noise(NoiseSpec(11), (4, 8, 8))
+    half = noise.initial_noise(NoiseSpec(10, 11, 0.5), (4, 8, 8))
     assert torch.allclose(half, noise.slerp(0.5, base, sub))
 
 
 def test_seed_resize_pastes_the_old_noise_in_the_centre():
-    small, _ = noise.initial_noise(NoiseSpec(3), (4, 8, 8))
-    wide, _ = noise.initial_noise(NoiseSpec(3, resize_from=(8, 8)), (4, 8, 12))
+    small = noise.initial_noise(NoiseSpec(3), (4, 8, 8))
+    wide = noise.initial_noise(NoiseSpec(3, resize_from=(8, 8)), (4, 8, 12))
     assert torch.equal(wide[:, :, 2:10], small)
-    narrow, _ = noise.initial_noise(NoiseSpec(3, resize_from=(8, 8)), (4, 8, 4))
+    narrow = noise.initial_noise(NoiseSpec(3, resize_from=(8, 8)), (4, 8, 4))
     assert torch.equal(narrow, small[:, :, 2:6])
 
 
@@ -56,13 +78,13 @@ def test_random_seed_uses_the_injected_rng():
 def test_the_nv_source_draws_nvidias_philox_noise_on_the_cpu():
     from backend.philox import PhiloxGenerator
 
-    drawn, generator = noise.initial_noise(NoiseSpec(1234, source="NV"), (4, 8, 8))
+    drawn = noise.initial_noise(NoiseSpec(1234, source="NV"), (4, 8, 8))
     assert torch.equal(drawn, PhiloxGenerator(1234).randn_tensor((4, 8, 8)))
-    assert not torch.equal(drawn, noise.initial_noise(NoiseSpec(1234), (4, 8, 8))[0])
+    assert not torch.equal(drawn, noise.initial_noise(NoiseSpec(1234), (4, 8, 8)))
     # variation seeds and seed resize draw from the same source
-    varied, _ = noise.initial_noise(NoiseSpec(1234, 99, 0.5, source="NV"), (4, 8, 8))
+    varied = noise.initial_noise(NoiseSpec(1234, 99, 0.5, source="NV"), (4, 8, 8))
     assert torch.allclose(varied, noise.slerp(0.5, drawn, PhiloxGenerator(99).randn_tensor((4, 8, 8))))
-    resized, _ = noise.initial_noise(NoiseSpec(1234, resize_from=(4, 4), source="NV"), (4, 8, 8))
+    resized = noise.initial_noise(NoiseSpec(1234, resize_from=(4, 4), source="NV"), (4, 8, 8))
     assert torch.equal(resized[:, 2:6, 2:6], PhiloxGenerator(1234).randn_tensor((4, 4, 4)))
 
 
@@ -75,8 +97,8 @@ def test_gpu_noise_on_a_device_without_its_own_generator_is_the_cpus(source, dev
 
 
 def test_gpu_noise_on_the_cpu_equals_cpu_noise():
-    assert torch.equal(noise.initial_noise(NoiseSpec(7, source="GPU"), (4, 8, 8))[0],
-                       noise.initial_noise(NoiseSpec(7, source="CPU"), (4, 8, 8))[0])
+    assert torch.equal(noise.initial_noise(NoiseSpec(7, source="GPU"), (4, 8, 8)),
+                       noise.initial_noise(NoiseSpec(7, source="CPU"), (4, 8, 8)))
 
 
 def test_generation_records_the_source_it_used_and_pastes_back(sd1_manager):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from backend import checkpoints, samplers
+from backend import checkpoints
 from training import metrics
 
 PROMPTS = [
@@ -35,7 +35,7 @@ def fill_ratio(image: Image.Image) -> float:
 
 
 def main() -> None:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base", type=Path)
@@ -44,7 +44,9 @@ def main() -> None:
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "easel-training" / "cache"))
     args = parser.parse_args()
     base = checkpoints.load_single_file(args.base, Path(args.cache))
-    scheduler = samplers.make_scheduler(*samplers.resolve("DPM++ 2M"), base.scheduler_config)
+    # a plain diffusers pipeline: its own DPM-Solver++ (2M) with Karras sigmas
+    scheduler = DPMSolverMultistepScheduler.from_config(base.scheduler_config, algorithm_type="dpmsolver++",
+                                                        use_karras_sigmas=True, timestep_spacing="linspace")
     pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoders[0], tokenizer=base.tokenizers[0],
                                    unet=base.unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)

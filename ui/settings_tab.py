@@ -33,6 +33,9 @@ def settings_tab(ui) -> None:
             "randn_source": gr.Radio(list(RANDN_SOURCES), value=o.randn_source, label="Random number source: GPU "
                                      "(the device's; A1111's default), CPU (the same on every machine), NV (an "
                                      "NVIDIA GPU's noise on any machine)"),
+            "eta_noise_seed_delta": gr.Number(o.eta_noise_seed_delta, precision=0, minimum=0,
+                                              label="Eta noise seed delta (ENSD): per-step noise seeded seed + this "
+                                              "(31337 in many shared infotexts; 0: off)"),
             "pad_cond_uncond": gr.Checkbox(o.pad_cond_uncond, label="Pad prompt/negative prompt: run prompts of "
                                            "different lengths as one batch (faster; A1111's non-default setting)"),
             "same_wildcards": gr.Checkbox(o.same_wildcards, label="Same wildcard picks for every image of a batch"),
