@@ -105,6 +105,7 @@ def _add_generate_command(commands) -> None:
                      help="noise: GPU (the device's, A1111's default), CPU, or NV (an NVIDIA GPU's noise anywhere)")
     gen.add_argument("--eta-noise-seed-delta", "--ensd", type=int, metavar="ENSD",
                      help="A1111's eta noise seed delta: per-step noise seeded seed + ENSD (infotext `ENSD`)")
+    gen.add_argument("--eta", type=float, help="the sampler's eta (default: the eta_ancestral / eta_ddim options)")
     gen.add_argument("--init-image", type=Path, help="img2img: the starting image")
     gen.add_argument("--denoising-strength", type=float)
     gen.add_argument("--resize-mode", choices=RESIZE_MODES)
@@ -180,7 +181,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 _REQUEST_ARGS = (
     "prompt", "negative_prompt", "checkpoint", "vae", "steps", "sampler", "schedule_type", "cfg_scale", "seed",
     "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "width", "height", "batch_size",
-    "batch_count", "clip_skip", "randn_source", "eta_noise_seed_delta", "pad_cond_uncond", "denoising_strength", "resize_mode", "mask_blur", "masked_content",
+    "batch_count", "clip_skip", "randn_source", "eta_noise_seed_delta", "eta", "pad_cond_uncond", "denoising_strength",
+    "resize_mode", "mask_blur", "masked_content",
     "inpaint_area", "only_masked_padding", "invert_mask", "save_images", "upscaler", "upscale_by", "enable_hr",
     "hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "hr_sampler", "hr_prompt",
     "hr_negative_prompt", "restore_faces", "face_restorer", "face_visibility", "codeformer_weight",

@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from api import models as m
-from backend import infotext, outputs, samplers
+from backend import infotext, outputs, sampler_settings, samplers
 from backend.errors import InputError
 from backend.hires import SAME_SAMPLER
 from backend.images import MASKED_CONTENT, RESIZE_MODES
@@ -72,14 +72,23 @@ def schedule_label(name: str | None) -> str:
 def fill_from_infotext(values: dict, body: m.Txt2ImgRequest, device: str = "cpu") -> None:
     """A1111's `infotext` field: parameters of a PNG fill the fields this request did not set (the
     noise source, as A1111 does, through `override_settings`)."""
-    parsed = infotext.request_fields(infotext.parse_infotext(body.infotext or ""), device)
+    parameters = infotext.parse_infotext(body.infotext or "")
+    parsed = infotext.request_fields(parameters, device)
     for field_name, api_name in _INFOTEXT_FIELDS.items():
         if field_name in parsed and api_name not in body.model_fields_set:
             values[api_name] = parsed[field_name]
-    for field_name, option in (("clip_skip", "CLIP_stop_at_last_layers"), ("randn_source", "randn_source"),
-                               ("eta_noise_seed_delta", "eta_noise_seed_delta")):
-        if field_name in parsed and option not in values["override_settings"]:
-            values["override_settings"] = {**values["override_settings"], option: parsed[field_name]}
+    settings = {option: parsed[field_name] for field_name, option in (
+        ("clip_skip", "CLIP_stop_at_last_layers"), ("randn_source", "randn_source"),
+        ("eta_noise_seed_delta", "eta_noise_seed_delta")) if field_name in parsed}
+    settings.update(sampler_settings.from_infotext(parameters))  # Eta, Sigma churn, Schedule rho, UniPC...
+    values["override_settings"] = {**settings, **values["override_settings"]}
+
+
+def sampler_fields(values: dict) -> dict[str, Any]:
+    """A1111's body fields s_churn, s_tmax, s_tmin, s_noise: settings for this request, under the
+    `override_settings` that name them."""
+    return {name: values[name] for name in ("s_churn", "s_tmax", "s_tmin", "s_noise")
+            if values[name] is not None and name not in values["override_settings"]}
 
 
 def body_fields(values: dict, mode: str) -> dict[str, Any]:
@@ -91,7 +100,7 @@ def body_fields(values: dict, mode: str) -> dict[str, Any]:
         sampler=values["sampler_name"] or values["sampler_index"], schedule_type=schedule_label(values["scheduler"]),
         batch_size=values["batch_size"], batch_count=values["n_iter"], steps=values["steps"],
         cfg_scale=values["cfg_scale"], width=values["width"], height=values["height"],
-        restore_faces=bool(values["restore_faces"]), save_images=values["save_images"],
+        restore_faces=bool(values["restore_faces"]), save_images=values["save_images"], eta=values["eta"],
     )
     if values["denoising_strength"] is not None:
         fields["denoising_strength"] = values["denoising_strength"]

@@ -39,7 +39,8 @@ def plan(api: ApiContext, body: m.Txt2ImgRequest, mode: str, caller: Caller) -> 
     option_changes = {key: value for key, value in overrides.items() if option_name(key)}
     if any(option_name(key) in FOLDER_OPTIONS for key in option_changes) and not caller.admin:
         raise PermissionDeniedError("only an admin (--api-admin) may choose output folders")
-    options = runtime.checked(option_changes) if option_changes else runtime.options
+    this_request = {**convert.sampler_fields(values), **option_changes}  # the body's s_churn... for this one only
+    options = runtime.checked(this_request) if this_request else runtime.options
     fields = {**runtime.request_defaults(mode, options=options), **convert.body_fields(values, mode),
               "checkpoint": runtime.manager.selected, **convert.request_overrides(overrides)}
     if "sd_model_checkpoint" in overrides:

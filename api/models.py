@@ -49,6 +49,12 @@ class Txt2ImgRequest(_Body):
     hr_sampler_name: str | None = None
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
+    # A1111's sampler parameters; None: the server's settings (eta_ancestral / eta_ddim, s_churn, ...)
+    eta: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
     override_settings: dict[str, Any] = Field(default_factory=dict)
     override_settings_restore_afterwards: bool = True
     send_images: bool = True

@@ -46,7 +46,8 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
     krun = k_sampling.KRun(inputs.sampler.name, inputs.schedule, model.family, run.steps, inputs.seeds,
                            run.randn_source, None if inputs.source is None else run.denoising_strength,
                            fixed_steps=inputs.phase == "Hires", eta_noise_seed_delta=run.eta_noise_seed_delta,
-                           seed_resized=run.seed_resize_from_w > 0 and run.seed_resize_from_h > 0)
+                           seed_resized=run.seed_resize_from_w > 0 and run.seed_resize_from_h > 0,
+                           settings=run.sampler_settings, eta=run.eta)
     # 2. The init image and inpainting's blend (A1111 blends with inpainting models too)
     init_latents = blend = None
     if inputs.source is not None:

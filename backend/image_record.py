@@ -7,7 +7,7 @@ import datetime as dt
 import json
 from pathlib import Path
 
-from backend import infotext, noise, outputs, schedules
+from backend import infotext, k_sampling, noise, outputs, schedules
 from backend.request import GeneratedImage
 from backend.version import INFOTEXT_VERSION
 
@@ -32,11 +32,13 @@ def infotext_parameters(model, run, sampler, schedule, seed, subseed, extra: dic
         ),
         "Denoising strength": run.denoising_strength if run.init_image is not None or run.enable_hr else None,
         "Clip skip": run.clip_skip if run.clip_skip > 1 else None,
-        # A1111 writes ENSD only for the samplers it marks as using it (the ancestral ones, DPM fast/adaptive)
+        # A1111 writes ENSD only for the samplers it marks as using it (the ancestral ones, DPM fast/adaptive),
+        # when their eta is not 0
         "ENSD": run.eta_noise_seed_delta if run.eta_noise_seed_delta and schedules.sampler_schedule(
-            sampler.name).uses_ensd else None,
+            sampler.name).uses_ensd and run.sampler_settings.eta(sampler.name, run.eta) else None,
         # A1111 writes the source unless it is its default (GPU); GPU noise drawn on a CPU is the CPU's
         "RNG": rng if (rng := noise.effective_source(run.randn_source, str(model.device))) != noise.GPU else None,
+        **run.sampler_settings.infotext_parameters(sampler.name, schedule, run.eta, _sigma_range(model)),
         **(extra or {}),  # Lora hashes, TI hashes, the postprocessing upscaler
         "Emphasis": run.emphasis if run.emphasis != "Original" else None,
         "Styles array": json.dumps(list(run.styles)) if run.styles else None,
@@ -48,6 +50,12 @@ def infotext_parameters(model, run, sampler, schedule, seed, subseed, extra: dic
             params["Masked area padding"] = run.only_masked_padding
     params["Version"] = INFOTEXT_VERSION
     return params
+
+
+def _sigma_range(model) -> tuple[float, float]:
+    """The model's lowest and highest sigma (A1111 writes a schedule's min/max sigma setting unless equal)."""
+    table = schedules.model_sigmas(k_sampling.model_alphas_cumprod(model.scheduler_config))
+    return table[0].item(), table[-1].item()
 
 
 def finish_image(model, run, sampler, schedule, seed: int, subseed: int, image, saver: outputs.ImageSaver, now,

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from backend import k_samplers, noise, philox, schedules, timestep_samplers, unipc
 from backend.progress import JobControl, Progress
+from backend.sampler_settings import SamplerSettings
 
 
 def uses_timesteps(sampler_name: str) -> bool:
@@ -53,6 +54,8 @@ class KRun:
     fixed_steps: bool  # the hires fix: exactly `steps` steps of a longer schedule (A1111)
     eta_noise_seed_delta: int = 0  # A1111's ENSD: per-step noise comes from generators seeded seed + ENSD
     seed_resized: bool = False  # "resize seed from": the first noise was drawn apart from each image's generator
+    settings: SamplerSettings = field(default_factory=SamplerSettings)  # A1111's sampler settings
+    eta: float | None = None  # the request's own eta, over the settings'
 
 
 def _img2img_steps(run: KRun) -> tuple[int, int]:
@@ -67,10 +70,11 @@ def _img2img_steps(run: KRun) -> tuple[int, int]:
 def schedule_for(run: KRun, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """The sigmas this batch samples: A1111's for the sampler and schedule, shortened for img2img as A1111's
     `setup_img2img_steps` shortens them."""
+    overrides = run.settings.schedule_overrides(schedules.sampler_schedule(run.sampler, run.schedule).schedule)
     if run.denoising_strength is None:
-        return schedules.sigmas(alphas_cumprod, run.steps, run.schedule, run.family, run.sampler)
+        return schedules.sigmas(alphas_cumprod, run.steps, run.schedule, run.family, run.sampler, **overrides)
     total, t_enc = _img2img_steps(run)
-    full = schedules.sigmas(alphas_cumprod, total, run.schedule, run.family, run.sampler)
+    full = schedules.sigmas(alphas_cumprod, total, run.schedule, run.family, run.sampler, **overrides)
     return full[max(0, len(full) - t_enc - 2):]
 
 
@@ -78,11 +82,11 @@ def timesteps_for(run: KRun) -> tuple[torch.Tensor, int | None]:
     """The CompVis timesteps a timestep sampler steps through, and for img2img the timestep the init image
     is noised to. As in A1111 that is one entry above the first one sampled (20 steps at strength 0.5:
     noised to 501, sampled from 451)."""
-    plan = schedules.sampler_schedule(run.sampler)
+    discard = run.settings.always_discard_next_to_last_sigma
     if run.denoising_strength is None:
-        return schedules.compvis_timesteps(run.steps, discard_penultimate_sigma=plan.discard_penultimate_sigma), None
+        return schedules.compvis_timesteps(run.steps, discard_penultimate_sigma=discard), None
     total, t_enc = _img2img_steps(run)
-    timesteps = schedules.compvis_timesteps(total, discard_penultimate_sigma=plan.discard_penultimate_sigma)
+    timesteps = schedules.compvis_timesteps(total, discard_penultimate_sigma=discard)
     return timesteps[:t_enc], int(timesteps[t_enc])
 
 
@@ -236,6 +240,7 @@ def sample_batch(run: KRun, denoiser: SigmaDenoiser, sigmas: torch.Tensor, start
                          lambda info: float(denoiser.table.to_t(torch.as_tensor([float(info["sigma"])]))[0]))
     result = k_samplers.sample(sampler.name, denoiser, start, sigmas.to(start.device),
                                noise_sampler=_noise_sampler(run, sampler, start, sigmas), callback=reporter,
+                               **run.settings.k_options(sampler.name, run.eta),
                                **_range_options(sampler, sigmas, denoiser, run))
     return reporter.result(result)
 
@@ -262,14 +267,17 @@ def _run_timesteps(name: str, run: KRun, denoiser: TimestepDenoiser, timesteps: 
     if name == "UniPC":
         # A1111 starts img2img's UniPC just above the last timestep it kept ("likely off by a bit", it says)
         t_start = unipc.img2img_t_start(timesteps) if run.denoising_strength is not None else None
-        return unipc.sample_unipc(denoiser, start, alphas, len(timesteps), t_start=t_start, callback=callback)
+        s = run.settings
+        return unipc.sample_unipc(denoiser, start, alphas, len(timesteps), t_start=t_start, variant=s.uni_pc_variant,
+                                  skip_type=s.uni_pc_skip_type, order=s.uni_pc_order,
+                                  lower_order_final=s.uni_pc_lower_order_final, callback=callback)
     if name == "PLMS":
         return timestep_samplers.sample_plms(denoiser, start, timesteps, alphas, callback=callback)
     cfgpp = name == "DDIM CFG++"
     denoiser.guidance.configure(timestep_samplers.CFGPP_SCALE if cfgpp else 1.0, keep_uncond=cfgpp)
     images = _image_noise(run, start)
     return timestep_samplers.sample_ddim(denoiser, start, timesteps, alphas, lambda: images.next().to(start.dtype),
-                                         callback, uncond_direction=cfgpp)
+                                         callback, eta=run.settings.eta(name, run.eta), uncond_direction=cfgpp)
 
 
 def _noise_sampler(run: KRun, sampler, x: torch.Tensor, sigmas: torch.Tensor):

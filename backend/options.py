@@ -16,6 +16,7 @@ from pathlib import Path
 
 from backend.errors import InputError
 from backend.request import EMPHASIS_MODES, RANDN_SOURCES
+from backend.sampler_settings import SamplerSettings
 from backend.samplers import SAMPLER_NAMES
 from backend.settings import MODEL_FOLDERS
 
@@ -25,7 +26,10 @@ CONFIG_NAME = "config.json"
 
 
 @dataclass
-class Options:
+class Options(SamplerSettings):
+    """Easel's options; A1111's sampler settings (eta, sigma churn, UniPC's...) come first, from
+    `SamplerSettings`."""
+
     # Saving
     save_images: bool = True  # txt2img and img2img results go to the outputs folder
     outdir_txt2img: str = ""  # empty: <outputs>/txt2img-images
@@ -70,6 +74,10 @@ class Options:
     disabled_extensions: list = dataclass_field(default_factory=list)
 
     def validate(self) -> None:
+        try:
+            self.settings().validate()
+        except InputError as error:
+            raise ValueError(str(error)) from None
         if self.checkpoint_cache < 1:
             raise ValueError("checkpoint cache size must be at least 1")
         if self.default_sampler not in SAMPLER_NAMES:

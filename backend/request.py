@@ -10,6 +10,7 @@ from PIL import Image
 
 from backend.errors import InputError
 from backend.images import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
+from backend.sampler_settings import SamplerSettings
 
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")  # as backend.conditioning
 RANDN_SOURCES = ("GPU", "CPU", "NV")  # A1111's `randn_source` choices, its default first (see backend.noise)
@@ -55,6 +56,8 @@ class GenerationRequest:
     clip_skip: int = 1
     randn_source: str = "GPU"  # A1111's noise sources: GPU (the device's generator), CPU, NV (NVIDIA's, on any machine)
     eta_noise_seed_delta: int = 0  # A1111's ENSD: per-step noise from generators seeded seed + this (infotext `ENSD`)
+    eta: float | None = None  # A1111's request `eta`; None: the sampler settings' (eta_ancestral or eta_ddim)
+    sampler_settings: SamplerSettings = field(default_factory=SamplerSettings)  # from the options
     emphasis: str = "Original"  # how (word:1.2) weights apply: Original, No norm, Ignore, None
     pad_cond_uncond: bool = False  # A1111's "Pad prompt/negative prompt" (see Options.pad_cond_uncond)
     styles: tuple[str, ...] = ()  # names from styles.csv, applied to both prompts at generation
@@ -129,6 +132,9 @@ class GenerationRequest:
               f"random number source must be one of: {', '.join(RANDN_SOURCES)}, not {self.randn_source!r}")
         _need(0 <= self.eta_noise_seed_delta < 2**64,
               f"eta noise seed delta (ENSD) must be between 0 and 2^64 - 1, not {_describe(self.eta_noise_seed_delta)}")
+        _need(self.eta is None or isinstance(self.eta, (int, float)) and math.isfinite(self.eta) and self.eta >= 0,
+              f"eta must be a finite number of 0 or more, not {_describe(self.eta)}")
+        self.sampler_settings.validate()
         _need(0 <= self.subseed_strength <= 1, "variation strength must be between 0 and 1")
         _need(0 <= self.denoising_strength <= 1, "denoising strength must be between 0 and 1")
         _need(self.resize_mode in RESIZE_MODES, f"resize mode must be one of: {', '.join(RESIZE_MODES)}")

@@ -137,6 +137,7 @@ class Runtime:
             face_restorer=o.face_restoration_model, codeformer_weight=o.code_former_weight,
             save_before_face_restoration=o.save_images_before_face_restoration,
             pad_cond_uncond=o.pad_cond_uncond, eta_noise_seed_delta=o.eta_noise_seed_delta,
+            sampler_settings=o.settings(),
         )
         if controls:
             defaults.update(sampler=o.default_sampler, steps=o.default_steps, cfg_scale=o.default_cfg_scale)

@@ -185,6 +185,23 @@ def test_infotext_fills_the_fields_the_request_leaves_unset(server):
     assert "Seed: 78," in json.loads(other["info"])["infotexts"][0]
 
 
+def test_sampler_parameters_come_from_the_body_the_settings_and_the_infotext(server):
+    body = {"prompt": "a small purple cross", **SMALL, "seed": 79, "sampler_name": "Euler a", "steps": 4}
+    eta = post(server, "/sdapi/v1/txt2img", {**body, "eta": 0.5}).json()
+    text = json.loads(eta["info"])["infotexts"][0]
+    assert "Eta: 0.5" in text
+    setting = post(server, "/sdapi/v1/txt2img", {**body, "override_settings": {"eta_ancestral": 0.5}}).json()
+    pasted = post(server, "/sdapi/v1/txt2img", {"infotext": text}).json()
+    plain = post(server, "/sdapi/v1/txt2img", body).json()
+    assert np.array_equal(pixels(decoded(setting["images"][0])), pixels(decoded(eta["images"][0])))
+    assert np.array_equal(pixels(decoded(pasted["images"][0])), pixels(decoded(eta["images"][0])))
+    assert not np.array_equal(pixels(decoded(plain["images"][0])), pixels(decoded(eta["images"][0])))
+    # the body's s_noise is for this request; the server's options are unchanged
+    noisy = post(server, "/sdapi/v1/txt2img", {**body, "sampler_name": "DPM++ 2M SDE", "s_noise": 0.5}).json()
+    assert "Sigma noise: 0.5" in json.loads(noisy["info"])["infotexts"][0]
+    assert get(server, "/sdapi/v1/options").json()["s_noise"] == 1.0
+
+
 def test_a_per_request_checkpoint_applies_to_that_request_only(server):
     body = {"prompt": "a large red star", **SMALL, "seed": 5}
     switched = post(server, "/sdapi/v1/txt2img", {**body, "override_settings": {"sd_model_checkpoint": "second-copy"}})

@@ -85,3 +85,18 @@ def test_the_command_line_starts_from_the_saved_options(settings, model_files, c
     code = app.main(["--data-dir", str(settings.data_dir), "generate", "--prompt", "x", "--width", "64",
                      "--height", "64", "--steps", "2", "--seed", "5"])
     assert code == 0
+
+
+def test_sampler_parameters_from_the_command_line_and_the_options(settings, model_files, capsys):
+    install(settings, model_files["sd1"])
+    (settings.data_dir / "config.json").write_text('{"s_churn": 0.5, "uni_pc_order": 2}')
+    code = app.main(["--data-dir", str(settings.data_dir), "generate", "--prompt", "a red star", "--width", "64",
+                     "--height", "64", "--steps", "3", "--seed", "5", "--sampler", "Euler a", "--eta", "0.5",
+                     "--ensd", "31337"])
+    path = Path(capsys.readouterr().out.strip())
+    parsed = parse_infotext(Image.open(path).info["parameters"])
+    assert code == 0 and parsed["Eta"] == "0.5" and parsed["ENSD"] == "31337"
+    code = app.main(["--data-dir", str(settings.data_dir), "generate", "--prompt", "a red star", "--width", "64",
+                     "--height", "64", "--steps", "3", "--seed", "5", "--sampler", "Euler"])
+    parsed = parse_infotext(Image.open(Path(capsys.readouterr().out.strip())).info["parameters"])
+    assert code == 0 and parsed["Sigma churn"] == "0.5" and "UniPC order" not in parsed

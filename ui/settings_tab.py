@@ -7,6 +7,7 @@ import gradio as gr
 
 from backend.errors import InputError
 from backend.request import EMPHASIS_MODES, RANDN_SOURCES
+from backend.sampler_settings import UNIPC_SKIP_TYPES, UNIPC_VARIANTS
 from backend.samplers import SAMPLER_NAMES
 from ui.context import error_html
 
@@ -58,16 +59,19 @@ def settings_tab(ui) -> None:
             "xyz_max_megapixels": gr.Number(o.xyz_max_megapixels, precision=0,
                                             label="X/Y/Z plot: largest grid image, megapixels"),
         }
+        with gr.Accordion("Sampler parameters (A1111's; infotexts record them when not at their defaults)",
+                          open=False):
+            controls.update(sampler_controls(o))
         apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit")
         result = gr.HTML(elem_id="settings_result")
 
     def apply_settings(values: dict):
         typed = {name: values[component] for name, component in controls.items()}
         for name in ("checkpoint_cache", "default_steps", "live_preview_every", "ESRGAN_tile", "ESRGAN_tile_overlap",
-                     "xyz_max_cells", "xyz_max_megapixels"):
+                     "xyz_max_cells", "xyz_max_megapixels", "eta_noise_seed_delta", "uni_pc_order"):
             typed[name] = int(typed[name])
-        typed["default_cfg_scale"] = float(typed["default_cfg_scale"])
-        typed["code_former_weight"] = float(typed["code_former_weight"])
+        for name in ("default_cfg_scale", "code_former_weight", *_SAMPLER_NUMBERS):
+            typed[name] = float(typed[name])
         try:
             ctx.runtime.apply(typed)
         except InputError as exc:
@@ -76,3 +80,29 @@ def settings_tab(ui) -> None:
 
     apply.click(apply_settings, inputs=set(controls.values()), outputs=result, queue=False,
                 api_visibility="private")
+
+
+_SAMPLER_NUMBERS = {
+    "eta_ancestral": "Eta for the k-diffusion ancestral and SDE samplers (A1111's default 1)",
+    "eta_ddim": "Eta for DDIM (0: deterministic)",
+    "s_churn": "Sigma churn (Euler, Heun, DPM2)",
+    "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax (0: infinity)",
+    "s_noise": "Sigma noise: scale of the per-step noise",
+    "sigma_min": "Schedule min sigma (0: the model's)", "sigma_max": "Schedule max sigma (0: the model's)",
+    "rho": "Schedule rho of Karras / Polyexponential (0: theirs, 7 / 1)",
+    "beta_dist_alpha": "Beta schedule alpha", "beta_dist_beta": "Beta schedule beta",
+}
+
+
+def sampler_controls(o) -> dict:
+    """Controls for A1111's sampler parameters (`backend.sampler_settings`)."""
+    controls = {name: gr.Number(getattr(o, name), label=label) for name, label in _SAMPLER_NUMBERS.items()}
+    controls.update(
+        always_discard_next_to_last_sigma=gr.Checkbox(o.always_discard_next_to_last_sigma,
+                                                      label="Always discard the next-to-last sigma"),
+        uni_pc_variant=gr.Radio(list(UNIPC_VARIANTS), value=o.uni_pc_variant, label="UniPC variant"),
+        uni_pc_skip_type=gr.Radio(list(UNIPC_SKIP_TYPES), value=o.uni_pc_skip_type, label="UniPC skip type"),
+        uni_pc_order=gr.Slider(1, 5, value=o.uni_pc_order, step=1, label="UniPC order"),
+        uni_pc_lower_order_final=gr.Checkbox(o.uni_pc_lower_order_final, label="UniPC: lower order at the end"),
+    )
+    return controls
