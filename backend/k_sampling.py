@@ -123,9 +123,9 @@ class ImageNoise:
 class SigmaDenoiser:
     """`model(x, sigma) -> denoised`: the UNet behind guidance as k-diffusion's CompVisDenoiser
     (epsilon) or CompVisVDenoiser (v-prediction) wraps it, or as A1111's LCMCompVisDenoiser for LCM (whole
-    timesteps of its 50-entry table, and LCM's boundary scalings), with inpainting's blend (A1111's
-    CFGDenoiser: the unmasked area of the estimate is the init image's). Counts its calls: A1111 advances
-    prompt schedules once per call."""
+    timesteps of its 50-entry table, and LCM's boundary scalings; A1111 takes a v-prediction output for
+    noise there, Easel converts it), with inpainting's blend (A1111's CFGDenoiser: the unmasked area of the
+    estimate is the init image's). Counts its calls: A1111 advances prompt schedules once per call."""
 
     def __init__(self, model, predict: Callable, table: schedules.SigmaTable, extra_channels=None, blend=None):
         self.model, self.predict, self.extra_channels, self.blend = model, predict, extra_channels, blend
@@ -157,7 +157,8 @@ class SigmaDenoiser:
 
 class TimestepDenoiser:
     """`model(x, t) -> eps`: the UNet's guided noise prediction at a timestep, as A1111's
-    CFGDenoiserTimesteps gives it to DDIM, PLMS and UniPC (v-prediction converted at the whole timestep).
+    CFGDenoiserTimesteps gives it to DDIM, PLMS and UniPC (v-prediction converted at the whole timestep, with
+    the schedule in use: A1111 keeps the un-rescaled tables for it under zero terminal SNR, a bug of its own).
     Inpainting blends the init image into the unmasked area of the model's input, not of the result
     (A1111's `mask_before_denoising`). `last_uncond`: the negative prompt's noise prediction of the last
     call, for DDIM CFG++ (set `guidance.keep_uncond`)."""
