@@ -2,7 +2,8 @@
 
 A1111 parses them with lark's Earley parser on a grammar where a bracket or colon that starts nothing stands
 for itself; where a prompt parses several ways, lark's choice is what this module reproduces, in linear
-time (`parse_prompt_editing`). Rendering the pieces per step is `prompt_parser.prompt_schedules`.
+time (`parse_prompt_editing`): lark >= 1.1.8's choice, which is stable (lark 1.1.2, which A1111 pins, breaks
+those ties by hash order, so there A1111's answer varies from run to run). Rendering is `prompt_parser`'s.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ class Alternation:
 
 
 def parse_prompt_editing(prompt: str) -> list | None:
-    """The prompt as pieces (text, `Edit`, `Alternation`), or None where it is used literally."""
+    """The prompt as pieces, or None where it is used literally. A piece is text, an `Edit`, an
+    `Alternation` or a list of pieces (what an emphasis bracket holds, kept as a group so that deep
+    nesting costs no copying)."""
     # 1. Without "[", "]" and ":" or "|" nothing can take effect, however the prompt parses.
     if "[" not in prompt or "]" not in prompt or (":" not in prompt and "|" not in prompt):
         return None
@@ -94,11 +97,11 @@ def _close(text: str, bracket: _Open, char: str, pos: int) -> list | None:
     if bracket.char == "(":  # emphasis stays in the text: `(a)`, `(a:b)`
         if char != ")" or "|" in kinds or len(kinds) > 1:
             return None
-        return ["(", *parts[0], *([":", *parts[1]] if kinds else []), ")"]
+        return ["(", parts[0], ":", parts[1], ")"] if kinds else ["(", parts[0], ")"]
     if char != "]":
         return None
     if not kinds:
-        return ["[", *parts[0], "]"]
+        return ["[", parts[0], "]"]
     if set(kinds) == {"|"}:
         return [Alternation(parts)]
     if set(kinds) != {":"} or len(kinds) > 2:
@@ -180,8 +183,8 @@ class _Bracket:
 
     char: str
     waiting: _Order  # the prompts that continue after it closes, in their Earley order at the opener
+    inner_start: int | None  # where the prompt inside it now starts; None while a `when` is read
     phase: str = "first"  # "(": first, second; "[": first, scheduled, alternation, number
-    inner_start: int | None = 0  # where the prompt inside it now starts; None while a `when` is read
     number_close: int | None = None  # the "]" that the `when` number read after a colon reaches
 
 
@@ -203,14 +206,23 @@ class _Column:
 
 
 class _EarleyOrder:
-    """Follows lark's Earley sets position by position, keeping only what decides its choice.
+    """Follows lark's Earley sets position by position, keeping only what decides lark's choice.
 
-    Two kinds of top-level derivation end at each position: prompts (all prompts alive at bracket depth
-    0 end together after each element: a "block", founded by the earliest) and runs of stray characters.
-    lark completes the items of a set last-in-first-out, so each block and the stray runs are taken back
-    in reverse order at every step, and a newcomer is slotted in where the top-level rule first completed.
-    That order decides which run lark keeps (`first_run`), and it depends on where each bracket's items
-    sit among the runs' (`_Column.expected`), which this class tracks through every bracket.
+    Two kinds of derivation of the top-level rule end at a position: prompts and runs of stray characters.
+    A prompt starts wherever the top-level rule has reached (and inside each bracket); the prompts alive at
+    the same bracket depth end together after each element, so they move as one "block", founded by the
+    earliest. lark completes the items of an Earley set last-in-first-out: a block and the set of stray
+    runs are taken back in reverse order at every step, and the newcomer of a step (a new prompt, a new
+    run) is slotted in where the top-level rule first completed in it. That order is what lark's forest
+    lists first (`first_run`). It depends on whether a bracket's closer, colon or opener was asked for
+    before or after each stray run (`_Column.expected`), which is why every bracket is followed.
+
+    Only a block's founder can be a prompt the top-level rule never reached (one that starts after "|"
+    or after a bracket that is not a stray), and such a founder is alone in its block: nothing inside that
+    bracket is reachable from the top level either.
+
+    Checked, item order for item order, against lark's own Earley sets on random prompts; the tests
+    compare the results with lark.
     """
 
     def __init__(self, text: str):
@@ -244,30 +256,143 @@ class _EarleyOrder:
         column = _Column(index)
         block = self.blocks.pop(start)
         self._take_block(column, block)
-        self._finish(column, _Order(), block.taken_with(index if column.predicted else None,
-                                                        column.new_member_at))
+        runs = _Order().taken_with(index if column.completed else None, column.new_run_at)
+        self._finish(column, runs, block.taken_with(index if column.predicted else None, column.new_member_at))
 
     def _single_character(self, index: int, char: str) -> None:
         """A bracket, colon or bar: the stray runs and the one bracket item waiting for it, in lark's order."""
         column = _Column(index)
         runs = self.runs if char in _STRAY else _Order()
-        ahead = self.expected.get(char)  # runs scanned before the bracket's items
+        ahead = self.expected.get(char)  # how many runs were scanned before the bracket's items
         closing = self._enter(index, char, ahead is not None)
         if runs:
             self.first_run[index] = runs.first_taken()
-        after = len(runs) - (ahead if ahead is not None else len(runs))
-        self._take_runs(column, after)
+        taken_first = len(runs) - min(ahead, len(runs)) if ahead is not None else len(runs)
+        self._take_runs(column, taken_first)
         block = None
         if closing is not None:
             self._take_block(column, closing.waiting)
             block = closing.waiting.taken_with(index if column.predicted else None, column.new_member_at)
-        elif ahead is not None and not column.predicted and self._inner_starts_here(index):
-            self._predict(column)
-        if char == "|" and ahead is not None:
-            column.expect("]")  # an empty last option, `[a|]`
-            column.expect("|")
-        self._take_runs(column, len(runs) - after)
+        elif ahead is not None:
+            if char == "|":
+                column.expect("]")  # an empty last option, `[a|]`
+                column.expect("|")
+            if not column.predicted and self._inner_starts_here(index):
+                self._predict(column)
+        self._take_runs(column, len(runs) - taken_first)
         if block is None and column.predicted:
             block = _Order([index], founder=index)
-        new_runs = runs.taken_with(index, column.new_run_at) if column.completed else runs.taken_with(None, None)
-        self._finish(column, new_runs, block)
+        self._finish(column, runs.taken_with(index if column.completed else None, column.new_run_at), block)
+
+    def _enter(self, index: int, char: str, expected: bool) -> _Bracket | None:
+        """Open, advance or close the innermost bracket on `char`; the bracket that closes, if one does."""
+        if not expected:
+            self.brackets.clear()  # the innermost bracket cannot take it: every open bracket is dead
+            return None
+        if char in "([":
+            self.brackets.append(_Bracket(char, self.blocks.pop(index - 1), index))
+            return None
+        if char in ")]":
+            return self.brackets.pop()
+        bracket = self.brackets[-1]
+        if char == "|":
+            bracket.phase, bracket.inner_start = "alternation", index
+        elif bracket.char == "(":
+            bracket.phase, bracket.inner_start = "second", index
+        elif bracket.phase == "first":  # `[a:` goes on as `[a:b:when]`, and as `[a:when]` if a number follows
+            bracket.phase, bracket.inner_start = "scheduled", index
+            bracket.number_close = self._number_close(index)
+        else:  # `[a:b:` reads its `when`
+            bracket.phase, bracket.inner_start = "number", None
+            bracket.number_close = self._number_close(index)
+            if bracket.number_close is None:
+                self.brackets.clear()
+        return None
+
+    def _finish(self, column: _Column, runs: _Order, block: _Order | None) -> None:
+        index = column.index
+        if self.brackets and self.brackets[-1].number_close == index:
+            column.expected["]"] = 0  # scanned straight after the number, before this set's own items
+        self.runs, self.expected, self.last = runs, column.expected, index
+        if block:
+            self.blocks[index] = block
+            self._schedule_elements(index)
+
+    # 2. What one Earley item does when lark takes it ----------------------------------------------------
+    def _take_runs(self, column: _Column, count: int) -> None:
+        """`count` stray runs complete here one after the other; each asks for the next character."""
+        if count:
+            column.runs_added += 1
+            if not column.completed:
+                self._complete(column)
+            column.runs_added += count - 1
+
+    def _take_block(self, column: _Column, block: _Order) -> None:
+        """The prompts of `block` complete here, in reverse order. Only the first does anything beyond
+        asking for its next element: it predicts what may follow, and if it is a top-level prompt, the
+        top-level rule completes, which brings a new stray run and a new prompt. The prompt inside the
+        innermost bracket (the block's founder) lets that bracket ask for its closer or separator."""
+        first = block.first_taken()
+        self.prompts_ending[column.index] = block.founder
+        column.expect("[")
+        column.expect("(")
+        inner = self.brackets[-1] if self.brackets and self.brackets[-1].inner_start is not None else None
+        column.members_taken = 1
+        if inner is not None and inner.inner_start == first:
+            self._inner_prompt_done(column, inner)
+            inner = None
+        if self.reached[first] and not column.completed:
+            self._complete(column)
+        if inner is not None:
+            self._inner_prompt_done(column, inner)
+        column.members_taken = len(block)
+
+    def _complete(self, column: _Column) -> None:
+        """The top-level rule reaches this position for the first time."""
+        column.completed = True
+        self.reached[column.index] = True
+        column.new_run_at = column.runs_added
+        column.runs_added += 1
+        if not column.predicted:
+            self._predict(column)
+
+    def _predict(self, column: _Column) -> None:
+        """A prompt starts here: it expects brackets, and an inner prompt may already be complete (empty)."""
+        column.predicted = True
+        column.new_member_at = column.members_taken
+        column.expect("(")
+        column.expect("[")
+        if self._inner_starts_here(column.index):
+            self._inner_prompt_done(column, self.brackets[-1])
+
+    @staticmethod
+    def _inner_prompt_done(column: _Column, bracket: _Bracket) -> None:
+        """The prompt inside `bracket` is complete: the bracket expects what may follow it."""
+        if bracket.char == "(":
+            column.expect(")")
+            if bracket.phase == "first":
+                column.expect(":")
+        elif bracket.phase == "first":
+            column.expect("]")
+            column.expect(":")
+            column.expect("|")
+        elif bracket.phase == "scheduled":
+            column.expect(":")
+        else:
+            column.expect("]")
+            column.expect("|")
+
+    # 3. Helpers -------------------------------------------------------------------------------------------
+    def _inner_starts_here(self, index: int) -> bool:
+        return bool(self.brackets) and self.brackets[-1].inner_start == index
+
+    def _number_close(self, index: int) -> int | None:
+        when = _when_number(self.text, index)
+        return when[1] if when else None
+
+    def _schedule_elements(self, start: int) -> None:
+        """The block at `start` waits for plain text and, where it starts with blanks, whitespace."""
+        for pattern in (_WHITESPACE, _PLAIN):
+            match = pattern.match(self.text, start)
+            if match:
+                self.element_ends[match.end()] = max(self.element_ends.get(match.end(), start), start)

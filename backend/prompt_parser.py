@@ -4,17 +4,20 @@
   brackets close at the end, `\\(` `\\)` `\\[` `\\]` `\\\\` are literals, equal neighbours merge, `BREAK`
   appears as `("BREAK", -1)`.
 - `prompt_schedules(prompt, steps, hires_steps)`: `[from:to:when]`, `[to:when]`, `[from::when]` and
-  `[a|b|c]` resolved into the texts in force up to each step.
+  `[a|b|c]` resolved into the texts in force up to each step; which brackets take effect in an odd prompt
+  (stray brackets and colons) is decided as A1111's parser decides it (`backend/prompt_editing.py`).
 - `split_and(prompt)`: composable-diffusion subprompts with their `:weight`.
 
 The results match A1111's own functions case for case (the tests hold a table of its documented
-examples); where A1111 would raise on a prompt (`(word:1.2.3)`), the text is taken literally instead.
+examples, and compare prompt editing with A1111's parser on random prompts); where A1111 would raise on
+a prompt (`(word:1.2.3)`, `[a:b:1e400]`), the text is taken literally instead.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+
+from backend.prompt_editing import Alternation, Edit, parse_prompt_editing
 
 ROUND, SQUARE = 1.1, 1 / 1.1
 
@@ -84,167 +87,79 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
 
 
 # -- prompt editing and alternation ---------------------------------------------------------------
-class _NoMatch(Exception):
-    """The text at this position is not the construct being tried."""
-
-
-@dataclass
-class _Scheduled:
-    before: list | None  # None: `[to:when]`
-    after: list
-    when: str  # the number as written (a "." makes it a fraction of the steps)
-    step: int = 0  # `when` resolved for the steps at hand
-
-
-@dataclass
-class _Alternate:
-    options: list[list | None]
-
-
-_PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+", re.S)
-_NUMBER = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*\]")
-_STRAY = "[]():"
-
-
-class _ScheduleParser:
-    """Recursive descent over A1111's scheduling grammar. Inside a construct only well-formed
-    syntax is accepted; at the top level a bracket or colon that starts nothing is a literal."""
-
-    def __init__(self, text: str):
-        self.text = text
-
-    def parse(self) -> list:
-        nodes, pos = [], 0
-        while pos < len(self.text):
-            items, pos = self.prompt(pos)
-            nodes += items
-            if pos < len(self.text):
-                if self.text[pos] not in _STRAY:
-                    raise _NoMatch(pos)  # e.g. a "|" outside brackets: the prompt is taken literally
-                nodes.append(self.text[pos])
-                pos += 1
-        return nodes
-
-    def prompt(self, pos: int) -> tuple[list, int]:
-        """A run of plain text, whitespace and bracketed constructs."""
-        items = []
-        while pos < len(self.text):
-            plain = _PLAIN.match(self.text, pos)
-            if plain:
-                items.append(plain.group(0))
-                pos = plain.end()
-                continue
-            char = self.text[pos]
-            try:
-                if char == "(":
-                    item, pos = self.round(pos)
-                elif char == "[":
-                    item, pos = self.square(pos)
-                else:
-                    break
-            except _NoMatch:
-                break
-            items.extend(item) if isinstance(item, list) else items.append(item)
-        return items, pos
-
-    def expect(self, pos: int, char: str) -> int:
-        if pos < len(self.text) and self.text[pos] == char:
-            return pos + 1
-        raise _NoMatch(pos)
-
-    def round(self, pos: int) -> tuple[list, int]:
-        """`(prompt)` or `(prompt:prompt)`: kept as written, with what is inside resolved."""
-        inner, pos = self.prompt(pos + 1)
-        if pos < len(self.text) and self.text[pos] == ":":
-            second, pos = self.prompt(pos + 1)
-            return ["(", *inner, ":", *second, ")"], self.expect(pos, ")")
-        return ["(", *inner, ")"], self.expect(pos, ")")
-
-    def square(self, pos: int):
-        start = pos + 1
-        for attempt in (self._scheduled, self._alternate, self._emphasis):
-            try:
-                return attempt(start)
-            except _NoMatch:
-                continue
-        raise _NoMatch(pos)
-
-    def _scheduled(self, pos: int):
-        first, pos = self.prompt(pos)
-        pos = self.expect(pos, ":")
-        number = _NUMBER.match(self.text, pos)
-        if number:  # `[to:when]`
-            return _Scheduled(None, first, number.group(1)), number.end()
-        second, pos = self.prompt(pos)
-        pos = self.expect(pos, ":")
-        number = _NUMBER.match(self.text, pos)
-        if not number:
-            raise _NoMatch(pos)
-        return _Scheduled(first, second, number.group(1)), number.end()
-
-    def _alternate(self, pos: int):
-        first, pos = self.prompt(pos)
-        options = [first]
-        pos = self.expect(pos, "|")
-        while True:
-            option, pos = self.prompt(pos)
-            options.append(option or None)
-            if pos < len(self.text) and self.text[pos] == "|":
-                pos += 1
-                continue
-            return _Alternate(options), self.expect(pos, "]")
-
-    def _emphasis(self, pos: int):
-        inner, pos = self.prompt(pos)
-        return ["[", *inner, "]"], self.expect(pos, "]")
-
-
-def _when_step(when: str, steps: int, int_offset: int, fraction_offset: float) -> int:
-    value = float(when)
-    value = (value - fraction_offset) * steps if "." in when else value - int_offset
-    return min(steps, int(value))
-
-
-def _collect_steps(nodes: list, steps: int, offsets: tuple[int, float], found: set[int]) -> None:
-    for node in nodes:
-        if isinstance(node, _Scheduled):
-            node.step = _when_step(node.when, steps, *offsets)
-            if node.step >= 1:
-                found.add(node.step)
-            for part in (node.before or [], node.after):
-                _collect_steps(part, steps, offsets, found)
-        elif isinstance(node, _Alternate):
-            found.update(range(1, steps + 1))
-            for option in node.options:
-                _collect_steps(option or [], steps, offsets, found)
-
-
-def _text_at(nodes: list, step: int) -> str:
-    out = []
-    for node in nodes:
-        if isinstance(node, str):
-            out.append(node)
-        elif isinstance(node, _Scheduled):
-            out.append(_text_at((node.before or []) if step <= node.step else node.after, step))
-        else:
-            out.append(_text_at(node.options[(step - 1) % len(node.options)] or [], step))
-    return "".join(out)
-
-
-def prompt_schedules(prompt: str, steps: int, hires_steps: int | None = None) -> list[tuple[int, str]]:
-    """[(last step, text in force up to it), ...] for one pass of `steps` (or, with `hires_steps`,
-    for the hires pass, where fractions run 1..2 and step numbers continue after the first pass)."""
-    if hires_steps is None:
-        total, offsets = steps, (0, 0.0)
+def prompt_schedules(prompt: str, steps: int, hires_steps: int | None = None, *,
+                     use_old_scheduling: bool = False) -> list[tuple[int, str]]:
+    """[(last step, text in force up to it), ...] for one pass of `steps` (or, with `hires_steps`, for the
+    hires pass, where fractions run 1..2 and step numbers continue after the first pass). With
+    `use_old_scheduling` (A1111's "Old prompt editing timelines"), a `when` below 1 is a fraction and any
+    other a step of the first pass."""
+    if hires_steps is None or use_old_scheduling:
+        total, int_offset, fraction_offset = steps, 0, 0.0
     else:
-        total, offsets = hires_steps, (steps, 1.0)
-    try:
-        nodes = _ScheduleParser(prompt).parse()
-    except (_NoMatch, RecursionError):
+        total, int_offset, fraction_offset = hires_steps, steps, 1.0
+    pieces = parse_prompt_editing(prompt)
+    if pieces is None:
         return [(total, prompt)]
+    ends: dict[int, int] = {}
     found = {total}
-    _collect_steps(nodes, total, offsets, found)
-    return [(step, _text_at(nodes, step)) for step in sorted(found)]
+    try:
+        for node in _edits_and_alternations(pieces):
+            if isinstance(node, Edit):
+                ends[id(node)] = _when_step(node.when, total, int_offset, fraction_offset, use_old_scheduling)
+                if ends[id(node)] >= 1:
+                    found.add(ends[id(node)])
+            else:
+                found.update(range(1, total + 1))
+    except OverflowError:  # `when` beyond float range ("1e400"): A1111 raises; the text is used literally
+        return [(total, prompt)]
+    return [(step, _text_at(pieces, step, ends)) for step in sorted(found)]
+
+
+def _when_step(when: str, steps: int, int_offset: int, fraction_offset: float, old: bool) -> int:
+    value = float(when)
+    if old:
+        value = value * steps if value < 1 else value
+    elif "." in when:
+        value = (value - fraction_offset) * steps
+    else:
+        value -= int_offset
+    return min(steps, int(value))  # int() truncates toward zero, as A1111's does
+
+
+def _edits_and_alternations(pieces: list):
+    """Every edit and alternation, also those inside a branch that is never in force (A1111 counts them)."""
+    pending = [pieces]
+    while pending:  # a loop, not recursion: edits may nest thousands deep
+        for piece in pending.pop():
+            if isinstance(piece, Edit):
+                yield piece
+                pending += [piece.before, piece.after]
+            elif isinstance(piece, Alternation):
+                yield piece
+                pending += piece.options
+            elif isinstance(piece, list):
+                pending.append(piece)
+
+
+_DONE = object()
+
+
+def _text_at(pieces: list, step: int, ends: dict[int, int]) -> str:
+    out = []
+    pending = [iter(pieces)]
+    while pending:
+        piece = next(pending[-1], _DONE)
+        if piece is _DONE:
+            pending.pop()
+        elif isinstance(piece, str):
+            out.append(piece)
+        elif isinstance(piece, list):
+            pending.append(iter(piece))
+        elif isinstance(piece, Edit):
+            pending.append(iter(piece.before if step <= ends[id(piece)] else piece.after))
+        else:
+            pending.append(iter(piece.options[(step - 1) % len(piece.options)]))
+    return "".join(out)
 
 
 # -- AND -------------------------------------------------------------------------------------------------
