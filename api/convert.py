@@ -79,7 +79,8 @@ def fill_from_infotext(values: dict, body: m.Txt2ImgRequest, device: str = "cpu"
             values[api_name] = parsed[field_name]
     settings = {option: parsed[field_name] for field_name, option in (
         ("clip_skip", "CLIP_stop_at_last_layers"), ("randn_source", "randn_source"),
-        ("eta_noise_seed_delta", "eta_noise_seed_delta")) if field_name in parsed}
+        ("eta_noise_seed_delta", "eta_noise_seed_delta"), ("use_old_scheduling", "use_old_scheduling"))
+        if field_name in parsed}
     settings.update(sampler_settings.from_infotext(parameters))  # Eta, Sigma churn, Schedule rho, UniPC...
     values["override_settings"] = {**settings, **values["override_settings"]}
 

@@ -239,12 +239,17 @@ class Conditioning:
 
 
 def encode_for_generation(model, prompt: str, negative: str, steps: int, clip_skip: int = 1,
-                          emphasis: str = "Original", embeddings: EmbeddingSet | None = None) -> Conditioning:
-    """Schedules for the positive subprompts and the negative prompt. As A1111 encodes them, the texts
-    of one schedule are padded to the longest of them with empty chunks, and each schedule keeps its
-    own length; each distinct (text, length) is encoded once."""
-    positive = [(weight, prompt_parser.prompt_schedules(text, steps)) for text, weight in prompt_parser.split_and(prompt)]
-    negative_schedule = prompt_parser.prompt_schedules(negative, steps)
+                          emphasis: str = "Original", embeddings: EmbeddingSet | None = None, *,
+                          hires_steps: int | None = None, use_old_scheduling: bool = False) -> Conditioning:
+    """Schedules for the positive subprompts and the negative prompt (of the hires pass with `hires_steps`;
+    see `prompt_parser.prompt_schedules`). As A1111 encodes them, the texts of one schedule are padded to
+    the longest of them with empty chunks, and each schedule keeps its own length; each distinct (text,
+    length) is encoded once."""
+    def schedule(text: str) -> list[tuple[int, str]]:
+        return prompt_parser.prompt_schedules(text, steps, hires_steps, use_old_scheduling=use_old_scheduling)
+
+    positive = [(weight, schedule(text)) for text, weight in prompt_parser.split_and(prompt)]
+    negative_schedule = schedule(negative)
     counts: dict[str, int] = {}
     encoded: dict[tuple[str, int], PromptEmbedding] = {}
 

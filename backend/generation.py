@@ -173,8 +173,9 @@ class _Job:
         """The large latents; when interrupted, the first pass's (with a warning); None when skipped."""
         run, plan, prompts = self.run, self.plan, self.prompts
         positions = self._positions(batch)
+        # A1111's timelines: a whole `when` counts on from the first pass's steps, a fraction runs 1..2
         conds = prompts.conditioning_for_batch(
-            [prompts.hires_texts(p, t) for p, t in zip(positions, texts)], hires.second_pass_steps(run))
+            [prompts.hires_texts(p, t) for p, t in zip(positions, texts)], hires_steps=hires.second_pass_steps(run))
         large = hires.second_pass(self.model, run, plan.hires.sampler, plan.schedule, conds,
                                   [_seeds(run, p) for p in positions], latents, plan.hires.size,
                                   self.manager.upscalers, self.control, batch, self.extensions, self.result.warnings)
@@ -332,18 +333,21 @@ class _PromptTexts:
         self.warnings.extend(w for w in expansion.warnings if w not in self.warnings)
         return expansion.text
 
-    def conditioning_for_batch(self, texts: list[tuple[str, str]], steps: int | None = None
+    def conditioning_for_batch(self, texts: list[tuple[str, str]], hires_steps: int | None = None
                                ) -> list[conditioning.Conditioning]:
+        """Each image's conditioning for the first pass, or with `hires_steps` for the hires pass."""
         stripped = [self.networks.strip(pair) for pair in texts]
         applied = self.networks.activate(stripped[0][1])  # A1111: the batch's first prompt's LoRAs
-        return [self._conditioning(*pair, applied, steps or self.run.steps) for pair, _ in stripped]
+        return [self._conditioning(*pair, applied, hires_steps) for pair, _ in stripped]
 
-    def _conditioning(self, prompt: str, negative: str, applied: tuple, steps: int) -> conditioning.Conditioning:
-        key = (prompt, negative, applied, steps)  # a text-encoder LoRA changes the encoding
+    def _conditioning(self, prompt: str, negative: str, applied: tuple, hires_steps: int | None
+                      ) -> conditioning.Conditioning:
+        key = (prompt, negative, applied, hires_steps)  # a text-encoder LoRA changes the encoding
         if key not in self._encoded:
             run = self.run
             self._encoded[key] = conditioning.encode_for_generation(
-                self.model, prompt, negative, steps, run.clip_skip, run.emphasis, self.networks.embedding_set)
+                self.model, prompt, negative, run.steps, run.clip_skip, run.emphasis, self.networks.embedding_set,
+                hires_steps=hires_steps, use_old_scheduling=run.use_old_scheduling)
         return self._encoded[key]
 
 

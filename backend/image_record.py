@@ -41,6 +41,7 @@ def infotext_parameters(model, run, sampler, schedule, seed, subseed, extra: dic
         **run.sampler_settings.infotext_parameters(sampler.name, schedule, run.eta, _sigma_range(model)),
         **(extra or {}),  # Lora hashes, TI hashes, the postprocessing upscaler
         "Emphasis": run.emphasis if run.emphasis != "Original" else None,
+        "Old prompt editing timelines": True if run.use_old_scheduling else None,
         "Styles array": json.dumps(list(run.styles)) if run.styles else None,
     }
     if run.mask is not None:

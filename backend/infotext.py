@@ -210,6 +210,7 @@ _REQUEST_FIELDS = {
     "Emphasis": ("emphasis", str),
     "Pad conds": ("pad_cond_uncond", _true_or_false),
     "ENSD": ("eta_noise_seed_delta", _whole_number),
+    "Old prompt editing timelines": ("use_old_scheduling", _true_or_false),
     "Face restoration": ("face_restorer", str),
     "Hires upscale": ("hr_scale", _finite_number),
     "Hires resize-1": ("hr_resize_x", _whole_number),

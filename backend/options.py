@@ -50,6 +50,9 @@ class Options(SamplerSettings):
     # at its own length (A1111's default); True pads the shorter with the empty prompt to batch them
     # (A1111's "Pad prompt/negative prompt": faster, other images; infotexts say `Pad conds: True`)
     pad_cond_uncond: bool = False
+    # A1111's "Use old prompt editing timelines": a `when` below 1 is a fraction of the pass, any other a
+    # step, and the hires pass starts its timeline over (infotext `Old prompt editing timelines: True`)
+    use_old_scheduling: bool = False
     # Wildcards: one expansion for the whole batch instead of one per image
     same_wildcards: bool = False
     # Face restoration (A1111's settings of the same names)

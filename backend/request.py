@@ -56,6 +56,7 @@ class GenerationRequest:
     clip_skip: int = 1
     randn_source: str = "GPU"  # A1111's noise sources: GPU (the device's generator), CPU, NV (NVIDIA's, on any machine)
     eta_noise_seed_delta: int = 0  # A1111's ENSD: per-step noise from generators seeded seed + this (infotext `ENSD`)
+    use_old_scheduling: bool = False  # A1111's "Old prompt editing timelines" (see prompt_parser.prompt_schedules)
     eta: float | None = None  # A1111's request `eta`; None: the sampler settings' (eta_ancestral or eta_ddim)
     sampler_settings: SamplerSettings = field(default_factory=SamplerSettings)  # from the options
     emphasis: str = "Original"  # how (word:1.2) weights apply: Original, No norm, Ignore, None

@@ -137,7 +137,7 @@ class Runtime:
             face_restorer=o.face_restoration_model, codeformer_weight=o.code_former_weight,
             save_before_face_restoration=o.save_images_before_face_restoration,
             pad_cond_uncond=o.pad_cond_uncond, eta_noise_seed_delta=o.eta_noise_seed_delta,
-            sampler_settings=o.settings(),
+            sampler_settings=o.settings(), use_old_scheduling=o.use_old_scheduling,
         )
         if controls:
             defaults.update(sampler=o.default_sampler, steps=o.default_steps, cfg_scale=o.default_cfg_scale)

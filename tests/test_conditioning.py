@@ -148,3 +148,19 @@ def test_each_schedule_keeps_its_length_and_the_empty_prompt_pads(sd1_manager):
     assert torch.equal(padded_uncond[0], torch.cat([negative.context, cond.empty.context]))
     plain = conditioning.encode_for_generation(model, "a star", "ugly", 6)
     assert plain.empty is None and not plain.lengths_differ(0)
+
+
+@pytest.mark.parametrize("prompt, old, ends", [("a [red:blue:0.5] star", False, [10]),
+                                                 ("a [red:blue:8] star", False, [10]),
+                                                 ("a [red:blue:1.5] star", False, [5, 10]),
+                                                 ("a [red:blue:0.5] star", True, [4, 8])])
+def test_the_hires_pass_continues_the_first_passs_timeline_unless_old_timelines(sd1_manager, prompt, old, ends):
+    """A1111 >= 1.7: in the hires pass a fraction runs 1..2 and a whole `when` counts on from the first pass's
+    8 steps, so `[red:blue:0.5]` and `[red:blue:8]` are over before it starts. With old timelines A1111 reuses
+    the first pass's timeline."""
+    model = sd1_manager.activate()
+    cond = conditioning.encode_for_generation(model, prompt, "", 8, hires_steps=10, use_old_scheduling=old)
+    schedule = cond.positive[0][1]
+    assert [end for end, _ in schedule] == ends
+    blue = conditioning.encode_for_generation(model, "a blue star", "", 8).positive[0][1][0][1]
+    assert torch.equal(schedule[-1][1].context, blue.context)

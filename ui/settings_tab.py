@@ -39,6 +39,8 @@ def settings_tab(ui) -> None:
                                               "(31337 in many shared infotexts; 0: off)"),
             "pad_cond_uncond": gr.Checkbox(o.pad_cond_uncond, label="Pad prompt/negative prompt: run prompts of "
                                            "different lengths as one batch (faster; A1111's non-default setting)"),
+            "use_old_scheduling": gr.Checkbox(o.use_old_scheduling, label="Old prompt editing timelines (A1111 "
+                                              "before 1.7: the hires pass starts [from:to:when] over)"),
             "same_wildcards": gr.Checkbox(o.same_wildcards, label="Same wildcard picks for every image of a batch"),
             "live_preview_every": gr.Slider(0, 50, value=o.live_preview_every, step=1,
                                             label="Live preview every N steps (0: off)"),
