@@ -28,6 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_generate_command(commands)
     _add_extras_command(commands)
+    detect = commands.add_parser("detect", help="write a ControlNet preprocessor's map of an image")
+    detect.add_argument("--module", required=True, help="canny, invert, threshold, lineart_standard, ... ")
+    detect.add_argument("--image", type=Path, required=True)
+    detect.add_argument("--res", type=int, default=-1, help="processor resolution (default: the module's)")
+    detect.add_argument("--threshold-a", type=float, default=-1)
+    detect.add_argument("--threshold-b", type=float, default=-1)
+    detect.add_argument("--out", type=Path, help="where to write the map (default: <image>-<module>.png)")
     return parser
 
 
@@ -38,6 +45,7 @@ def _add_folder_flags(parser: argparse.ArgumentParser) -> None:
     paths.add_argument("--ckpt-dir", type=Path, help="checkpoints folder (default: <data-dir>/models/Stable-diffusion)")
     paths.add_argument("--vae-dir", type=Path, help="VAE folder (default: <data-dir>/models/VAE)")
     paths.add_argument("--lora-dir", type=Path, help="LoRA folder (default: <data-dir>/models/Lora)")
+    paths.add_argument("--controlnet-dir", type=Path, help="ControlNet folder (default: <data-dir>/models/ControlNet)")
     paths.add_argument("--embeddings-dir", type=Path, help="embeddings folder (default: <data-dir>/models/embeddings)")
     paths.add_argument("--outdir", type=Path, help="outputs folder (default: <data-dir>/outputs)")
     paths.add_argument("--wildcards-dir", type=Path, help="wildcards folder (default: <data-dir>/wildcards)")
@@ -106,6 +114,9 @@ def _add_generate_command(commands) -> None:
     gen.add_argument("--eta-noise-seed-delta", "--ensd", type=int, metavar="ENSD",
                      help="A1111's eta noise seed delta: per-step noise seeded seed + ENSD (infotext `ENSD`)")
     gen.add_argument("--eta", type=float, help="the sampler's eta (default: the eta_ancestral / eta_ddim options)")
+    gen.add_argument("--controlnet", action="append", metavar="SPEC", default=[],
+                     help='a ControlNet unit (repeatable): "model=NAME,module=canny,image=edges.png,weight=0.8,'
+                          'start=0,end=1" (also mask, mode, resize, res, threshold_a, threshold_b, pixel_perfect, hr)')
     gen.add_argument("--init-image", type=Path, help="img2img: the starting image")
     gen.add_argument("--denoising-strength", type=float)
     gen.add_argument("--resize-mode", choices=RESIZE_MODES)
@@ -162,6 +173,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         ckpt_dir=args.ckpt_dir,
         vae_dir=args.vae_dir,
         lora_dir=args.lora_dir,
+        controlnet_dir=args.controlnet_dir,
         embeddings_dir=args.embeddings_dir,
         outputs_dir=args.outdir,
         wildcards_dir=args.wildcards_dir,
@@ -231,6 +243,7 @@ def run_extras(args: argparse.Namespace, settings: Settings) -> int:
 def run_generate(args: argparse.Namespace, settings: Settings) -> int:
     from PIL import Image
 
+    from backend.control_units import unit_from_spec
     from backend.errors import InputError
     from backend.request import GenerationRequest
     from backend.runtime import Runtime
@@ -248,6 +261,7 @@ def run_generate(args: argparse.Namespace, settings: Settings) -> int:
                 fields[name].load()
             except OSError as exc:
                 raise InputError(f"cannot read --{name.replace('_', '-')} {path}: {exc}") from exc
+    fields["control_units"] = tuple(unit_from_spec(spec, _open_image) for spec in args.controlnet)
     request = GenerationRequest(**fields)
     try:
         result = runtime.generate(request)
@@ -258,6 +272,29 @@ def run_generate(args: argparse.Namespace, settings: Settings) -> int:
     for path in result.paths:
         print(path)
     return 1 if result.interrupted else 0
+
+
+def _open_image(path):
+    from PIL import Image
+
+    from backend.errors import InputError
+
+    try:
+        image = Image.open(path)
+        image.load()
+        return image
+    except OSError as exc:
+        raise InputError(f"cannot read the image {path}: {exc}") from exc
+
+
+def run_detect(args: argparse.Namespace, settings: Settings) -> int:
+    from backend.control_preprocessors import run_preprocessor
+
+    detected = run_preprocessor(args.module, _open_image(args.image), args.res, args.threshold_a, args.threshold_b)
+    out = args.out or args.image.with_name(f"{args.image.stem}-{args.module}.png")
+    detected.save(out)
+    print(out)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_reporting_errors(run_generate, args, settings)
     if args.command == "extras":
         return _run_reporting_errors(run_extras, args, settings)
+    if args.command == "detect":
+        return _run_reporting_errors(run_detect, args, settings)
     return run_webui(args, settings)
 
 

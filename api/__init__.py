@@ -15,7 +15,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from api import a1111, jobs
+from api import a1111, controlnet, jobs
 from api.context import ApiContext, caller
 from api.errors import A1111Route
 from backend.version import INFOTEXT_VERSION
@@ -26,7 +26,8 @@ _docs = APIRouter(dependencies=[Depends(caller)], route_class=A1111Route)
 
 
 def openapi() -> dict:
-    routes = [r for router in (a1111.router, jobs.router) for r in router.routes if getattr(r, "include_in_schema", True)]
+    routes = [r for router in (a1111.router, controlnet.router, jobs.router) for r in router.routes
+              if getattr(r, "include_in_schema", True)]
     return get_openapi(title="Easel API (A1111-compatible)", version=INFOTEXT_VERSION, routes=routes)
 
 
@@ -45,7 +46,7 @@ def mount(app: FastAPI, context: ApiContext) -> None:
     extensions' routes under `/easel/v1/ext/<name>`, behind the same access rules."""
     app.state.easel_api = context
     before = len(app.router.routes)
-    for router in (a1111.router, jobs.router, _docs):
+    for router in (a1111.router, controlnet.router, jobs.router, _docs):
         app.include_router(router)
     for extension in context.runtime.extensions.active:
         if extension.routes is not None:

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
-from api import convert, generation
+from api import controlnet, convert, generation
 from api import models as m
 from api.access import Caller, require_admin
 from api.context import ApiContext, api_context, caller
@@ -215,7 +215,7 @@ def prompt_styles(api: ApiContext = Depends(api_context)):
 @router.get("/sdapi/v1/scripts", tags=["models"])
 def scripts(api: ApiContext = Depends(api_context)):
     registry = api.runtime.extensions
-    return {mode: [e.panel.title.lower() for e in registry.panels(mode)]
+    return {mode: [e.panel.title.lower() for e in registry.panels(mode)] + [controlnet.SCRIPT_NAME]
             + [s.title.lower() for s in registry.scripts(mode)] for mode in ("txt2img", "img2img")}
 
 

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from api import convert
+from api import controlnet, convert
 from api import models as m
 from api.access import Caller
 from api.context import ApiContext
@@ -66,11 +66,15 @@ def plan(api: ApiContext, body: m.Txt2ImgRequest, mode: str, caller: Caller) -> 
 def scripts(runtime: Runtime, body: m.Txt2ImgRequest, mode: str) -> dict[str, Any]:
     """`script_args` and `script_name` for the request, from `alwayson_scripts` and `script_name`."""
     panels = alwayson_scripts(runtime)
-    unknown = [name for name in body.alwayson_scripts if name.lower() not in panels]
+    requested = {name: value for name, value in body.alwayson_scripts.items()
+                 if name.lower() != controlnet.SCRIPT_NAME}
+    units = [unit for name, value in body.alwayson_scripts.items() if name.lower() == controlnet.SCRIPT_NAME
+             for unit in controlnet.units_from_script(value)]
+    unknown = [name for name in requested if name.lower() not in panels]
     if unknown:
         raise InputError(f"script not found: {', '.join(unknown)}; alwayson scripts here: "
-                         f"{', '.join(panels) or 'none'}")
-    script_args = {panels[name.lower()].name: value for name, value in body.alwayson_scripts.items()}
+                         f"{', '.join([*panels, controlnet.SCRIPT_NAME])}")
+    script_args = {panels[name.lower()].name: value for name, value in requested.items()}
     script_name = None
     if body.script_name and body.script_name != "None":
         script = runtime.extensions.script(body.script_name)
@@ -78,7 +82,7 @@ def scripts(runtime: Runtime, body: m.Txt2ImgRequest, mode: str) -> dict[str, An
             titles = [s.title for s in runtime.extensions.scripts(mode)]
             raise InputError(f"script not found: {body.script_name}; {mode} scripts here: {', '.join(titles) or 'none'}")
         script_name, script_args[script.title] = script.title, list(body.script_args)
-    return {"script_args": script_args, "script_name": script_name}
+    return {"script_args": script_args, "script_name": script_name, "control_units": tuple(units)}
 
 
 def alwayson_scripts(runtime: Runtime) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from backend import images, init_image, k_sampling, noise, preview, samplers, schedules, vae_codec
+from backend import control_units, images, init_image, k_sampling, noise, preview, samplers, schedules, vae_codec
 from backend.conditioning import Conditioning, pad_cond_uncond, stack_contexts
 from backend.extensions import NO_EXTENSIONS, ExtensionRegistry, Guidance, Step
 from backend.init_image import InitSource
@@ -30,6 +30,7 @@ class BatchInputs:
     phase: str = ""  # reported with progress ("Hires" for the hires fix's second pass)
     share: tuple[float, float] = (0.0, 1.0)  # (start, length) of this pass within the batch's progress
     extensions: ExtensionRegistry = NO_EXTENSIONS  # their `step` and `guidance` callbacks run here
+    controls: list = field(default_factory=list)  # ControlNet units ready for this pass (control_units.ActiveControl)
     warnings: list[str] = field(default_factory=list)  # where failing extensions are named
 
 
@@ -56,11 +57,13 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
         blend = (init_latents, mask.float()) if mask is not None else None
     extra = _inpaint_conditioning(model, inputs.source, len(inputs.seeds), latent_hw) if model.is_inpainting else None
     # 3. Sampling, reporting progress and previews, with the extensions' step events
+    sampling = control_units.SamplingProgress(steps=k_sampling.sampling_steps(krun))
     hooks = k_sampling.Hooks(
         control, lambda step, total, image: Progress(step, total, batch, run.batch_count, image, inputs.phase,
                                                      inputs.share),
         lambda denoised: preview.cheap_preview(denoised[0].to(model.dtype), model.family),
-        (lambda i, total, t, x: _step_event(inputs, i, total, t, x)) if inputs.extensions.has("step") else None)
+        (lambda i, total, t, x: _step_event(inputs, i, total, t, x)) if inputs.extensions.has("step") else None,
+        sampling)
     with torch.no_grad(), model.use(model.unet):
         if k_sampling.uses_timesteps(krun.sampler):
             latents = _sample_timesteps(model, inputs, krun, alphas, start_noise, init_latents, blend,
@@ -86,7 +89,8 @@ def _sample_sigmas(model, inputs: BatchInputs, krun, alphas, start_noise, init_l
     def alpha_bar(t) -> float:  # for the extensions: the cumulative alpha at the UNet's (fractional) timestep
         return float(1.0 / (1.0 + schedules.t_to_sigma(torch.as_tensor([float(t)]), log_sigmas)[0] ** 2))
 
-    guidance = _BatchGuidance(model, inputs.conds, inputs.run, _guidance_hook(inputs, alpha_bar, model, len(sigmas) - 1))
+    guidance = _BatchGuidance(model, inputs.conds, inputs.run, _guidance_hook(inputs, alpha_bar, model, len(sigmas) - 1),
+                              inputs.controls, hooks.sampling)
     denoiser = k_sampling.SigmaDenoiser(model, guidance.predict, table, extra, blend)
     return k_sampling.sample_batch(krun, denoiser, sigmas, start, hooks)
 
@@ -102,7 +106,8 @@ def _sample_timesteps(model, inputs: BatchInputs, krun, alphas, start_noise, ini
     def alpha_bar(t) -> float:
         return float(alphas[min(len(alphas) - 1, max(0, int(float(t))))])
 
-    guidance = _BatchGuidance(model, inputs.conds, inputs.run, _guidance_hook(inputs, alpha_bar, model, len(timesteps)))
+    guidance = _BatchGuidance(model, inputs.conds, inputs.run, _guidance_hook(inputs, alpha_bar, model, len(timesteps)),
+                              inputs.controls, hooks.sampling)
     denoiser = k_sampling.TimestepDenoiser(model, guidance, alphas, extra, blend)
     return k_sampling.sample_timesteps(krun, denoiser, timesteps.to(model.device), start, hooks)
 
@@ -171,8 +176,10 @@ class _Guidance:
     `pad_cond_uncond`, the shorter side is padded with the empty prompt's embedding to join it.
     Without guidance (CFG 1, one subprompt) the negative pass is skipped."""
 
-    def __init__(self, model, cond: Conditioning, n: int, run: GenerationRequest, hook=None):
+    def __init__(self, model, cond: Conditioning, n: int, run: GenerationRequest, hook=None, controls=(),
+                 progress: control_units.SamplingProgress | None = None):
         self.model, self.cond, self.n, self.run, self.hook = model, cond, n, run, hook
+        self.controls, self.progress = list(controls), progress or control_units.SamplingProgress()
         self._cached: tuple | None = None
         self.cfg_multiplier, self.keep_uncond = 1.0, False  # DDIM CFG++: CFG / 12.5, and its negative prediction
         self.last_uncond: torch.Tensor | None = None
@@ -220,12 +227,22 @@ class _Guidance:
         passes = rows // self.n
         batch = model_input.repeat(passes, 1, 1, 1) if passes > 1 else model_input
         if len(calls) == 1:
-            return self.model.unet(batch, t, encoder_hidden_states=calls[0].context,
-                                   added_cond_kwargs=calls[0].added).sample
-        pieces = {call.start: self.model.unet(batch[call.start : call.start + call.context.shape[0]], t,
-                                              encoder_hidden_states=call.context, added_cond_kwargs=call.added).sample
+            return self._call_unet(batch, t, calls[0])
+        pieces = {call.start: self._call_unet(batch[call.start : call.start + call.context.shape[0]], t, call)
                   for call in calls}
         return torch.cat([pieces[start] for start in sorted(pieces)])
+
+    def _call_unet(self, sample: torch.Tensor, t, call: _UNetCall) -> torch.Tensor:
+        """One UNet call, with the ControlNet units' residuals for its rows (the negative prompt's are the
+        batch's first n rows)."""
+        extra = {}
+        if self.controls:
+            uncond = None if self.skip_negative or call.start >= self.n else slice(0, self.n - call.start)
+            found = control_units.residuals(self.controls, self.progress, sample, t, call.context, call.added, uncond)
+            if found is not None:
+                extra = {"down_block_additional_residuals": found[0], "mid_block_additional_residual": found[1]}
+        return self.model.unet(sample, t, encoder_hidden_states=call.context, added_cond_kwargs=call.added,
+                               **extra).sample
 
     def predict(self, model_input: torch.Tensor, t, step: int) -> torch.Tensor:
         out = self._unet(model_input, t, self._calls(step))
@@ -246,11 +263,12 @@ class _Guidance:
 class _BatchGuidance:
     """Images sharing a prompt run through the UNet together; each distinct prompt is its own pass."""
 
-    def __init__(self, model, conds: list[Conditioning], run: GenerationRequest, hook=None):
+    def __init__(self, model, conds: list[Conditioning], run: GenerationRequest, hook=None, controls=(),
+                 progress: control_units.SamplingProgress | None = None):
         groups: dict[int, list[int]] = {}
         for index, cond in enumerate(conds):
             groups.setdefault(id(cond), []).append(index)
-        self.groups = [(indices, _Guidance(model, conds[indices[0]], len(indices), run, hook))
+        self.groups = [(indices, _Guidance(model, conds[indices[0]], len(indices), run, hook, controls, progress))
                        for indices in groups.values()]
 
     def configure(self, cfg_multiplier: float, keep_uncond: bool) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from backend import (
     conditioning,
+    control_preprocessors,
+    control_units,
     denoiser,
     hires,
     image_record,
@@ -151,6 +153,18 @@ class _Job:
         self.saver = outputs.ImageSaver(run.output_dir or manager.settings.output_root / f"{run.mode}-images",
                                         result.warnings)
         self.padded: set[int] = set()  # batches whose conds were padded to the unconds' length (A1111's "Pad conds")
+        self.controls: dict[bool, list] = {}  # ControlNet units ready for the first pass (False) and the hires pass
+        self.control_titles: dict[str, str] = {}
+
+    def controls_for(self, size: tuple[int, int], hires_pass: bool = False) -> list:
+        """The ControlNet units of this pass, prepared once for all batches."""
+        if hires_pass not in self.controls:
+            init = self.run.init_image if self.source is not None else None
+            self.controls[hires_pass], titles = control_units.prepare(
+                self.run.control_units, self.manager.controlnets, self.model, size, init, hires_pass,
+                control_preprocessors.numpy_seed(self.run.seed, self.run.subseed))
+            self.control_titles.update(titles)
+        return self.controls[hires_pass]
 
     def _positions(self, batch: int) -> range:
         return range(batch * self.run.batch_size, (batch + 1) * self.run.batch_size)
@@ -166,7 +180,8 @@ class _Job:
             self.padded.add(batch)
         share = (0.0, hires.first_pass_share(run) if plan.hires is not None else 1.0)
         inputs = denoiser.BatchInputs(run, plan.sampler, plan.schedule, conds, self.source, seeds, share=share,
-                                      extensions=self.extensions, warnings=self.result.warnings)
+                                      extensions=self.extensions, warnings=self.result.warnings,
+                                      controls=self.controls_for((run.width, run.height)))
         return denoiser.denoise(self.model, inputs, self.control, batch), texts
 
     def hires_pass(self, batch: int, texts: list[tuple[str, str]], latents):
@@ -178,7 +193,8 @@ class _Job:
             [prompts.hires_texts(p, t) for p, t in zip(positions, texts)], hires_steps=hires.second_pass_steps(run))
         large = hires.second_pass(self.model, run, plan.hires.sampler, plan.schedule, conds,
                                   [_seeds(run, p) for p in positions], latents, plan.hires.size,
-                                  self.manager.upscalers, self.control, batch, self.extensions, self.result.warnings)
+                                  self.manager.upscalers, self.control, batch, self.extensions, self.result.warnings,
+                                  self.controls_for(plan.hires.size, hires_pass=True))
         if large is not None or not self.control.interrupted:
             return large
         self.result.warnings.append("interrupted during the hires pass: the image is kept at "
@@ -194,7 +210,8 @@ class _Job:
         extra = {**(plan.hires.infotext(run, plan.sampler) if plan.hires is not None else {}),
                  "Lora hashes": lora_hashes,
                  "TI hashes": networks.ti_hashes(*networks.strip(texts)[0]),
-                 "Pad conds": True if batch in self.padded else None}
+                 "Pad conds": True if batch in self.padded else None,
+                 **control_units.infotext_parameters(run.control_units, self.control_titles)}
         before_faces = None
         if plan.face_restorer is not None:
             before_faces = image

@@ -64,7 +64,7 @@ def upscaled_latents(model, run: GenerationRequest, latents: torch.Tensor, size:
 
 def second_pass(model, run: GenerationRequest, sampler, schedule, conds, seeds, latents: torch.Tensor,
                 size: tuple[int, int], upscalers, control, batch: int, extensions=None,
-                warnings: list[str] | None = None) -> torch.Tensor | None:
+                warnings: list[str] | None = None, controls: list | None = None) -> torch.Tensor | None:
     """The hires pass for one batch; None when skipped or interrupted."""
     try:
         start = upscaled_latents(model, run, latents, size, upscalers, lambda: control.should_stop_batch)
@@ -73,7 +73,8 @@ def second_pass(model, run: GenerationRequest, sampler, schedule, conds, seeds, 
     hires_run = run.with_changes(width=size[0], height=size[1], steps=second_pass_steps(run))
     source = InitSource(original=None, image=None, mask=None, overlay_mask=None, crop=None, latents=start)
     first = first_pass_share(run)
-    inputs = denoiser.BatchInputs(hires_run, sampler, schedule, conds, source, seeds, "Hires", (first, 1 - first))
+    inputs = denoiser.BatchInputs(hires_run, sampler, schedule, conds, source, seeds, "Hires", (first, 1 - first),
+                                  controls=controls or [])
     if extensions is not None:
         inputs.extensions, inputs.warnings = extensions, warnings if warnings is not None else []
     return denoiser.denoise(model, inputs, control, batch)

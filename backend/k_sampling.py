@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from backend import k_samplers, noise, philox, schedules, timestep_samplers, unipc
+from backend.control_units import SamplingProgress
 from backend.progress import JobControl, Progress
 from backend.sampler_settings import SamplerSettings
 
@@ -65,6 +66,12 @@ def _img2img_steps(run: KRun) -> tuple[int, int]:
     if run.fixed_steps:
         return max(1, int(run.steps / strength) if strength > 0 else 0), run.steps - 1
     return run.steps, int(strength * run.steps)
+
+
+def sampling_steps(run: KRun) -> int:
+    """The step count A1111's progress (and ControlNet's guidance start/end) divides by: the steps in
+    txt2img, t_enc + 1 in img2img and the hires pass."""
+    return run.steps if run.denoising_strength is None else _img2img_steps(run)[1] + 1
 
 
 def schedule_for(run: KRun, alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -200,6 +207,7 @@ class Hooks:
     preview: Callable[[torch.Tensor], object]
     # (step index, steps, timestep, x) -> (x, stop)
     step_event: Callable[[int, int, float, torch.Tensor], tuple[torch.Tensor, bool]] | None = None
+    sampling: SamplingProgress | None = None  # the step ControlNet units read, set as A1111's callback sets it
 
 
 class _Reporter:
@@ -212,6 +220,8 @@ class _Reporter:
 
     def __call__(self, info: dict) -> None:
         hooks, i = self.hooks, int(info["i"])
+        if hooks.sampling is not None:
+            hooks.sampling.step = i
         if hooks.control.should_stop_batch:
             self.stopped = True
             raise k_samplers.StopSampling

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from backend.control_units import ControlUnit
 from backend.errors import InputError
 from backend.images import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
 from backend.sampler_settings import SamplerSettings
@@ -19,6 +20,7 @@ MIN_SIZE, MAX_SIZE = 64, 4096
 MAX_STEPS = 1000
 MAX_BATCH_SIZE = 64
 MAX_BATCH_COUNT = 1000
+MAX_CONTROL_UNITS = 8
 # Far longer than any prompt people write (A1111's are rarely over a few thousand characters), short
 # enough that tokenizing and parsing one stays instant.
 MAX_PROMPT_CHARS = 32_768
@@ -59,6 +61,7 @@ class GenerationRequest:
     use_old_scheduling: bool = False  # A1111's "Old prompt editing timelines" (see prompt_parser.prompt_schedules)
     eta: float | None = None  # A1111's request `eta`; None: the sampler settings' (eta_ancestral or eta_ddim)
     sampler_settings: SamplerSettings = field(default_factory=SamplerSettings)  # from the options
+    control_units: tuple[ControlUnit, ...] = ()  # ControlNet units (backend.control_units)
     emphasis: str = "Original"  # how (word:1.2) weights apply: Original, No norm, Ignore, None
     pad_cond_uncond: bool = False  # A1111's "Pad prompt/negative prompt" (see Options.pad_cond_uncond)
     styles: tuple[str, ...] = ()  # names from styles.csv, applied to both prompts at generation
@@ -136,6 +139,10 @@ class GenerationRequest:
         _need(self.eta is None or isinstance(self.eta, (int, float)) and math.isfinite(self.eta) and self.eta >= 0,
               f"eta must be a finite number of 0 or more, not {_describe(self.eta)}")
         self.sampler_settings.validate()
+        _need(len(self.control_units) <= MAX_CONTROL_UNITS,
+              f"at most {MAX_CONTROL_UNITS} ControlNet units, not {len(self.control_units)}")
+        for index, unit in enumerate(self.control_units):
+            unit.validate(index)
         _need(0 <= self.subseed_strength <= 1, "variation strength must be between 0 and 1")
         _need(0 <= self.denoising_strength <= 1, "denoising strength must be between 0 and 1")
         _need(self.resize_mode in RESIZE_MODES, f"resize mode must be one of: {', '.join(RESIZE_MODES)}")

@@ -19,6 +19,7 @@ MODEL_FOLDERS = {
     "gfpgan": "GFPGAN",
     "codeformer": "Codeformer",
     "embeddings": "embeddings",
+    "controlnet": "ControlNet",  # A1111's sd-webui-controlnet and Forge read ControlNets from here
 }
 
 PRECISIONS = ("auto", "full", "half", "bf16")
@@ -31,6 +32,7 @@ class Settings:
     vae_dir: Path | None = None
     lora_dir: Path | None = None
     embeddings_dir: Path | None = None
+    controlnet_dir: Path | None = None
     outputs_dir: Path | None = None
     wildcards_dir: Path | None = None
     device: str = "auto"
@@ -63,6 +65,7 @@ class Settings:
             "vae": self.vae_dir,
             "lora": self.lora_dir,
             "embeddings": self.embeddings_dir,
+            "controlnet": self.controlnet_dir,
         }.get(kind)
         return Path(override) if override else self.models_dir / MODEL_FOLDERS[kind]
 

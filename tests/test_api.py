@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from PIL import Image
+import torch
+from PIL import Image, ImageDraw
 
 from backend.settings import Settings
 
@@ -34,6 +35,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_controlnet(path: Path, cache: Path) -> None:
+    """A ControlNet (random weights, lllyasviel's layout) that fits the default model's UNet."""
+    from backend import checkpoints, random_controlnets
+
+    unet = checkpoints.load_single_file(DEFAULT_MODEL, cache, torch.float32).unet
+    path.parent.mkdir(parents=True)
+    random_controlnets.save_lllyasviel(random_controlnets.for_unet(unet, seed=3), path)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tokenizer_cache):
     from ui.launch import ServerOptions, launch
@@ -46,6 +56,7 @@ def server(tmp_path_factory, tokenizer_cache):
     shutil.copytree(tokenizer_cache, data / "cache", dirs_exist_ok=True)
     shutil.copytree(ROOT / "models" / "Lora", data / "models" / "Lora")
     shutil.copytree(ROOT / "extensions", data / "extensions")
+    write_controlnet(data / "models" / "ControlNet" / "shapes_canny_test.safetensors", data / "cache")
     settings = Settings(data_dir=data, default_checkpoint="easel-shapes", checkpoint_cache_size=2)
     port = free_port()
     auth = ",".join(f"{user}:{password}" for user, password in USERS.items())
@@ -202,6 +213,31 @@ def test_sampler_parameters_come_from_the_body_the_settings_and_the_infotext(ser
     assert get(server, "/sdapi/v1/options").json()["s_noise"] == 1.0
 
 
+def test_controlnet_routes_and_units_as_sd_webui_controlnet_clients_send_them(server, client):
+    assert get(server, "/controlnet/version").json() == {"version": 2}
+    models = get(server, "/controlnet/model_list").json()["model_list"]
+    assert len(models) == 1 and models[0].startswith("shapes_canny_test [")
+    modules = get(server, "/controlnet/module_list?alias_names=true").json()
+    assert "canny" in modules["module_list"] and modules["module_detail"]["canny"]["sliders"]
+    edges = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(edges).ellipse((8, 8, 40, 40), outline="black", width=3)
+    detected = post(server, "/controlnet/detect", {"controlnet_module": "canny", "controlnet_input_images": [
+        b64(edges)], "controlnet_processor_res": 64}).json()
+    detected_map = decoded(detected["images"][0])
+    assert detected_map.size == (64, 64) and 0 < pixels(detected_map).mean() < 64  # white edges on black
+    unit = webuiapi.ControlNetUnit(image=edges, module="canny", model=models[0], weight=1.0)
+    body = dict(prompt="a red circle", seed=11, width=64, height=64, steps=4, sampler_name="Euler")
+    steered = client.txt2img(**body, controlnet_units=[unit])
+    plain = post(server, "/sdapi/v1/txt2img", body).json()  # not the client: it keeps the units (a mutable default)
+    assert "ControlNet 0: " in steered.info["infotexts"][0] and f"Model: {models[0]}" in steered.info["infotexts"][0]
+    assert not np.array_equal(pixels(steered.image), pixels(decoded(plain["images"][0])))
+    unknown = post(server, "/sdapi/v1/txt2img", {**body, "alwayson_scripts": {"controlnet": {"args": [
+        {"model": "nope", "module": "canny", "input_image": b64(edges)}]}}})
+    assert unknown.status_code == 404 and "shapes_canny_test [" in unknown.text
+    bad = post(server, "/controlnet/detect", {"controlnet_module": "cany", "controlnet_input_images": ["x"]})
+    assert bad.status_code == 422 and "canny" in bad.text
+
+
 def test_a_per_request_checkpoint_applies_to_that_request_only(server):
     body = {"prompt": "a large red star", **SMALL, "seed": 5}
     switched = post(server, "/sdapi/v1/txt2img", {**body, "override_settings": {"sd_model_checkpoint": "second-copy"}})
@@ -217,7 +253,9 @@ def test_a_per_request_checkpoint_applies_to_that_request_only(server):
     ("/sdapi/v1/txt2img", {"width": 65}, 422, "width must be a multiple of 8"),
     ("/sdapi/v1/txt2img", {"width": 99999}, 422, "between 64 and 4096"),
     ("/sdapi/v1/txt2img", {"steps": "many"}, 422, "valid integer"),
-    ("/sdapi/v1/txt2img", {"alwayson_scripts": {"ControlNet": {"args": []}}}, 422, "ControlNet"),
+    ("/sdapi/v1/txt2img", {"alwayson_scripts": {"ControlNet": {"args": [{"model": "x", "weight": "heavy"}]}}}, 422,
+     "ControlNet unit 0: weight must be a number"),
+    ("/sdapi/v1/txt2img", {"alwayson_scripts": {"ADetailer": {"args": []}}}, 422, "script not found: ADetailer"),
     ("/sdapi/v1/img2img", {"init_images": ["%%% not base64"]}, 422, "not valid base64"),
     ("/sdapi/v1/img2img", {"init_images": [base64.b64encode(b"hello world").decode()]}, 422, "not an image"),
     ("/sdapi/v1/img2img", {"init_images": []}, 422, "init_images is empty"),

@@ -100,3 +100,30 @@ def test_sampler_parameters_from_the_command_line_and_the_options(settings, mode
                      "--height", "64", "--steps", "3", "--seed", "5", "--sampler", "Euler"])
     parsed = parse_infotext(Image.open(Path(capsys.readouterr().out.strip())).info["parameters"])
     assert code == 0 and parsed["Sigma churn"] == "0.5" and "UniPC order" not in parsed
+
+
+def test_controlnet_units_and_detect_from_the_command_line(settings, model_files, capsys, tmp_path):
+    import numpy as np
+    from PIL import ImageDraw
+
+    from backend import random_controlnets
+
+    install(settings, model_files["sd1"])
+    folder = settings.model_dir("controlnet")
+    folder.mkdir(parents=True)
+    random_controlnets.save_lllyasviel(random_controlnets.build("sd1", seed=1), folder / "tiny_canny.safetensors")
+    edges = tmp_path / "edges.png"
+    drawing = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(drawing).rectangle((10, 10, 40, 40), outline="black", width=3)
+    drawing.save(edges)
+    code = app.main(["--data-dir", str(settings.data_dir), "detect", "--module", "canny", "--image", str(edges)])
+    detected = Path(capsys.readouterr().out.strip())
+    assert code == 0 and detected.name == "edges-canny.png"
+    assert set(np.unique(np.asarray(Image.open(detected)))) == {0, 255}  # edges, white on black
+    common = ["--data-dir", str(settings.data_dir), "generate", "--prompt", "a star", "--width", "64", "--height",
+              "64", "--steps", "2", "--seed", "4"]
+    code = app.main([*common, "--controlnet", f"model=tiny_canny,module=canny,image={edges},weight=0.8,end=0.5"])
+    parsed = parse_infotext(Image.open(Path(capsys.readouterr().out.strip())).info["parameters"])
+    assert code == 0 and "Weight: 0.8" in parsed["ControlNet 0"] and "Guidance End: 0.5" in parsed["ControlNet 0"]
+    code = app.main([*common, "--controlnet", f"module=canny,image={edges}"])
+    assert code == 1 and "name the model (model=NAME)" in capsys.readouterr().err
