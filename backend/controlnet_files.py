@@ -1,10 +1,7 @@
-"""ControlNet files: the library of `models/ControlNet` titled as sd-webui-controlnet titles it, and the
-files users have (lllyasviel's originals, diffusers folders and files, union models) read offline into a
-diffusers `ControlNetModel` / `ControlNetUnionModel`. Formats are told apart by tensors, never file names.
+"""ControlNet files read offline: the files users have (lllyasviel's originals, diffusers folders and files,
+union models) detected and loaded into a diffusers `ControlNetModel` / `ControlNetUnionModel`. Formats are
+told apart by tensors, never file names. (Listing and titling them: `controlnet_library`.)
 
-- `ControlNetLibrary(folders)`: `.files` (`ControlNetFile`: name, title "name [hash]", path, relative),
-  `.titles()`, `.refresh()`, `.resolve(text)`: a title, name, file name or relative path; "None" -> None.
-  Titles carry A1111's old 8-digit model hash (`model_hash`), as sd-webui-controlnet's do.
 - `inspect(path) -> ControlNetInfo`: family ("sd1"/"sd2"/"sdxl"), layout ("lllyasviel"/"diffusers"),
   kind ("controlnet"/"union"), stored dtype, config; a .safetensors header suffices.
 - `load_controlnet(path, family, dtype, device, unet_config=None)`: refuses a ControlNet for another base
@@ -15,11 +12,9 @@ diffusers `ControlNetModel` / `ControlNetUnionModel`. Formats are told apart by 
 
 from __future__ import annotations
 
-import hashlib
 import inspect as signature_inspect
 import json
 import logging
-import os
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -34,7 +29,6 @@ from backend.model_detection import FAMILIES, family_config
 
 logger = logging.getLogger(__name__)
 
-CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")  # sd-webui-controlnet's list
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                      "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
@@ -354,112 +348,3 @@ def load_controlnet(path: Path, family: str, dtype=torch.float32, device="cpu", 
             logger.warning("%s; using the config its weights tell instead", exc)
     config = _full_config(derived, info.family, info.kind, unet_config)
     return _build(config, weights, info.kind, path.name, dtype, device)
-
-
-# -- the library ---------------------------------------------------------------------------------------
-def model_hash(path: Path) -> str:
-    """A1111's old model hash, which sd-webui-controlnet puts in its titles: the first 8 hex digits of the
-    sha256 of the 64 KiB at 1 MiB into the file (of nothing, e3b0c442, for a file under 1 MiB)."""
-    with open(path, "rb") as handle:
-        handle.seek(0x100000)
-        return hashlib.sha256(handle.read(0x10000)).hexdigest()[:8]
-
-
-@dataclass(frozen=True)
-class ControlNetFile:
-    name: str  # file stem, or folder name: what sd-webui-controlnet matches
-    title: str  # "name [hash]", as sd-webui-controlnet lists it
-    path: Path  # a weights file or a diffusers folder
-    relative: str  # path under its root folder, without the suffix: "sdxl/canny"
-
-
-def _scan(root: Path) -> list[tuple[Path, Path]]:
-    """(path, hashed file) of every model under `root`: weights files, and diffusers folders (config.json
-    and diffusion_pytorch_model.*) as one entry whose other weights files are listed on their own."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        main = next((n for n in DIFFUSERS_WEIGHTS if n in filenames), None) if "config.json" in filenames else None
-        if main and here != root:
-            found.append((here, here / main))
-        for filename in sorted(filenames):
-            path = here / filename
-            taken = here != root and main is not None and filename in DIFFUSERS_WEIGHTS
-            if path.suffix.lower() in CONTROLNET_SUFFIXES and not filename.startswith(".") and not taken:
-                found.append((path, path))
-    return found
-
-
-class ControlNetLibrary:
-    """The ControlNets in one or more folders (subfolders included), titled and resolved the way
-    sd-webui-controlnet does it; `refresh()` rescans. Hashes are remembered by path, size and mtime."""
-
-    def __init__(self, folders: Path | Sequence[Path]):
-        self.folders = [Path(folders)] if isinstance(folders, (str, Path)) else [Path(f) for f in folders]
-        self._hashes: dict[tuple, str] = {}
-        self._files: list[ControlNetFile] = []
-        self.refresh()
-
-    def _hash(self, path: Path) -> str:
-        stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        if key not in self._hashes:
-            self._hashes[key] = model_hash(path)
-        return self._hashes[key]
-
-    def refresh(self) -> None:
-        files = []
-        for root in self.folders:
-            for path, hashed in _scan(root) if root.is_dir() else []:
-                name = path.name if path.is_dir() else path.stem
-                if name == "None":  # sd-webui-controlnet's word for "no model"
-                    continue
-                relative = path.relative_to(root)
-                relative = relative if path.is_dir() else relative.with_suffix("")
-                try:
-                    title = f"{name} [{self._hash(hashed)}]"
-                except OSError as exc:  # a broken link or an unreadable file: leave it out, say so
-                    logger.warning("Skipping ControlNet %s: %s", path, exc)
-                    continue
-                files.append(ControlNetFile(name, title, path, relative.as_posix()))
-        # sd-webui-controlnet sorts by file name; the first folder wins a tie
-        self._files = sorted(files, key=lambda f: f.path.name)
-
-    @property
-    def files(self) -> list[ControlNetFile]:
-        return list(self._files)
-
-    def titles(self) -> list[str]:
-        """What sd-webui-controlnet's `/controlnet/model_list` answers (without its leading "None")."""
-        return list(dict.fromkeys(f.title for f in self._files))
-
-    def _find(self, text: str) -> ControlNetFile | None:
-        for file in self._files:
-            if file.title == text:
-                return file
-        # A title whose hash differs (another copy of the file) still names the model.
-        bare = re.sub(r"\s*\[[0-9a-fA-F]{8,}\]$", "", text).lower()
-        for file in self._files:
-            if bare in (file.name.lower(), file.path.name.lower(), file.relative.lower()):
-                return file
-        # sd-webui-controlnet's last resort: the shortest name containing the text.
-        matches = sorted((f for f in self._files if bare in f.name.lower()), key=lambda f: len(f.name))
-        if matches:
-            logger.info("ControlNet '%s' taken to mean %s", text, matches[0].title)
-        return matches[0] if matches else None
-
-    def resolve(self, text: str | None) -> ControlNetFile | None:
-        """The model a client names (title, name, file name or relative path); None for "None"."""
-        text = (text or "").strip()
-        if text.lower() in ("", "none"):
-            return None
-        found = self._find(text)
-        if found is None:
-            self.refresh()  # a file added since the last scan
-            found = self._find(text)
-        if found is None:
-            available = ", ".join(self.titles()) or "none"
-            folders = ", ".join(str(f) for f in self.folders)
-            raise ControlNetNotFoundError(f"ControlNet model '{text}' not found in {folders}; available: {available}")
-        return found

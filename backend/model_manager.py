@@ -16,7 +16,7 @@ import torch
 from backend import checkpoints, devices, diffusers_folder, model_detection
 from backend.checkpoints import CheckpointLoadError, Components
 from backend.control_units import ControlNetCache
-from backend.controlnet_files import ControlNetLibrary
+from backend.controlnet_library import ControlNetLibrary
 from backend.embeddings import EmbeddingLibrary
 from backend.faces import FaceRestorers
 from backend.lora_files import LoraLibrary

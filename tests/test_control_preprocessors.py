@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from backend import control_maps
 from backend import control_preprocessors as cp
 from backend.errors import InputError
 
@@ -189,12 +190,12 @@ def test_resize_mode_geometry(mode, size, yellow, cyan, rows):
     (2, "Resize and Fill", "Envelope (Outer Fit)", "Outer Fit (Shrink to Fit)"),
 ])
 def test_resize_mode_indices_and_old_names(names):
-    assert {cp.resize_mode_name(n) for n in names} == {names[1]}
+    assert {control_maps.resize_mode_name(n) for n in names} == {names[1]}
 
 
 def test_bad_resize_mode_and_size():
     with pytest.raises(InputError, match="Just Resize, Crop and Resize, Resize and Fill"):
-        cp.resize_mode_name("Stretch")
+        control_maps.resize_mode_name("Stretch")
     with pytest.raises(InputError, match="at least 8x8"):
         cp.prepare_control_image(Image.fromarray(markers()), "none", (4, 64))
 
@@ -207,14 +208,14 @@ def test_resize_and_fill_masks_the_new_area_of_an_inpaint_map():
     cond = cp.prepare_control_image(Image.fromarray(markers()), "inpaint_only", (64, 64), 2)
     assert (cond[:, :16] == -1).all() and (cond[:, 48:] == -1).all()
     assert np.array_equal(as_uint8(cond[:, 16:48]), markers())
-    mask = cp.prepare_control_mask(Image.fromarray(np.zeros((32, 64), np.uint8)), (64, 64), "Resize and Fill")
+    mask = control_maps.prepare_control_mask(Image.fromarray(np.zeros((32, 64), np.uint8)), (64, 64), "Resize and Fill")
     assert mask.shape == (1, 64, 64) and mask[0, :16].eq(1).all() and mask[0, 16:48].eq(0).all()
 
 
 def test_unit_mask_follows_the_image_geometry():
     mask = np.zeros((32, 64), np.uint8)
     mask[:, :32] = 255
-    cropped = cp.prepare_control_mask(Image.fromarray(mask), (64, 64), "Crop and Resize")[0]
+    cropped = control_maps.prepare_control_mask(Image.fromarray(mask), (64, 64), "Crop and Resize")[0]
     assert cropped[:, :32].eq(1).all() and cropped[:, 32:].eq(0).all()  # 2x to 128 wide, columns 32-95
 
 
@@ -258,7 +259,7 @@ PIXEL_PERFECT = [
 
 @pytest.mark.parametrize("image_size, target, mode, expected", PIXEL_PERFECT)
 def test_pixel_perfect_resolution(image_size, target, mode, expected):
-    assert cp.pixel_perfect_resolution(image_size, target, mode) == expected
+    assert control_maps.pixel_perfect_resolution(image_size, target, mode) == expected
 
 
 def test_pixel_perfect_runs_the_module_at_that_resolution():

@@ -18,12 +18,11 @@ from backend import controlnet_files, random_controlnets, random_models
 from backend.controlnet_files import (
     ControlNetBaseError,
     ControlNetFileError,
-    ControlNetLibrary,
     ControlNetNotFoundError,
     inspect,
     load_controlnet,
-    model_hash,
 )
+from backend.controlnet_library import ControlNetLibrary, model_hash
 from backend.errors import InputError, ModelFileError
 from backend.settings import Settings
 
