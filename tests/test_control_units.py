@@ -150,3 +150,20 @@ def test_a_unit_without_an_image_in_txt2img_and_an_unknown_model_are_refused(con
         pixels(control_manager, ControlUnit("tiny_canny", "canny"))
     with pytest.raises(Exception, match="ControlNet unit 0: ControlNet model 'nope' not found"):
         pixels(control_manager, ControlUnit("nope", "canny", edges()))
+
+
+def test_an_sdxl_controlnet_steers_an_sdxl_model_and_an_sd1_one_is_refused(settings, model_files):
+    from backend.model_manager import ModelManager
+    from tests.conftest import install
+
+    install(settings, model_files["sdxl"])
+    folder = settings.model_dir("controlnet")
+    folder.mkdir(parents=True)
+    random_controlnets.save_lllyasviel(random_controlnets.build("sdxl", seed=3), folder / "tiny_xl.safetensors")
+    random_controlnets.save_lllyasviel(random_controlnets.build("sd1", seed=1), folder / "tiny_sd15.safetensors")
+    manager = ModelManager(settings)
+    plain = pixels(manager)
+    assert np.abs(pixels(manager, ControlUnit("tiny_xl", "canny", edges())) - plain).mean() > 1
+    assert np.array_equal(pixels(manager, ControlUnit("tiny_xl", "canny", edges(), weight=0.0)), plain)
+    with pytest.raises(Exception, match="ControlNet unit 0: .*SD 1.x.*SDXL"):
+        pixels(manager, ControlUnit("tiny_sd15", "canny", edges()))
