@@ -213,3 +213,30 @@ def test_prompts_from_file_runs_each_line_with_its_options(manager):
 def test_an_unknown_script_names_the_installed_ones(manager):
     with pytest.raises(RequestError, match="script 'Loopback' not found; scripts: .*X/Y/Z plot"):
         manager.generate(GenerationRequest(**BASE, script_name="Loopback"))
+
+
+def test_xyz_plot_sweeps_a_controlnet_units_weight(manager):
+    from PIL import Image, ImageDraw
+
+    from backend.control_units import ControlUnit
+    from tests.test_api import write_controlnet
+
+    folder = manager.settings.model_dir("controlnet")
+    write_controlnet(folder / "shapes_canny.safetensors", manager.settings.cache_dir)
+    manager.manager.controlnets.library.refresh()
+    edges = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(edges).rectangle((8, 8, 40, 40), outline="black", width=3)
+    unit = ControlUnit("shapes_canny", "canny", edges)
+    request = GenerationRequest(**BASE, control_units=(unit,), script_name=XYZ, script_args={XYZ: {
+        "x_type": "[ControlNet] Weight", "x_values": "0, 1", "y_type": "Nothing", "y_values": "",
+        "z_type": "Nothing", "z_values": ""}})
+    result = manager.generate(request)
+    cells = result.images[1:]
+    assert [parse_infotext(c.infotext)["ControlNet 0"].split(", ")[2] for c in cells] == ["Weight: 0.0", "Weight: 1.0"]
+    plain = manager.generate(GenerationRequest(**BASE)).images[0]
+    assert np.array_equal(np.asarray(cells[0].image), np.asarray(plain.image))
+    assert not np.array_equal(np.asarray(cells[1].image), np.asarray(plain.image))
+    with pytest.raises(RequestError, match="needs a ControlNet unit"):
+        manager.extensions.check_script(GenerationRequest(**BASE, script_name=XYZ, script_args={XYZ: {
+            "x_type": "[ControlNet] Weight", "x_values": "0, 1", "y_type": "Nothing", "y_values": "",
+            "z_type": "Nothing", "z_values": ""}}))

@@ -9,6 +9,7 @@ run together, so each checkpoint is loaded once. Written on Easel's extension AP
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import math
 import re
@@ -41,6 +42,11 @@ AXES = {
     "LoRA weight": (float, "lora_weight"),
     "Denoising": (float, "denoising_strength"),
     "Clip skip": (int, "clip_skip"),
+    # sd-webui-controlnet's axes; they set every unit of the request
+    "[ControlNet] Weight": (float, "control:weight"),
+    "[ControlNet] Guidance Start": (float, "control:guidance_start"),
+    "[ControlNet] Guidance End": (float, "control:guidance_end"),
+    "[ControlNet] Model": (str, "control:model"),
 }
 _RANGE = re.compile(r"^\s*([-+]?\d*\.?\d+)\s*-\s*([-+]?\d*\.?\d+)\s*(?:\(\s*([-+]?\d*\.?\d+)\s*\)|\[\s*(\d+)\s*\])?\s*$")
 
@@ -152,6 +158,8 @@ def plan(args: dict, request, max_cells: int = MAX_CELLS,
     for (axis, _), vals in zip(axes, values):
         if axis == "Prompt S/R" and vals[0] not in request.prompt and vals[0] not in request.negative_prompt:
             raise RequestError(f"X/Y/Z plot: '{vals[0]}' (the first Prompt S/R value) is not in the prompt")
+        if AXES[axis][1] and AXES[axis][1].startswith("control:") and not request.control_units:
+            raise RequestError(f"X/Y/Z plot: the {axis} axis needs a ControlNet unit in the request")
     return axes, values
 
 
@@ -164,6 +172,10 @@ def apply(request, axis: str, value, search: str | None):
                                     negative_prompt=request.negative_prompt.replace(search, value))
     if field == "lora_weight":
         return request.with_changes(prompt=LORA_TAG.sub(lambda m: f"{m.group(1)}{value:g}", request.prompt))
+    if field.startswith("control:"):
+        name = field.partition(":")[2]
+        return request.with_changes(control_units=tuple(dataclasses.replace(unit, **{name: value})
+                                                        for unit in request.control_units))
     return request.with_changes(**{field: value})
 
 
