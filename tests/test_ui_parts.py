@@ -262,3 +262,98 @@ def test_pasted_values_are_clamped_to_the_controls_with_a_note(values, expected,
     ranges = {"width": (64, 2048), "height": (64, 2048), "steps": (1, 150), "cfg_scale": (1, 30),
               "restore_faces": (0, 1)}
     assert clamp_to_ranges(values, ranges) == (expected, notes)
+
+
+# -- ControlNet units --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def built_ui(tmp_path_factory):
+    """The whole UI built on an empty data folder (no model is loaded): its pages' controls by name."""
+    from backend.runtime import Runtime
+    from backend.settings import Settings
+    from ui.context import UIContext
+    from ui.webui import EaselUI
+
+    ui = EaselUI(UIContext(Runtime.create(Settings(data_dir=tmp_path_factory.mktemp("ui-data")))))
+    ui.build()
+    return ui
+
+
+def page_values(ui, mode: str, **controlnet) -> dict:
+    """The page's starting values by component, with ControlNet unit controls set by `unit<N>_<field>`."""
+    from ui import controlnet_panel
+
+    page = ui.pages[mode]
+    values = {component: getattr(component, "value", None) for component in page.values()}
+    for name, value in controlnet.items():
+        index, field = name.removeprefix("unit").split("_", 1)
+        values[page[controlnet_panel.key(int(index), field)]] = value
+    return values
+
+
+def request_from(ui, mode: str, values: dict):
+    from ui.page_events import build_request
+
+    return build_request(ui, mode, values, {"checkpoint": None, "vae": None, "clip_skip": 1})
+
+
+def test_an_enabled_controlnet_unit_reaches_the_request_with_its_values(built_ui):
+    from backend.control_units import ControlUnit
+
+    image, mask = Image.new("RGB", (16, 16), "white"), Image.new("L", (16, 16), 255)
+    values = page_values(
+        built_ui, "txt2img", unit0_enabled=False, unit0_model="off [00000000]", unit0_image=image,
+        unit1_enabled=True, unit1_image=image, unit1_mask=mask, unit1_module="canny", unit1_model="tiny [abcd1234]",
+        unit1_weight=0.65, unit1_guidance_start=0.1, unit1_guidance_end=0.8,
+        unit1_control_mode="ControlNet is more important", unit1_resize_mode="Resize and Fill",
+        unit1_pixel_perfect=True, unit1_processor_res=256, unit1_threshold_a=40, unit1_threshold_b=180,
+        unit1_hr_option="Low res only",
+        unit2_enabled=True, unit2_image=image, unit2_model="None")  # no model: skipped like a disabled unit
+    request = request_from(built_ui, "txt2img", values)
+    assert request.control_units == (ControlUnit(
+        model="tiny [abcd1234]", module="canny", weight=0.65, guidance_start=0.1, guidance_end=0.8,
+        control_mode="ControlNet is more important", resize_mode="Resize and Fill", processor_res=256,
+        threshold_a=40.0, threshold_b=180.0, pixel_perfect=True, hr_option="Low res only"),)
+    assert request.control_units[0].image is image and request.control_units[0].mask is mask
+    request.validate()
+    # A module without thresholds sends -1 (its defaults) for them, whatever the hidden sliders hold.
+    values = page_values(built_ui, "txt2img", unit0_enabled=True, unit0_image=image, unit0_model="tiny",
+                         unit0_module="shuffle", unit0_threshold_a=40, unit0_processor_res=256)
+    unit = request_from(built_ui, "txt2img", values).control_units[0]
+    assert (unit.module, unit.processor_res, unit.threshold_a, unit.threshold_b) == ("shuffle", -1, -1.0, -1.0)
+    assert request_from(built_ui, "txt2img", page_values(built_ui, "txt2img")).control_units == ()
+
+
+def test_a_controlnet_unit_without_an_image_is_refused_in_txt2img_only(built_ui):
+    import gradio as gr
+
+    with pytest.raises(gr.Error, match="ControlNet unit 0 has no image"):
+        request_from(built_ui, "txt2img", page_values(built_ui, "txt2img", unit0_enabled=True, unit0_model="tiny"))
+    values = page_values(built_ui, "img2img", unit0_enabled=True, unit0_model="tiny")
+    values[built_ui.pages["img2img"]["_image"]] = Image.new("RGB", (16, 16))
+    unit = request_from(built_ui, "img2img", values).control_units[0]
+    assert unit.image is None and unit.hr_option == "Both"  # the init image; img2img has no hires pass
+
+
+def test_pasting_an_infotext_sets_the_controlnet_units(built_ui):
+    from backend.control_units import ControlUnit, infotext_parameters
+    from ui import controlnet_panel
+    from ui.context import paste_infotext, pasted_names
+
+    entry = infotext_parameters((ControlUnit("tiny", "canny", weight=0.5, guidance_end=0.75, threshold_a=50,
+                                             control_mode="My prompt is more important", hr_option="High res only"),),
+                                {"tiny": "tiny [abcd1234]"})["ControlNet 0"]
+    text = f'a star\nSteps: 3, Seed: 1, Size: 64x64, ControlNet 0: "{entry}"'
+    page = built_ui.pages["txt2img"]
+    names = pasted_names(page)
+    current = {name: page[name].value for name in names}
+    current[controlnet_panel.key(1, "enabled")] = True  # a unit the infotext does not name is turned off
+    values = paste_infotext(page, current, text)
+    unit = {name: values[controlnet_panel.key(0, name)] for name in controlnet_panel.PASTED}
+    sliders = {name: unit.pop(name) for name in controlnet_panel.SLIDERS}
+    assert unit == {"enabled": True, "module": "canny", "model": "tiny [abcd1234]", "weight": 0.5,
+                    "guidance_start": 0.0, "guidance_end": 0.75, "control_mode": "My prompt is more important",
+                    "resize_mode": "Crop and Resize", "pixel_perfect": False, "hr_option": "High res only"}
+    assert [(s["label"], s["value"], s["minimum"], s["maximum"], s["visible"]) for s in sliders.values()] == [
+        ("Resolution", 512, 64, 2048, True), ("Low Threshold", 50, 1, 255, True), ("High Threshold", 200, 1, 255, True)]
+    assert values[controlnet_panel.key(1, "enabled")] is False and values["steps"] == 3
+    assert controlnet_panel.key(0, "image") not in values

@@ -26,7 +26,7 @@ from backend.options import Options
 from backend.runtime import Runtime
 from backend.styles import StyleDatabase
 from backend.wildcards import Wildcards
-from ui import jobs
+from ui import controlnet_panel, jobs
 
 logger = logging.getLogger(__name__)
 
@@ -204,13 +204,19 @@ def clamp_to_ranges(values: dict[str, Any], ranges: dict[str, tuple[float, float
     return values, notes
 
 
+def pasted_names(page: dict[str, Any]) -> list[str]:
+    """The page's controls a pasted infotext sets: the request fields and the ControlNet units' settings."""
+    return [name for name in page if not name.startswith("_")] + controlnet_panel.pasted_names(page)
+
+
 def paste_infotext(page: dict[str, Any], current: dict[str, Any], text: str) -> dict[str, Any]:
     """A pasted infotext's fields over a page's current values (by field name), numbers clamped to
-    their sliders' ranges with a warning that names each."""
+    their sliders' ranges with a warning that names each; its `ControlNet N` entries set the units."""
     values = {**current, **{k: v for k, v in fields_from_infotext(text).items() if k in current}}
     ranges = {name: (page[name].minimum, page[name].maximum) for name in values
-              if isinstance(page.get(name), gr.Slider)}
+              if isinstance(page.get(name), gr.Slider) and not name.startswith("_")}
     values, notes = clamp_to_ranges(values, ranges)
     if notes:
         gr.Warning("Pasted parameters changed to fit the controls: " + "; ".join(notes))
+    values.update({k: v for k, v in controlnet_panel.pasted_values(text).items() if k in current})
     return values

@@ -12,7 +12,7 @@ from backend.hires import HIRES_LATENT_MODES, SAME_SAMPLER
 from backend.images import INPAINT_AREAS, MASKED_CONTENT, RESIZE_MODES
 from backend.request import MIN_SIZE
 from backend.samplers import SAMPLER_NAMES, SCHEDULE_TYPES
-from ui import extra_networks
+from ui import controlnet_panel, extra_networks
 from ui.context import EXTRA_NETWORK_KINDS, MASK_MODES, slug
 
 
@@ -94,6 +94,7 @@ def _settings_column(ui, c: dict[str, Any], mode: str) -> None:
             c["seed_resize_from_h"] = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from height")
     if mode == "txt2img":
         hires_controls(ui, c)
+    controlnet_panel.controlnet_panel(ui, c, mode)
     extension_panels(ui, c, mode)
     with gr.Accordion("Wildcards", open=False):
         c["_wildcards"] = gr.Dataset(

@@ -15,7 +15,7 @@ import gradio as gr
 
 from backend import outputs
 from backend.request import GenerationRequest
-from ui import jobs
+from ui import controlnet_panel, jobs
 from ui.context import (
     UI_IMAGES,
     describe_error,
@@ -46,6 +46,7 @@ def build_request(ui, mode: str, values: dict[str, Any], top: dict[str, Any]) ->
             values[page["_upload_image"]], values[page["_upload_mask"]],
         )
         fields["init_image"], fields["mask"] = image.convert("RGB"), mask
+    fields["control_units"] = controlnet_panel.control_units(page, values, mode)
     return GenerationRequest(
         **{**ui.ctx.runtime.request_defaults(mode), **fields},
         checkpoint=top["checkpoint"] or None,
@@ -71,7 +72,7 @@ def wire_generation(ui, mode: str, top: dict[str, Any]) -> None:
     c = ui.pages[mode]
     ctx = ui.ctx
     inputs = {comp for name, comp in c.items() if not name.startswith("_") or name.startswith("_ext:")}
-    inputs |= {c["_styles"]}
+    inputs |= {c["_styles"]} | controlnet_panel.request_inputs(c)
     if mode == "img2img":
         inputs |= {c["_mode"], c["_image"], c["_sketch"], c["_inpaint"], c["_upload_image"], c["_upload_mask"]}
     inputs |= set(top.values())

@@ -1,5 +1,5 @@
 """A generation page's helpers: token counters, seed buttons, styles, wildcards, the gallery's
-selection, the extra networks cards and the output folder button.
+selection, the extra networks cards, the ControlNet units' buttons and the output folder button.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import gradio as gr
 
 from backend.embeddings import NO_EMBEDDINGS
 from backend.styles import Style
-from ui import extra_networks
+from ui import controlnet_panel, extra_networks
 from ui.context import EXTRA_NETWORK_KINDS, format_infotext_html, open_folder, token_counter
 from ui.page import extra_cards, wildcard_samples
 
@@ -50,6 +50,7 @@ def wire_page_helpers(ui, mode: str) -> None:
     c["_gallery"].select(select, inputs=c["_infotexts"], outputs=[c["_infotext"], c["_selected"]], queue=False,
                          api_visibility="private")
     wire_extra_networks(ui, mode)
+    controlnet_panel.wire_controlnet(ui, mode)
 
     def open_outputs():
         folder = ctx.runtime.output_dir(mode)

@@ -10,7 +10,7 @@ import gradio as gr
 from PIL import Image
 
 from backend import infotext, outputs
-from ui.context import error_html, format_infotext_html, paste_infotext
+from ui.context import error_html, format_infotext_html, paste_infotext, pasted_names
 
 
 def png_info_tab(ui) -> None:
@@ -46,7 +46,7 @@ def png_info_tab(ui) -> None:
     upload.change(read, inputs=upload, outputs=[shown, raw], queue=False, api_visibility="private")
     for button, mode in ((to_txt2img, "txt2img"), (to_img2img, "img2img")):
         page = ui.pages[mode]
-        names = [n for n in page if not n.startswith("_")]
+        names = pasted_names(page)
 
         def send(given: dict, page=page, names=names, mode=mode):
             text, path = given[raw], given[upload]

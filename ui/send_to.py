@@ -6,13 +6,13 @@ from __future__ import annotations
 import gradio as gr
 from PIL import Image
 
-from ui.context import paste_infotext
+from ui.context import paste_infotext, pasted_names
 
 
 def wire_send_to(ui, source: str) -> None:
     """Send the selected image and its parameters to img2img or its inpaint tab."""
     c, target = ui.pages[source], ui.pages["img2img"]
-    shared = [name for name in target if not name.startswith("_") and name in c]
+    shared = [name for name in pasted_names(target) if name in c]
 
     def send(given: dict, inpaint: bool):
         paths, infotexts, selected = given[c["_paths"]], given[c["_infotexts"]], given[c["_selected"]]
