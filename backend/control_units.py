@@ -162,7 +162,7 @@ class ControlNetCache:
 
     def load(self, name: str, model) -> tuple[torch.nn.Module, str]:
         """(ControlNet, its title) for `name` as a client gives it, loaded for `model`."""
-        from backend import controlnet_files
+        from backend import controlnet_files  # diffusers' converters load only when a unit is used
 
         file = self.library.resolve(name)
         if file is None:
@@ -190,7 +190,7 @@ def prepare(units: tuple[ControlUnit, ...], cache: ControlNetCache, model, size:
     """The units that run in this pass, ready at `size` (width, height), and the models' titles by the name
     asked for. A unit without an image uses the img2img init image. Out-of-range preprocessor values fall
     back to the module's defaults, as sd-webui-controlnet does; `seed` seeds a random preprocessor."""
-    from backend import control_preprocessors
+    from backend import control_preprocessors  # OpenCV loads only when a unit is used (request.py imports us)
 
     active, titles = [], {}
     f = model.vae_scale_factor

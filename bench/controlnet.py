@@ -10,20 +10,16 @@ same run. Also the ControlNet's share of a step's FLOPs, estimated from paramete
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
-from backend import random_controlnets
+from backend import control_preprocessors, random_controlnets
 from backend.control_units import ControlUnit
-from backend.generation import generate
 from backend.model_manager import ModelManager
-from backend.progress import JobControl
-from backend.request import GenerationRequest
 from backend.settings import Settings
-from bench.engine_vs_diffusers import NEGATIVE, PROMPT, build_checkpoints, step_times
+from bench.engine_vs_diffusers import build_checkpoints, time_diffusers, time_easel
 
 CONTROLNET = "sd15-random-canny"
 
@@ -34,7 +30,7 @@ def edges(size: int) -> Image.Image:
     return image
 
 
-def build_controlnet(cache: Path, manager: ModelManager) -> None:
+def build_controlnet(manager: ModelManager) -> None:
     folder = manager.settings.model_dir("controlnet")
     target = folder / f"{CONTROLNET}.safetensors"
     if not target.is_file():
@@ -43,17 +39,6 @@ def build_controlnet(cache: Path, manager: ModelManager) -> None:
         net = random_controlnets.for_unet(manager.activate("sd15-random-a").unet.float(), seed=0)
         random_controlnets.save_lllyasviel(net, target, torch.float16)
         manager.controlnets.library.refresh()
-
-
-def time_easel(manager, args, units: int) -> float:
-    stamps: list[float] = []
-    control = JobControl(on_progress=lambda p: stamps.append(time.perf_counter()))
-    unit = ControlUnit(CONTROLNET, "canny", edges(args.size))
-    request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, steps=args.steps, sampler="DPM++ 2M",
-                                schedule_type="Karras", cfg_scale=7, width=args.size, height=args.size, seed=1,
-                                save_images=False, control_units=(unit,) * units)
-    generate(manager, request, control)
-    return step_times(stamps)
 
 
 def diffusers_pipeline(model, net):
@@ -65,22 +50,6 @@ def diffusers_pipeline(model, net):
         vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
         controlnet=net, scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
-
-
-def time_diffusers(pipe, args) -> float:
-    from backend import control_preprocessors
-
-    stamps: list[float] = []
-
-    def on_step(pipe, step, timestep, kwargs):
-        stamps.append(time.perf_counter())
-        return kwargs
-
-    hint = control_preprocessors.run_preprocessor("canny", edges(args.size), args.size).convert("RGB")
-    pipe(PROMPT, image=hint, negative_prompt=NEGATIVE, num_inference_steps=args.steps, guidance_scale=7,
-         width=args.size, height=args.size, generator=torch.Generator("cpu").manual_seed(1),
-         callback_on_step_end=on_step, output_type="pil")
-    return step_times(stamps)
 
 
 def main() -> None:
@@ -95,17 +64,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     folder = build_checkpoints(args.cache)
     manager = ModelManager(Settings(data_dir=args.cache, ckpt_dir=folder, device=args.device))
-    build_controlnet(args.cache, manager)
+    build_controlnet(manager)
     model = manager.activate("sd15-random-a")
     net, _ = manager.controlnets.load(CONTROLNET, model)
     print(f"device {manager.placement.device}, dtype {manager.placement.dtype}, threads {args.threads}, "
           f"{args.size}x{args.size}, {args.steps} steps, CFG 7, DPM++ 2M Karras, canny")
     pipe = diffusers_pipeline(model, net)
     times: dict[str, list[float]] = {"easel 0": [], "easel 1": [], "easel 2": [], "diffusers 1": []}
+    unit = ControlUnit(CONTROLNET, "canny", edges(args.size))
+    hint = control_preprocessors.run_preprocessor("canny", edges(args.size), args.size).convert("RGB")
     for _ in range(args.repeats):  # interleaved, so each sees the same machine load
         for units in (0, 1, 2):
-            times[f"easel {units}"].append(time_easel(manager, args, units))
-        times["diffusers 1"].append(time_diffusers(pipe, args))
+            times[f"easel {units}"].append(time_easel(manager, args, control_units=(unit,) * units))
+        times["diffusers 1"].append(time_diffusers(pipe, args, image=hint))
     best = {key: min(values) for key, values in times.items()}
     unet_params = sum(p.numel() for p in model.unet.parameters())
     net_params = sum(p.numel() for p in net.parameters())

@@ -56,12 +56,13 @@ def step_times(events: list[float]) -> float:
     return gaps[len(gaps) // 2]
 
 
-def time_easel(manager, args) -> float:
+def time_easel(manager, args, **fields) -> float:
+    """Seconds per step of Easel; `fields`: more request fields (ControlNet units)."""
     stamps: list[float] = []
     control = JobControl(on_progress=lambda p: stamps.append(time.perf_counter()))
     request = GenerationRequest(prompt=PROMPT, negative_prompt=NEGATIVE, steps=args.steps, sampler="DPM++ 2M",
                                 schedule_type="Karras", cfg_scale=7, width=args.size, height=args.size,
-                                seed=1, save_images=False)
+                                seed=1, save_images=False, **fields)
     generate(manager, request, control)
     return step_times(stamps)
 
@@ -76,7 +77,8 @@ def diffusers_pipeline(model):
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def time_diffusers(pipe, args) -> float:
+def time_diffusers(pipe, args, **inputs) -> float:
+    """Seconds per step of a diffusers pipeline; `inputs`: more call arguments (a ControlNet's image)."""
     stamps: list[float] = []
 
     def on_step(pipe, step, timestep, kwargs):
@@ -85,7 +87,7 @@ def time_diffusers(pipe, args) -> float:
 
     pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=args.steps, guidance_scale=7, width=args.size,
          height=args.size, generator=torch.Generator("cpu").manual_seed(1), callback_on_step_end=on_step,
-         output_type="pil")
+         output_type="pil", **inputs)
     return step_times(stamps)
 
 
