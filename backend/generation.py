@@ -159,9 +159,11 @@ class _Job:
     def controls_for(self, size: tuple[int, int], hires_pass: bool = False) -> list:
         """The ControlNet units of this pass, prepared once for all batches."""
         if hires_pass not in self.controls:
-            init = self.run.init_image if self.source is not None else None
+            init, units = None, self.run.control_units
+            if self.source is not None:
+                init, units = self.run.init_image, tuple(self.source.control_unit(u) for u in units)
             self.controls[hires_pass], titles = control_units.prepare(
-                self.run.control_units, self.manager.controlnets, self.model, size, init, hires_pass,
+                units, self.manager.controlnets, self.model, size, init, hires_pass,
                 control_preprocessors.numpy_seed(self.run.seed, self.run.subseed))
             self.control_titles.update(titles)
         return self.controls[hires_pass]

@@ -6,13 +6,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from PIL import Image
 
 from backend import images
+from backend.control_units import ControlUnit
 from backend.request import GenerationRequest
 
 
@@ -35,6 +36,21 @@ class InitSource:
             full.paste(generated.resize((x2 - x1, y2 - y1), Image.LANCZOS), (x1, y1))
             generated = full
         return images.overlay(self.original, generated, self.overlay_mask)
+
+    def control_unit(self, unit: ControlUnit) -> ControlUnit:
+        """A ControlNet unit seen as sd-webui-controlnet sees it when only the masked region is generated:
+        its image (the init image when it has none) and its mask fitted to the whole init image with the
+        unit's resize mode, cropped to the generated region, then fitted to the generation size."""
+        if self.crop is None:
+            return unit
+        width, height = self.image.size
+
+        def cropped(image: Image.Image, mode: str = "RGB") -> Image.Image:
+            full = images.resize_image(image, *self.original.size, mode=unit.resize_mode.capitalize())
+            return images.resize_image(full.crop(self.crop), width, height, "Resize and fill").convert(mode)
+
+        image = cropped(unit.image if unit.image is not None else self.original)
+        return replace(unit, image=image, mask=None if unit.mask is None else cropped(unit.mask, "L"))
 
 
 def prepare(request: GenerationRequest, width: int, height: int) -> InitSource:
