@@ -46,6 +46,8 @@ def _add_folder_flags(parser: argparse.ArgumentParser) -> None:
     paths.add_argument("--vae-dir", type=Path, help="VAE folder (default: <data-dir>/models/VAE)")
     paths.add_argument("--lora-dir", type=Path, help="LoRA folder (default: <data-dir>/models/Lora)")
     paths.add_argument("--controlnet-dir", type=Path, help="ControlNet folder (default: <data-dir>/models/ControlNet)")
+    paths.add_argument("--clip-vision-dir", type=Path,
+                       help="CLIP image encoders for IP-Adapters (default: <data-dir>/models/clip_vision)")
     paths.add_argument("--embeddings-dir", type=Path, help="embeddings folder (default: <data-dir>/models/embeddings)")
     paths.add_argument("--outdir", type=Path, help="outputs folder (default: <data-dir>/outputs)")
     paths.add_argument("--wildcards-dir", type=Path, help="wildcards folder (default: <data-dir>/wildcards)")
@@ -174,6 +176,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         vae_dir=args.vae_dir,
         lora_dir=args.lora_dir,
         controlnet_dir=args.controlnet_dir,
+        clip_vision_dir=args.clip_vision_dir,
         embeddings_dir=args.embeddings_dir,
         outputs_dir=args.outdir,
         wildcards_dir=args.wildcards_dir,
@@ -288,9 +291,11 @@ def _open_image(path):
 
 
 def run_detect(args: argparse.Namespace, settings: Settings) -> int:
+    from backend import annotators
     from backend.control_preprocessors import run_preprocessor
 
-    detected = run_preprocessor(args.module, _open_image(args.image), args.res, args.threshold_a, args.threshold_b)
+    detected = run_preprocessor(args.module, _open_image(args.image), args.res, args.threshold_a, args.threshold_b,
+                                weights=annotators.weights_for(args.module, settings))
     out = args.out or args.image.with_name(f"{args.image.stem}-{args.module}.png")
     detected.save(out)
     print(out)

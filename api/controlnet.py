@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from api import convert
 from api.context import ApiContext, api_context, caller
 from api.errors import A1111Route
-from backend import control_preprocessors
+from backend import annotators, control_preprocessors
 from backend.control_units import CONTROL_MODES, HR_OPTIONS, RESIZE_MODES, ControlError, ControlUnit
 from backend.errors import InputError
 
@@ -144,8 +144,9 @@ class DetectRequest(BaseModel):
 
 
 @router.post("/controlnet/detect", tags=["controlnet"])
-async def detect(body: DetectRequest):
-    """The detected maps of the images, as the unit's preview shows them (base64 PNGs)."""
+async def detect(body: DetectRequest, api: ApiContext = Depends(api_context)):
+    """The detected maps of the images, as the unit's preview shows them (base64 PNGs). A model-based
+    module's model is downloaded on first use (when allowed) and stays loaded."""
     control_preprocessors.get_module(body.controlnet_module)  # an unknown module: 422 listing the known ones
     if not body.controlnet_input_images:
         raise InputError("No image selected: send controlnet_input_images")
@@ -154,9 +155,10 @@ async def detect(body: DetectRequest):
     masks = [convert.decode_image(data, f"controlnet_masks[{i}]") for i, data in enumerate(body.controlnet_masks)]
 
     def run() -> list[str]:
+        weights = annotators.weights_for(body.controlnet_module, api.runtime.settings)
         return [convert.encode_png(control_preprocessors.run_preprocessor(
             body.controlnet_module, image, body.controlnet_processor_res, body.controlnet_threshold_a,
-            body.controlnet_threshold_b, masks[i] if i < len(masks) else None, strict=False), None)
+            body.controlnet_threshold_b, masks[i] if i < len(masks) else None, strict=False, weights=weights), None)
             for i, image in enumerate(images)]
 
     return {"images": await run_in_threadpool(run), "info": "Success"}

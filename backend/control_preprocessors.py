@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from backend import depth_anything
 from backend.control_maps import (
     fit_map,
     grey_to_rgb,
@@ -178,6 +179,13 @@ def _color(inp: ModuleInput) -> np.ndarray:
     return cv2.resize(cells, size, interpolation=cv2.INTER_NEAREST)
 
 
+def _depth_anything_v2(inp: ModuleInput) -> np.ndarray:
+    # Normalised over the padded image, as sd-webui-controlnet does (the padding can hold the extremes).
+    return grey_to_rgb(_on_padded(inp.image, inp.resolution, lambda x: depth_anything.depth_map(inp.weights, x)))
+
+
+_VARIATION = Slider("Variation", 8.0, 3.0, 32.0, 1.0)  # tile_colorfix's blur radius in latent pixels
+
 _ALL = (
     Module("none", _identity, priority=10),
     Module("canny", _canny, threshold_a=Slider("Low Threshold", 100, 1, 255, 1),
@@ -194,6 +202,11 @@ _ALL = (
            priority=100),
     Module("tile_resample", _tile_resample, threshold_a=Slider("Down Sampling Rate", 1.0, 1.0, 8.0), priority=100),
     Module("color", _color, label="t2ia_color_grid"),
+    Module("depth_anything_v2", _depth_anything_v2, resolution=None, needs_weights=True),
+    # The image passes through; the colour fix runs during sampling (`tile_colorfix.color_fixed_noise`).
+    Module("tile_colorfix", _identity, resolution=None, threshold_a=_VARIATION),
+    Module("tile_colorfix+sharp", _identity, resolution=None, threshold_a=_VARIATION,
+           threshold_b=Slider("Sharpness", 1.0, 0.0, 2.0, 0.01)),
 )
 MODULES: dict[str, Module] = {m.name: m for m in _ALL}
 _BY_LABEL = {m.display_name: m for m in _ALL}

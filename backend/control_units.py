@@ -3,14 +3,16 @@
 A `ControlUnit` is what a user asks for (sd-webui-controlnet's unit fields). For each pass (the first
 pass, the hires pass) `prepare` loads its model and turns its image into the control map at the pass's
 size (`ActiveControl`). During sampling, every UNet call of the guidance asks `residuals` for the sum of
-the active units' residuals, which the UNet adds to its skip connections and middle block:
+the active units' residuals, which the UNet adds to its skip connections and middle block (ControlNets)
+or inside its down blocks (T2I-Adapters' features, computed once per pass from the control map alone):
 
 - a unit acts while sampling step / steps lies within [guidance_start, guidance_end] (A1111's
   `state.sampling_step` as its `on_cfg_denoiser` callback sees it, kept here in `SamplingProgress`);
-- "Balanced" scales every residual by the weight; "My prompt is more important" scales them by
-  weight x 0.825^(12 - i) (deep ones most), and so does the hires pass for canny and mlsd;
+- "Balanced" scales every residual by the weight; "My prompt is more important" (and the hires pass for canny
+  and mlsd) by weight x 0.825^(12 - i), deep ones most (an adapter's four features: x 0.25, 0.62, 0.825, 1);
   "ControlNet is more important" gives the negative prompt's rows none;
-- a unit's mask confines its residuals to the masked area.
+- a unit's mask confines its residuals to the masked area;
+- a union ControlNet is told its control type (`union_control_type`, else the module's).
 
 The UNet's weights are never touched.
 """
@@ -24,12 +26,20 @@ import numpy as np
 import torch
 from PIL import Image
 
+from backend import adapter_files
+from backend.controlnet_library import ControlNetCache
 from backend.errors import EaselError, InputError
 
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
 HR_OPTIONS = ("Both", "Low res only", "High res only")
 SOFT_BASE = 0.825  # lllyasviel's guess-mode decay: 0.825^12 < 0.01
+SOFT_ADAPTER = (0.25, 0.62, 0.825, 1.0)  # sd-webui-controlnet's soft weights for a T2I-Adapter's features
+# xinsir's union ControlNet's control types in its order, as sd-webui-controlnet names them (ProMax adds the
+# last two), and the words (xinsir's, and preprocessors') that choose each.
+UNION_CONTROL_TYPES = ("OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal Map", "Segmentation", "Tile", "Inpaint")
+_UNION_WORDS = (("openpose", "pose"), ("depth",), ("softedge", "hed", "pidi", "scribble", "teed"),
+                ("canny", "lineart", "mlsd"), ("normal",), ("seg", "segment"), ("tile", "blur"), ("inpaint", "repaint"))
 _SOFT_IN_HIRES = ("canny", "mlsd")  # sd-webui-controlnet softens these in the hires pass
 
 
@@ -56,6 +66,7 @@ class ControlUnit:
     threshold_b: float = -1.0
     pixel_perfect: bool = False
     hr_option: str = "Both"
+    union_control_type: str = "Unknown"  # a union ControlNet's type (UNION_CONTROL_TYPES); "Unknown": the module's
 
     def validate(self, index: int) -> None:
         where = f"ControlNet unit {index}"
@@ -74,9 +85,24 @@ class ControlUnit:
                 raise ControlError(f"{where}: {name} must be one of: {', '.join(choices)}; not {value!r}")
         if not (self.processor_res == -1 or 64 <= self.processor_res <= 4096):
             raise ControlError(f"{where}: processor resolution must be -1 (the module's) or 64-4096")
+        if str(self.union_control_type).strip().lower() not in ("", "unknown") \
+                and union_type_index(self.union_control_type) is None:
+            raise ControlError(f"{where}: union control type must be one of: {', '.join(UNION_CONTROL_TYPES)} "
+                               f"(or Unknown: the module's); not {self.union_control_type!r}")
 
     def runs_in(self, hires_pass: bool) -> bool:
         return self.hr_option == "Both" or (self.hr_option == "High res only") == hires_pass
+
+
+def union_type_index(text: str, module: bool = False) -> int | None:
+    """The index of the union control type `text` names ("Hard Edge", any case, or one of xinsir's words:
+    "canny", "scribble", ...) or, a `module`, whose word its name holds ("softedge_hed"); None for none."""
+    word = str(text).strip().lower()
+    for index, (name, words) in enumerate(zip(UNION_CONTROL_TYPES, _UNION_WORDS)):
+        if word in (name.lower(), name.lower().replace(" ", "_"), name.lower().replace(" ", "")) or word in words \
+                or module and any(w in word for w in words):
+            return index
+    return None
 
 
 @dataclass
@@ -94,54 +120,108 @@ class SamplingProgress:
 
 @dataclass
 class ActiveControl:
-    """A unit ready for one pass: its ControlNet, its control map (1, 3, H, W) in [0, 1] on the model's
-    device, and its mask at the latents' size (or None)."""
+    """A unit ready for one pass: its model (`kind` "controlnet", "union" or "t2i_adapter"), its control map
+    (1, C, H, W) in [0, 1] on the model's device, its mask at the latents' size (or None), and a union
+    ControlNet's control type index."""
 
     unit: ControlUnit
     net: torch.nn.Module
     hint: torch.Tensor
     mask: torch.Tensor | None
     soft: bool
+    kind: str = "controlnet"
+    union_type: int | None = None
+    _features: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def acts_at(self, progress: SamplingProgress) -> bool:
         fraction = progress.fraction
         return self.unit.guidance_start <= fraction <= self.unit.guidance_end and self.unit.weight > 0
 
     def scales(self, count: int) -> list[float]:
+        if self.soft and self.kind == "t2i_adapter":
+            return [self.unit.weight * s for s in SOFT_ADAPTER][:count]
         if self.soft:
             return [self.unit.weight * SOFT_BASE ** float(12 - i) for i in range(13)][:count]
         return [self.unit.weight] * count
 
+    def adapter_features(self) -> list[torch.Tensor]:
+        """A T2I-Adapter's features, computed the first time (they depend on the control map alone)."""
+        if self._features is None:
+            self._features = list(self.net(self.hint))
+        return self._features
+
+    def controlnet_outputs(self, sample: torch.Tensor, t, context, added: dict | None) -> list[torch.Tensor]:
+        """A ControlNet's down residuals and, last, its middle one for this call (an inpainting model's 9
+        input channels cut to the 4 of the latents)."""
+        rows = sample.shape[0]
+        inputs = {"controlnet_cond": self.hint.expand(rows, -1, -1, -1).to(sample.dtype)}
+        if self.kind == "union":  # one control image, its type as xinsir's one-hot vector
+            types = torch.zeros(rows, self.net.config.num_control_type, dtype=sample.dtype, device=sample.device)
+            types[:, self.union_type] = 1
+            inputs = dict(controlnet_cond=[inputs["controlnet_cond"]], control_type=types,
+                          control_type_idx=[self.union_type])
+        down, mid = self.net(sample[:, :4], t, encoder_hidden_states=context, added_cond_kwargs=added,
+                             return_dict=False, **inputs)
+        return [*down, mid]
+
+
+@dataclass
+class UNetResiduals:
+    """One UNet call's additions: ControlNets' residuals (`down`, `mid`), T2I-Adapters' features (`intrablock`)."""
+
+    down: list[torch.Tensor] | None = None
+    mid: torch.Tensor | None = None
+    intrablock: list[torch.Tensor] | None = None
+
+    def unet_kwargs(self) -> dict:
+        """The UNet2DConditionModel keyword arguments (a fresh features list each call: the UNet pops it)."""
+        kwargs = {}
+        if self.down is not None:
+            kwargs.update(down_block_additional_residuals=self.down, mid_block_additional_residual=self.mid)
+        if self.intrablock is not None:
+            kwargs["down_intrablock_additional_residuals"] = list(self.intrablock)
+        return kwargs
+
 
 def residuals(controls: list[ActiveControl], progress: SamplingProgress, sample: torch.Tensor, t,
-              context: torch.Tensor, added: dict | None, uncond_rows: slice | None
-              ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+              context: torch.Tensor, added: dict | None, uncond_rows: slice | None) -> UNetResiduals | None:
     """The summed residuals of the units acting now for one UNet call (None when none acts): `sample` is the
-    call's UNet input (an inpainting model's 9 channels are cut to 4 for the ControlNet), `uncond_rows` the
-    negative prompt's rows in it."""
-    total: list[torch.Tensor] | None = None
+    call's UNet input, `uncond_rows` the negative prompt's rows in it."""
+    found = UNetResiduals()
     for control in controls:
         if not control.acts_at(progress):
             continue
         rows = sample.shape[0]
-        down, mid = control.net(sample[:, :4], t, encoder_hidden_states=context,
-                                controlnet_cond=control.hint.expand(rows, -1, -1, -1).to(sample.dtype),
-                                added_cond_kwargs=added, return_dict=False)
-        outputs = [o * s for o, s in zip([*down, mid], control.scales(len(down) + 1))]
-        config = getattr(control.net, "config", None)
-        pooled = bool(getattr(config, "global_pool_conditions", False))  # shuffle: averaged, cond only
-        if pooled:
-            outputs = [o.mean(dim=(2, 3), keepdim=True) for o in outputs]
-        if (pooled or control.unit.control_mode == CONTROL_MODES[2]) and uncond_rows is not None:
-            keep = torch.ones(rows, 1, 1, 1, dtype=sample.dtype, device=sample.device)
-            keep[uncond_rows] = 0
-            outputs = [o * keep for o in outputs]
-        if control.mask is not None:
-            outputs = [o * _resized(control.mask, o) for o in outputs]
-        total = outputs if total is None else [a + b for a, b in zip(total, outputs)]
-    if total is None:
-        return None
-    return total[:-1], total[-1]
+        if control.kind == "t2i_adapter":
+            features = [f.expand(rows, -1, -1, -1) for f in control.adapter_features()]
+            outputs = _confined(control, features, uncond_rows, pooled=False)
+            found.intrablock = outputs if found.intrablock is None else _added(found.intrablock, outputs)
+            continue
+        pooled = bool(getattr(getattr(control.net, "config", None), "global_pool_conditions", False))
+        outputs = _confined(control, control.controlnet_outputs(sample, t, context, added), uncond_rows, pooled)
+        total = outputs if found.down is None else _added([*found.down, found.mid], outputs)
+        found.down, found.mid = total[:-1], total[-1]
+    return None if found.down is None and found.intrablock is None else found
+
+
+def _confined(control: ActiveControl, outputs: list[torch.Tensor], uncond_rows: slice | None,
+              pooled: bool) -> list[torch.Tensor]:
+    """A unit's outputs scaled by its weights, averaged when pooled (shuffle), kept from the negative rows
+    ("ControlNet is more important", pooled) and confined to its mask."""
+    outputs = [o * s for o, s in zip(outputs, control.scales(len(outputs)))]
+    if pooled:
+        outputs = [o.mean(dim=(2, 3), keepdim=True) for o in outputs]
+    if (pooled or control.unit.control_mode == CONTROL_MODES[2]) and uncond_rows is not None:
+        keep = torch.ones(outputs[0].shape[0], 1, 1, 1, dtype=outputs[0].dtype, device=outputs[0].device)
+        keep[uncond_rows] = 0
+        outputs = [o * keep for o in outputs]
+    if control.mask is not None:
+        outputs = [o * _resized(control.mask, o) for o in outputs]
+    return outputs
+
+
+def _added(total: list[torch.Tensor], outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [a + b for a, b in zip(total, outputs)]
 
 
 def _resized(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -151,49 +231,12 @@ def _resized(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 # -- preparing a pass ---------------------------------------------------------------------------------
-class ControlNetCache:
-    """The ControlNets loaded for the active checkpoint: at most `size`, least recently used freed first,
-    all freed when another checkpoint asks (they are converted for its family and precision)."""
-
-    def __init__(self, library, size: int = 2):
-        self.library, self.size = library, size
-        self._owner = None
-        self._nets: dict = {}
-
-    def load(self, name: str, model) -> tuple[torch.nn.Module, str]:
-        """(ControlNet, its title) for `name` as a client gives it, loaded for `model`."""
-        from backend import controlnet_files  # diffusers' converters load only when a unit is used
-
-        file = self.library.resolve(name)
-        if file is None:
-            raise ControlError(f"ControlNet model {name!r}: choose a model (available: "
-                               f"{', '.join(self.library.titles()) or 'none'})")
-        if self._owner != model.file.path:
-            self.clear()
-            self._owner = model.file.path
-        if file.path not in self._nets:
-            while len(self._nets) >= self.size:
-                self._nets.pop(next(iter(self._nets)))
-            self._nets[file.path] = controlnet_files.load_controlnet(
-                file.path, model.family, model.dtype, model.device, unet_config=model.unet.config).eval()
-        net = self._nets.pop(file.path)
-        self._nets[file.path] = net  # most recently used last
-        return net, file.title
-
-    def clear(self) -> None:
-        self._nets.clear()
-        self._owner = None
-
-
 def prepare(units: tuple[ControlUnit, ...], cache: ControlNetCache, model, size: tuple[int, int],
             init_image: Image.Image | None, hires_pass: bool, seed: int = 0) -> tuple[list[ActiveControl], dict[str, str]]:
     """The units that run in this pass, ready at `size` (width, height), and the models' titles by the name
     asked for. A unit without an image uses the img2img init image. Out-of-range preprocessor values fall
     back to the module's defaults, as sd-webui-controlnet does; `seed` seeds a random preprocessor."""
-    from backend import control_preprocessors  # OpenCV loads only when a unit is used (request.py imports us)
-
     active, titles = [], {}
-    f = model.vae_scale_factor
     for index, unit in enumerate(units):
         if not unit.runs_in(hires_pass):
             continue
@@ -203,29 +246,68 @@ def prepare(units: tuple[ControlUnit, ...], cache: ControlNetCache, model, size:
                                "init image)")
         try:
             net, titles[unit.model] = cache.load(unit.model, model)
-            if type(net).__name__ == "ControlNetUnionModel":  # its control-type input is not wired yet
-                raise ControlError(f"{titles[unit.model]} is a union ControlNet, which Easel reads but cannot apply "
-                                   "yet; use a single-type ControlNet")
-            hint = control_preprocessors.prepare_control_image(
-                image, unit.module, _hint_size(net, size, f), unit.resize_mode, unit.processor_res, unit.threshold_a,
-                unit.threshold_b, unit.pixel_perfect, seed=seed, strict=False)
+            kind = _kind(net)
+            union_type = _union_type(unit, net, titles[unit.model]) if kind == "union" else None
+            hint = _control_map(unit, net, kind, titles[unit.model], image, model, size, seed)
         except EaselError as error:  # which unit, and why: a missing model, a damaged file, a bad value
             raise type(error)(f"ControlNet unit {index}: {error}") from None
-        mask = None
-        if unit.mask is not None:
-            grey = torch.from_numpy(np.asarray(unit.mask.convert("L").resize((size[0] // f, size[1] // f),
-                                                                             Image.BILINEAR), dtype=np.float32))
-            mask = (grey / 255.0)[None, None].to(model.device)
         soft = unit.control_mode == CONTROL_MODES[1] or (hires_pass and any(k in unit.module for k in _SOFT_IN_HIRES))
-        active.append(ActiveControl(unit, net, hint[None].to(model.device, model.dtype), mask, soft))
+        active.append(ActiveControl(unit, net, hint, _latent_mask(unit, model, size), soft, kind, union_type))
     return active, titles
 
 
-def _hint_size(net, size: tuple[int, int], vae_factor: int) -> tuple[int, int]:
-    """The control image's size: the latents' size times the ControlNet's own downscale (8 for every released
-    one, so the generation's size with an SD VAE)."""
-    factor = 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)
-    return size[0] // vae_factor * factor, size[1] // vae_factor * factor
+def _kind(net) -> str:
+    from diffusers import ControlNetUnionModel, T2IAdapter
+
+    return "t2i_adapter" if isinstance(net, T2IAdapter) else "union" if isinstance(net, ControlNetUnionModel) \
+        else "controlnet"  # a wrapper of a ControlNet too
+
+
+def _union_type(unit: ControlUnit, net, title: str) -> int:
+    """The union ControlNet's control type: the unit's `union_control_type`, else its module's."""
+    count = net.config.num_control_type
+    known = ", ".join(UNION_CONTROL_TYPES[:count])
+    index = union_type_index(unit.union_control_type)  # None: "Unknown" (`validate` refused other words)
+    asked = f"union control type {unit.union_control_type!r}"
+    if index is None:
+        index = union_type_index(unit.module, module=True)
+        if index is None:
+            raise ControlError(f"{title} is a union ControlNet and module {unit.module!r} does not tell its control "
+                               f"type: set the unit's union control type to one of: {known}")
+        asked = f"module {unit.module!r} ({UNION_CONTROL_TYPES[index]})"
+    if index >= count:
+        raise ControlError(f"{title} knows {count} control types ({known}); {asked} is not one of them")
+    return index
+
+
+def _control_map(unit: ControlUnit, net, kind: str, title: str, image: Image.Image, model, size: tuple[int, int],
+                 seed: int) -> torch.Tensor:
+    """The model's input (1, C, H, W) on the model's device: the preprocessed map, in one grey channel for an
+    adapter that takes one (canny, sketch)."""
+    from backend import control_preprocessors  # OpenCV loads only when a unit is used (request.py imports us)
+
+    f, adapter = model.vae_scale_factor, kind == "t2i_adapter"
+    factor = adapter_files.hint_factor(net.config) if adapter else \
+        2 ** (len(net.config.conditioning_embedding_out_channels) - 1)
+    # The latents' size times the model's own downscale (8 for every released one: the generation's size)
+    hint_size = (size[0] // f * factor, size[1] // f * factor)
+    if adapter and any(side % net.config.downscale_factor for side in hint_size):
+        raise ControlError(f"{title} is a T2I-Adapter that needs a width and height in multiples of "
+                           f"{f * net.config.downscale_factor // factor}, not {size[0]}x{size[1]}")
+    hint = control_preprocessors.prepare_control_image(
+        image, unit.module, hint_size, unit.resize_mode, unit.processor_res, unit.threshold_a, unit.threshold_b,
+        unit.pixel_perfect, seed=seed, strict=False)
+    if adapter and net.config.in_channels == 1:  # ITU-R 601 luma, as PIL's "L"
+        hint = (hint * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(dim=0, keepdim=True)
+    return hint[None].to(model.device, model.dtype)
+
+
+def _latent_mask(unit: ControlUnit, model, size: tuple[int, int]) -> torch.Tensor | None:
+    if unit.mask is None:
+        return None
+    f = model.vae_scale_factor
+    grey = np.asarray(unit.mask.convert("L").resize((size[0] // f, size[1] // f), Image.BILINEAR), dtype=np.float32)
+    return (torch.from_numpy(grey) / 255.0)[None, None].to(model.device)
 
 
 # -- infotext: sd-webui-controlnet's `ControlNet N: "Module: canny, Model: name [hash], Weight: 1.0, ..."` --
@@ -250,6 +332,8 @@ def infotext_parameters(units: tuple[ControlUnit, ...], titles: dict[str, str] |
         for label, slider, value in zip(("Processor Res", "Threshold A", "Threshold B"),
                                         (spec.resolution, spec.threshold_a, spec.threshold_b), resolved):
             values[label] = value if slider is not None else -1
+        if union_type_index(unit.union_control_type) is not None:
+            values["Union Control Type"] = unit.union_control_type
         params[f"ControlNet {index}"] = ", ".join(f"{label}: {value}" for label, value in values.items()
                                                   if value != -1 and not isinstance(value, Image.Image))
     return params
@@ -286,12 +370,12 @@ def _parse_value(text: str):
 _SPEC_KEYS = {"model": "model", "module": "module", "weight": "weight", "start": "guidance_start",
               "end": "guidance_end", "mode": "control_mode", "resize": "resize_mode", "res": "processor_res",
               "threshold_a": "threshold_a", "threshold_b": "threshold_b", "pixel_perfect": "pixel_perfect",
-              "hr": "hr_option"}
+              "hr": "hr_option", "union": "union_control_type"}
 
 
 def unit_from_spec(text: str, open_image) -> ControlUnit:
     """A unit from `key=value` pairs (model, module, image, mask, weight, start, end, mode, resize, res,
-    threshold_a, threshold_b, pixel_perfect, hr); `open_image(path)` reads image and mask."""
+    threshold_a, threshold_b, pixel_perfect, hr, union); `open_image(path)` reads image and mask."""
     values: dict = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")

@@ -1,10 +1,11 @@
 """ControlNet files read offline: the files users have (lllyasviel's originals, diffusers folders and files,
-union models) detected and loaded into a diffusers `ControlNetModel` / `ControlNetUnionModel`. Formats are
-told apart by tensors, never file names. (Listing and titling them: `controlnet_library`.)
+union models, TencentARC's T2I-Adapters, which share the folder as in sd-webui-controlnet) detected and loaded
+into a diffusers `ControlNetModel` / `ControlNetUnionModel` / `T2IAdapter`. Formats are told apart by tensors,
+never file names. (Listing and titling them: `controlnet_library`; reading adapters: `adapter_files`.)
 
-- `inspect(path) -> ControlNetInfo`: family ("sd1"/"sd2"/"sdxl"), layout ("lllyasviel"/"diffusers"),
-  kind ("controlnet"/"union"), stored dtype, config; a .safetensors header suffices.
-- `load_controlnet(path, family, dtype, device, unet_config=None)`: refuses a ControlNet for another base
+- `inspect(path) -> ControlNetInfo`: family ("sd1"/"sd2"/"sdxl"), layout ("lllyasviel"/"tencentarc"/
+  "diffusers"), kind ("controlnet"/"union"/"t2i_adapter"), stored dtype, config; a .safetensors header suffices.
+- `load_controlnet(path, family, dtype, device, unet_config=None)`: refuses a model for another base
   (`ControlNetBaseError`, an InputError); `unet_config`, the base UNet's config, gives what weights cannot
   tell (attention heads, SDXL's size-embedding width). Damaged or foreign files raise
   `ControlNetFileError` (a ModelFileError) naming the file.
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from backend import adapter_files
 from backend.checkpoints import read_state_dict
 from backend.errors import InputError, ModelFileError, NotFoundError
 from backend.model_detection import FAMILIES, family_config
@@ -35,11 +37,11 @@ _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "
 
 
 class ControlNetFileError(ModelFileError):
-    """A ControlNet file that is damaged, or is something else (a Control-LoRA, an adapter, a LoRA)."""
+    """A ControlNet file that is damaged, or is something else (a Control-LoRA, an IP-Adapter, a LoRA)."""
 
 
 class ControlNetBaseError(InputError):
-    """A ControlNet made for another base model than the loaded checkpoint."""
+    """A ControlNet or T2I-Adapter made for another base model than the loaded checkpoint."""
 
 
 class ControlNetNotFoundError(NotFoundError):
@@ -50,8 +52,8 @@ class ControlNetNotFoundError(NotFoundError):
 class ControlNetInfo:
     path: Path
     family: str  # "sd1", "sd2" or "sdxl", as `model_detection` names checkpoint families
-    layout: str  # "lllyasviel" or "diffusers"
-    kind: str  # "controlnet" or "union"
+    layout: str  # "lllyasviel", "tencentarc" (T2I-Adapters) or "diffusers"
+    kind: str  # "controlnet", "union" or "t2i_adapter"
     dtype: str  # of the stored weights: "float16", "float32", "bfloat16"
     config: dict = field(repr=False)  # the diffusers config fields the tensors tell
 
@@ -102,7 +104,6 @@ _FOREIGN = (
     (lambda k: k == "lora_controlnet", "a Control-LoRA, which Easel does not load; use a full ControlNet instead"),
     (lambda k: "lllite" in k, "a kohya ControlNet-LLLite, which Easel does not load"),
     (lambda k: k.startswith(("image_proj.", "ip_adapter.")), "an IP-Adapter, which Easel does not load"),
-    (lambda k: k.startswith(("adapter.", "body.0.")) or k == "style_embedding", "a T2I-Adapter, which Easel does not load"),
     (lambda k: ".motion_modules." in k, "an AnimateDiff SparseCtrl model, which Easel does not load"),
     (lambda k: k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k,
      "a LoRA; put it in models/Lora and use <lora:name:1> in the prompt"),
@@ -140,6 +141,8 @@ def _to_diffusers_layout(weights: Mapping, name: str) -> tuple[str, dict]:
     downsamples = _indices(keys, r"input_blocks\.(\d+)\.0\.op\.weight")
     layers = downsamples[0] - 1 if downsamples else max(_indices(keys, r"input_blocks\.(\d+)\.")) or 1
     converted = convert_controlnet_checkpoint(weights, {"layers_per_block": layers})
+    converted = {k: v for k, v in converted.items() if not k.startswith("controlnet_cond_embedding.")}
+    converted.update(_hint_encoder(weights))
     for part, ldm in (("linear_1", "0"), ("linear_2", "2")):  # SDXL's size embedding, not mapped by diffusers
         for kind in ("weight", "bias"):
             if f"label_emb.0.{ldm}.{kind}" in weights:
@@ -149,6 +152,16 @@ def _to_diffusers_layout(weights: Mapping, name: str) -> tuple[str, dict]:
         raise ControlNetFileError(f"{name}: the ControlNet weights are incomplete (no weights for {missing[0]}); "
                                   "the file is damaged: download it again")
     return "lllyasviel", converted
+
+
+def _hint_encoder(weights: Mapping) -> dict:
+    """`input_hint_block`'s convolutions (every other index of one Sequential, SiLUs between) under diffusers'
+    names: the first is `conv_in`, the last `conv_out`, those between `blocks.N`. Counted, not assumed: a
+    ControlNet for a VAE that downsamples 4x has two fewer convolutions than the 8x ones diffusers maps."""
+    indices = _indices(weights, r"input_hint_block\.(\d+)\.weight")
+    names = ["conv_in"] + [f"blocks.{i}" for i in range(len(indices) - 2)] + ["conv_out"]
+    return {f"controlnet_cond_embedding.{name}.{kind}": weights[f"input_hint_block.{index}.{kind}"]
+            for name, index in zip(names, indices) for kind in ("weight", "bias")}
 
 
 # -- configs -------------------------------------------------------------------------------------------
@@ -224,9 +237,9 @@ def _global_pooling(path: Path) -> bool:
 
 
 def _model_class(kind: str):
-    from diffusers import ControlNetModel, ControlNetUnionModel
+    from diffusers import ControlNetModel, ControlNetUnionModel, T2IAdapter
 
-    return ControlNetUnionModel if kind == "union" else ControlNetModel
+    return {"union": ControlNetUnionModel, "t2i_adapter": T2IAdapter}.get(kind, ControlNetModel)
 
 
 def _full_config(derived: dict, family: str, kind: str, unet_config: Mapping | None) -> dict:
@@ -255,10 +268,29 @@ def _sidecar_config(weights: Path) -> dict | None:
 
 
 # -- inspecting and loading ----------------------------------------------------------------------------
+def _shapes(weights: Mapping) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else v for k, v in weights.items()}
+
+
+def _identify_adapter(path: Path, weights: Mapping, dtype: str) -> tuple[ControlNetInfo, dict]:
+    try:
+        layout, converted = adapter_files.to_diffusers_layout(weights)
+        config = adapter_files.derive_config(_shapes(converted))
+    except adapter_files.AdapterFormatError as exc:
+        raise ControlNetFileError(f"{path.name} is not a ControlNet Easel can load: it is {exc}") from None
+    except (KeyError, IndexError) as exc:
+        raise ControlNetFileError(f"{path.name}: the T2I-Adapter weights are incomplete (no {exc}); "
+                                  "the file is damaged: download it again") from None
+    return ControlNetInfo(path, adapter_files.family(config), layout, "t2i_adapter", dtype, config), converted
+
+
 def _identify(path: Path, weights: Mapping, dtype: str) -> tuple[ControlNetInfo, dict]:
-    """The info of a ControlNet from its weights (tensors or shapes), and the weights in diffusers' layout."""
+    """The info of a ControlNet or T2I-Adapter from its weights (tensors or shapes), and the weights in
+    diffusers' layout."""
+    if adapter_files.is_adapter(weights):
+        return _identify_adapter(path, weights, dtype)
     layout, converted = _to_diffusers_layout(weights, path.name)
-    shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else v for k, v in converted.items()}
+    shapes = _shapes(converted)
     try:
         config = _derive_config(shapes)
     except (KeyError, IndexError) as exc:
@@ -282,20 +314,28 @@ def _label(family: str) -> str:
     return family_config(family)["label"] if family in FAMILIES else family
 
 
+def _fits_unet(info: ControlNetInfo, unet_config: Mapping) -> bool:
+    if info.kind == "t2i_adapter":
+        return adapter_files.fits_unet(info.config, unet_config)
+    context = info.config.get("cross_attention_dim", unet_config.get("cross_attention_dim"))
+    return (list(unet_config["block_out_channels"]) == info.config["block_out_channels"]
+            and context == unet_config.get("cross_attention_dim"))
+
+
 def _check_base(info: ControlNetInfo, family: str, unet_config: Mapping | None) -> None:
     name, mine = info.path.name, _label(info.family)
+    noun = "T2I-Adapter" if info.kind == "t2i_adapter" else "ControlNet"
     if family != info.family:
         theirs = _label(family)
-        raise ControlNetBaseError(f"{name} is a ControlNet for {mine} models, but the loaded checkpoint is {theirs}: "
-                                  f"pick an {theirs} ControlNet, or switch to an {mine} checkpoint")
-    if unet_config is None:
+        raise ControlNetBaseError(f"{name} is a {noun} for {mine} models, but the loaded checkpoint is {theirs}: "
+                                  f"pick an {theirs} {noun}, or switch to an {mine} checkpoint")
+    if unet_config is None or _fits_unet(info, unet_config):
         return
-    context = info.config.get("cross_attention_dim", unet_config.get("cross_attention_dim"))
-    if (list(unet_config["block_out_channels"]) != info.config["block_out_channels"]
-            or context != unet_config.get("cross_attention_dim")):
-        raise ControlNetBaseError(
-            f"{name} does not fit the loaded checkpoint's UNet (ControlNet channels {info.config['block_out_channels']}, "
-            f"UNet channels {list(unet_config['block_out_channels'])}): pick a ControlNet made for this model")
+    channels = adapter_files.feature_channels(info.config) if info.kind == "t2i_adapter" \
+        else info.config["block_out_channels"]
+    raise ControlNetBaseError(
+        f"{name} does not fit the loaded checkpoint's UNet ({noun} channels {channels}, "
+        f"UNet channels {list(unet_config['block_out_channels'])}): pick a {noun} made for this model")
 
 
 def _build(config: dict, weights: dict[str, torch.Tensor], kind: str, name: str, dtype, device):
@@ -313,7 +353,8 @@ def _build(config: dict, weights: dict[str, torch.Tensor], kind: str, name: str,
     details += [f"unknown weights, e.g. {extra[0]}"] if extra else []
     details += [f"{k} is {tuple(weights[k].shape)}, not {tuple(expected[k].shape)}" for k in wrong[:1]]
     if details:
-        raise ControlNetFileError(f"{name}: the ControlNet weights do not fit its architecture ({'; '.join(details)}); "
+        noun = "T2I-Adapter" if kind == "t2i_adapter" else "ControlNet"
+        raise ControlNetFileError(f"{name}: the {noun} weights do not fit its architecture ({'; '.join(details)}); "
                                   "the file is damaged or of a kind Easel does not know")
     # Copies, not views into the file's buffer: those are unaligned (slower, and not bit-identical on CPUs).
     state = {k: weights.pop(k).to(device=device, dtype=dtype, copy=True) for k in list(expected)}
@@ -323,7 +364,8 @@ def _build(config: dict, weights: dict[str, torch.Tensor], kind: str, name: str,
 
 def load_controlnet(path: Path, family: str, dtype=torch.float32, device="cpu", unet_config: Mapping | None = None):
     """A ControlNet for a checkpoint of `family`, as a diffusers ControlNetModel (ControlNetUnionModel for
-    a union file) in `dtype` on `device`; refused with ControlNetBaseError when made for another base."""
+    a union file, T2IAdapter for an adapter) in `dtype` on `device`; refused with ControlNetBaseError when made
+    for another base."""
     path = Path(path)
     weights_file = _weights_file(path)
     # 1. Refuse a wrong base before reading gigabytes, where the header tells
@@ -346,5 +388,6 @@ def load_controlnet(path: Path, family: str, dtype=torch.float32, device="cpu", 
                           dtype, device)
         except ControlNetFileError as exc:
             logger.warning("%s; using the config its weights tell instead", exc)
-    config = _full_config(derived, info.family, info.kind, unet_config)
+    # An adapter's tensors tell its whole config; a ControlNet's attention heads are its base UNet's
+    config = derived if info.kind == "t2i_adapter" else _full_config(derived, info.family, info.kind, unet_config)
     return _build(config, weights, info.kind, path.name, dtype, device)

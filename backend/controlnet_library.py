@@ -5,6 +5,7 @@ included), titled "name [hash]" and resolved from what a client sends, the way s
   `.titles()`, `.refresh()`, `.resolve(text)`: a title, name, file name or relative path; "None" -> None;
   an unknown name raises `ControlNetNotFoundError`.
 - `model_hash(path)`: A1111's old 8-digit model hash, which the titles carry as sd-webui-controlnet's do.
+- `ControlNetCache(library)`: the models loaded for the active checkpoint, `.load(name, model)`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend.controlnet_files import DIFFUSERS_WEIGHTS, ControlNetNotFoundError
+from backend.controlnet_files import DIFFUSERS_WEIGHTS, ControlNetNotFoundError, load_controlnet
+from backend.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -130,3 +132,35 @@ class ControlNetLibrary:
             folders = ", ".join(str(f) for f in self.folders)
             raise ControlNetNotFoundError(f"ControlNet model '{text}' not found in {folders}; available: {available}")
         return found
+
+
+class ControlNetCache:
+    """The ControlNets (and T2I-Adapters) loaded for the active checkpoint: at most `size`, least recently used
+    freed first, all freed when another checkpoint asks (they are converted for its family and precision)."""
+
+    def __init__(self, library: ControlNetLibrary, size: int = 2):
+        self.library, self.size = library, size
+        self._owner = None
+        self._nets: dict = {}
+
+    def load(self, name: str, model):
+        """(model, its title) for `name` as a client gives it, loaded for the checkpoint `model`."""
+        file = self.library.resolve(name)
+        if file is None:
+            raise InputError(f"ControlNet model {name!r}: choose a model (available: "
+                             f"{', '.join(self.library.titles()) or 'none'})")
+        if self._owner != model.file.path:
+            self.clear()
+            self._owner = model.file.path
+        if file.path not in self._nets:
+            while len(self._nets) >= self.size:
+                self._nets.pop(next(iter(self._nets)))
+            self._nets[file.path] = load_controlnet(file.path, model.family, model.dtype, model.device,
+                                                    unet_config=model.unet.config).eval()
+        net = self._nets.pop(file.path)
+        self._nets[file.path] = net  # most recently used last
+        return net, file.title
+
+    def clear(self) -> None:
+        self._nets.clear()
+        self._owner = None

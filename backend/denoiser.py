@@ -233,14 +233,14 @@ class _Guidance:
         return torch.cat([pieces[start] for start in sorted(pieces)])
 
     def _call_unet(self, sample: torch.Tensor, t, call: _UNetCall) -> torch.Tensor:
-        """One UNet call, with the ControlNet units' residuals for its rows (the negative prompt's are the
-        batch's first n rows)."""
+        """One UNet call, with the ControlNet units' residuals and T2I-Adapters' features for its rows (the
+        negative prompt's are the batch's first n rows)."""
         extra = {}
         if self.controls:
             uncond = None if self.skip_negative or call.start >= self.n else slice(0, self.n - call.start)
             found = control_units.residuals(self.controls, self.progress, sample, t, call.context, call.added, uncond)
             if found is not None:
-                extra = {"down_block_additional_residuals": found[0], "mid_block_additional_residual": found[1]}
+                extra = found.unet_kwargs()
         return self.model.unet(sample, t, encoder_hidden_states=call.context, added_cond_kwargs=call.added,
                                **extra).sample
 

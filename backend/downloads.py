@@ -1,10 +1,10 @@
-"""First-use downloads of the standard face restoration and upscaler weights, as A1111 does.
+"""First-use downloads of the standard face restoration, upscaler and annotator weights, as A1111 does.
 
-Only the files below, only from their official release URLs, and only when the settings allow it
-(`--no-download` turns it off; tests never download). The file streams into `<name>.part` beside its
-destination while its sha256 is computed, then replaces nothing until the checksum matches: a
-half-written or wrong file never takes the name of a good one. Offline, the error says which file to
-put where.
+Only the files below and the annotators' (`annotators`), only from their official URLs, and only when
+the settings allow it (`--no-download` turns it off; tests never download). The file streams into
+`<name>.part` beside its destination while its sha256 is computed, then replaces nothing until the
+checksum matches: a half-written or wrong file never takes the name of a good one. Offline, the error
+says which file to put where.
 """
 
 from __future__ import annotations
@@ -99,7 +99,13 @@ def _progress_bar(name: str, total: int):
 
 def ensure(filename: str, folder: Path, allowed: bool) -> Path:
     """The path of a standard model in `folder`, downloaded first when missing and `allowed`."""
-    model = STANDARD_MODELS[filename]
+    return ensure_file(STANDARD_MODELS[filename], folder, allowed)
+
+
+def ensure_file(model: StandardModel, folder: Path, allowed: bool) -> Path:
+    """`model`'s file in `folder`, downloaded first when missing and `allowed` (for files whose names
+    are not unique across models, such as an annotator's `model.safetensors`)."""
+    filename = model.filename
     path = Path(folder) / filename
     if path.exists():
         return path

@@ -20,6 +20,8 @@ MODEL_FOLDERS = {
     "codeformer": "Codeformer",
     "embeddings": "embeddings",
     "controlnet": "ControlNet",  # A1111's sd-webui-controlnet and Forge read ControlNets from here
+    "annotators": "annotators",  # ControlNet preprocessor models (depth_anything_v2/ ...)
+    "clip_vision": "clip_vision",  # Forge's (and ComfyUI's) folder of CLIP image encoders for IP-Adapters
 }
 
 PRECISIONS = ("auto", "full", "half", "bf16")
@@ -33,6 +35,7 @@ class Settings:
     lora_dir: Path | None = None
     embeddings_dir: Path | None = None
     controlnet_dir: Path | None = None
+    clip_vision_dir: Path | None = None
     outputs_dir: Path | None = None
     wildcards_dir: Path | None = None
     device: str = "auto"
@@ -66,6 +69,7 @@ class Settings:
             "lora": self.lora_dir,
             "embeddings": self.embeddings_dir,
             "controlnet": self.controlnet_dir,
+            "clip_vision": self.clip_vision_dir,
         }.get(kind)
         return Path(override) if override else self.models_dir / MODEL_FOLDERS[kind]
 

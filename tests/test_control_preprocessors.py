@@ -284,12 +284,16 @@ EXPECTED_MODULES = [
     ("canny", "canny", [RES, {"name": "Low Threshold", "value": 100, "min": 1, "max": 255, "step": 1},
                         {"name": "High Threshold", "value": 200, "min": 1, "max": 255, "step": 1}]),
     ("invert", "invert (from white bg & black line)", []),
+    ("tile_colorfix+sharp", "tile_colorfix+sharp", [{"name": "Variation", "value": 8.0, "min": 3.0, "max": 32.0, "step": 1.0},
+                                                    {"name": "Sharpness", "value": 1.0, "min": 0.0, "max": 2.0, "step": 0.01}]),
+    ("tile_colorfix", "tile_colorfix", [{"name": "Variation", "value": 8.0, "min": 3.0, "max": 32.0, "step": 1.0}]),
     ("threshold", "threshold",
      [RES, {"name": "Binarization Threshold", "value": 127, "min": 0, "max": 255, "step": 0.01}]),
     ("color", "t2ia_color_grid", [RES]),
     ("shuffle", "shuffle", []),
     ("scribble_xdog", "scribble_xdog", [RES, {"name": "XDoG Threshold", "value": 32, "min": 1, "max": 64, "step": 0.01}]),
     ("inpaint", "inpaint_global_harmonious", []),
+    ("depth_anything_v2", "depth_anything_v2", []),
     ("blur_gaussian", "blur_gaussian", [RES, {"name": "Sigma", "value": 9.0, "min": 0.01, "max": 64.0, "step": 0.01}]),
 ]
 

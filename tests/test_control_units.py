@@ -48,28 +48,30 @@ def run(*controls, progress=None, uncond=slice(0, 2)):
 
 
 def test_balanced_scales_every_residual_by_the_weight_and_units_add():
-    down, mid = run(active(ControlUnit("a", weight=0.5)), active(ControlUnit("b", weight=1.5), ConstantNet(2.0)))
-    assert len(down) == 12 and all(torch.all(d == 0.5 + 3.0) for d in down) and torch.all(mid == 3.5)
+    found = run(active(ControlUnit("a", weight=0.5)), active(ControlUnit("b", weight=1.5), ConstantNet(2.0)))
+    assert len(found.down) == 12 and all(torch.all(d == 0.5 + 3.0) for d in found.down) and torch.all(found.mid == 3.5)
+    assert found.intrablock is None and set(found.unet_kwargs()) == {"down_block_additional_residuals",
+                                                                      "mid_block_additional_residual"}
 
 
 def test_my_prompt_is_more_important_decays_towards_the_shallow_blocks():
-    down, mid = run(active(ControlUnit("a", weight=2.0), soft=True))
+    found = run(active(ControlUnit("a", weight=2.0), soft=True))
     expected = [2.0 * 0.825 ** (12 - i) for i in range(13)]
-    assert [round(float(d[0, 0, 0, 0]), 6) for d in [*down, mid]] == [round(e, 6) for e in expected]
+    assert [round(float(d[0, 0, 0, 0]), 6) for d in [*found.down, found.mid]] == [round(e, 6) for e in expected]
 
 
 def test_controlnet_is_more_important_leaves_the_negative_rows_alone():
-    down, mid = run(active(ControlUnit("a", control_mode="ControlNet is more important")))
+    mid = run(active(ControlUnit("a", control_mode="ControlNet is more important"))).mid
     assert torch.all(mid[:2] == 0) and torch.all(mid[2:] == 1)
     # a call holding only the prompt's rows is all control
-    _, alone = run(active(ControlUnit("a", control_mode="ControlNet is more important")), uncond=None)
+    alone = run(active(ControlUnit("a", control_mode="ControlNet is more important")), uncond=None).mid
     assert torch.all(alone == 1)
 
 
 def test_a_units_mask_confines_it():
     mask = torch.zeros(1, 1, 8, 8)
     mask[..., :4] = 1  # the left half of the latents
-    _, mid = run(active(ControlUnit("a"), mask=mask))
+    mid = run(active(ControlUnit("a"), mask=mask)).mid
     assert torch.all(mid[..., :2] == 1) and torch.all(mid[..., 2:] == 0)
 
 

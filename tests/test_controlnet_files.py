@@ -254,8 +254,8 @@ def foreign_files(controlnets) -> dict[str, tuple[dict, str]]:
                   "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 4)}, "a LoRA"),
         "checkpoint": (checkpoint, "a Stable Diffusion checkpoint"),
         "control-lora": ({**lllyasviel, "lora_controlnet": torch.zeros(1)}, "a Control-LoRA"),
-        "t2i-adapter": ({"adapter.body.0.resnets.0.block1.weight": torch.zeros(2, 2, 1, 1),
-                         "adapter.conv_in.weight": torch.zeros(2, 3, 3, 3)}, "a T2I-Adapter"),
+        "t2i-style": ({"style_embedding": torch.zeros(1, 8, 16), "ln_post.weight": torch.zeros(16)},
+                      "a T2I-Adapter style model, which Easel does not apply"),
         "noise-keys": ({"weight": torch.zeros(3)}, "no ControlNet weights"),
     }
 

@@ -11,9 +11,10 @@ from typing import Any
 
 import gradio as gr
 
-from backend import control_preprocessors, infotext
+from backend import annotators, control_preprocessors, infotext
 from backend.control_units import CONTROL_MODES, HR_OPTIONS, RESIZE_MODES, ControlUnit, units_from_infotext
-from backend.errors import InputError
+from backend.errors import EaselError, InputError
+from backend.settings import Settings
 
 UNIT_COUNT = 3  # sd-webui-controlnet's default `control_net_unit_count`
 NO_MODEL = "None"
@@ -110,10 +111,10 @@ def wire_controlnet(ui, mode: str) -> None:
         c[key(index, "module")].input(lambda module: [gr.update(**p) for p in slider_props(module)],
                                       inputs=c[key(index, "module")], outputs=sliders, queue=False,
                                       api_visibility="private")
-        _wire_preview(c, mode, index)
+        _wire_preview(c, mode, index, ui.ctx.settings)
 
 
-def _wire_preview(c: dict[str, Any], mode: str, index: int) -> None:
+def _wire_preview(c: dict[str, Any], mode: str, index: int, settings: Settings) -> None:
     inputs = [c[key(index, name)] for name in ("image", "mask", "module", *SLIDERS)]
     init_image = c["_image"] if mode == "img2img" else gr.State(None)  # a unit without an image: img2img's
 
@@ -124,9 +125,10 @@ def _wire_preview(c: dict[str, Any], mode: str, index: int) -> None:
         values = unit_slider_values(module, dict(processor_res=processor_res, threshold_a=threshold_a,
                                                  threshold_b=threshold_b))
         try:
+            weights = annotators.weights_for(module, settings)  # a model-based module: downloaded on first use
             return control_preprocessors.run_preprocessor(module, image, values["processor_res"], values["threshold_a"],
-                                                          values["threshold_b"], mask=mask, strict=False)
-        except InputError as exc:
+                                                          values["threshold_b"], mask=mask, strict=False, weights=weights)
+        except EaselError as exc:
             raise gr.Error(f"ControlNet unit {index}: {exc}") from exc
 
     c[key(index, "preview")].click(preview, inputs=[*inputs, init_image], outputs=c[key(index, "preview_image")],
