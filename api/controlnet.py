@@ -64,6 +64,7 @@ def unit_from_dict(raw: dict, index: int) -> ControlUnit | None:
         threshold_a=_number(values, "threshold_a", -1.0, index), threshold_b=_number(values, "threshold_b", -1.0, index),
         pixel_perfect=bool(values.get("pixel_perfect", False)),
         hr_option=_choice(values.get("hr_option", "Both"), HR_OPTIONS, "hr_option", index),
+        union_control_type=str(values.get("union_control_type") or "Unknown"), position=index,
     )
 
 

@@ -207,7 +207,14 @@ _ALL = (
     Module("tile_colorfix", _identity, resolution=None, threshold_a=_VARIATION),
     Module("tile_colorfix+sharp", _identity, resolution=None, threshold_a=_VARIATION,
            threshold_b=Slider("Sharpness", 1.0, 0.0, 2.0, 0.01)),
+    # IP-Adapters' image encoders (models/clip_vision): the image goes to the encoder as it is
+    Module("ip-adapter-auto", _identity, resolution=None, priority=100),
+    Module("ip-adapter_clip_h", _identity, resolution=None),
+    Module("ip-adapter_clip_g", _identity, resolution=None),
 )
+# sd-webui-controlnet's older names, which clients and infotexts still send
+_ALIASES = {"ip-adapter_clip_sd15": "ip-adapter_clip_h", "ip-adapter_clip_sdxl_plus_vith": "ip-adapter_clip_h",
+            "ip-adapter_clip_sdxl": "ip-adapter_clip_g"}
 MODULES: dict[str, Module] = {m.name: m for m in _ALL}
 _BY_LABEL = {m.display_name: m for m in _ALL}
 
@@ -237,7 +244,7 @@ def sliders(module: str) -> list[dict]:
 
 def get_module(name: str) -> Module:
     """A module by its name or its label, as clients send either."""
-    module = MODULES.get(name) or _BY_LABEL.get(name)
+    module = MODULES.get(_ALIASES.get(name, name)) or _BY_LABEL.get(name)
     if module is None:
         raise InputError(f"ControlNet module {name!r} is not available; available: {', '.join(module_list())}")
     return module

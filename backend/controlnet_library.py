@@ -5,7 +5,8 @@ included), titled "name [hash]" and resolved from what a client sends, the way s
   `.titles()`, `.refresh()`, `.resolve(text)`: a title, name, file name or relative path; "None" -> None;
   an unknown name raises `ControlNetNotFoundError`.
 - `model_hash(path)`: A1111's old 8-digit model hash, which the titles carry as sd-webui-controlnet's do.
-- `ControlNetCache(library)`: the models loaded for the active checkpoint, `.load(name, model)`.
+- `ControlNetCache(library, encoders=, settings=)`: the models loaded for the active checkpoint, `.load(name,
+  model)`, with IP-Adapters' image encoders (`.encoder`) and preprocessors' models (`.annotator_weights`).
 """
 
 from __future__ import annotations
@@ -135,11 +136,14 @@ class ControlNetLibrary:
 
 
 class ControlNetCache:
-    """The ControlNets (and T2I-Adapters) loaded for the active checkpoint: at most `size`, least recently used
-    freed first, all freed when another checkpoint asks (they are converted for its family and precision)."""
+    """The models of units (ControlNets, T2I-Adapters, IP-Adapters) loaded for the active checkpoint: at most
+    `size`, least recently used freed first, all freed when another checkpoint asks (they are converted for
+    its family and precision). Stored as the checkpoint's UNet is: on the CPU under --medvram/--lowvram.
+    `encoders` (a `clip_vision.ClipVisionCache`) gives IP-Adapters their image encoder; `settings`, the
+    preprocessors their models (`annotators`)."""
 
-    def __init__(self, library: ControlNetLibrary, size: int = 2):
-        self.library, self.size = library, size
+    def __init__(self, library: ControlNetLibrary, size: int = 2, encoders=None, settings=None):
+        self.library, self.size, self.encoders, self.settings = library, size, encoders, settings
         self._owner = None
         self._nets: dict = {}
 
@@ -155,11 +159,39 @@ class ControlNetCache:
         if file.path not in self._nets:
             while len(self._nets) >= self.size:
                 self._nets.pop(next(iter(self._nets)))
-            self._nets[file.path] = load_controlnet(file.path, model.family, model.dtype, model.device,
-                                                    unet_config=model.unet.config).eval()
+            self._nets[file.path] = self._read(file.path, model)
         net = self._nets.pop(file.path)
         self._nets[file.path] = net  # most recently used last
         return net, file.title
+
+    @staticmethod
+    def _read(path: Path, model):
+        from backend import ip_adapter
+
+        if ip_adapter.is_ip_adapter(path):  # small: kept on the compute device
+            return ip_adapter.load_ip_adapter(path, model.unet, model.family, model.dtype, model.device)
+        net = load_controlnet(path, model.family, model.dtype, "cpu", unet_config=model.unet.config).eval()
+        model.place_beside_unet(net)
+        return net
+
+    def encoder(self, info, model):
+        """The image encoder an IP-Adapter (`info`) reads, loaded, placed as the checkpoint's modules are."""
+        from backend import ip_adapter
+
+        if self.encoders is None:
+            raise InputError("IP-Adapters need image encoders, and this engine was started without models/clip_vision")
+        file = ip_adapter.find_encoder(info, self.encoders.library)
+        encoder = self.encoders.load(file, model.dtype, "cpu")
+        model.place_beside_unet(encoder.model)
+        return encoder
+
+    def annotator_weights(self, module: str):
+        """The model a preprocessor needs (downloaded on first use when allowed), None for most."""
+        if self.settings is None:
+            return None
+        from backend import annotators
+
+        return annotators.weights_for(module, self.settings)
 
     def clear(self) -> None:
         self._nets.clear()

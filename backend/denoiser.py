@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from backend import control_units, images, init_image, k_sampling, noise, preview, samplers, schedules, vae_codec
+from backend import control_pass, images, init_image, k_sampling, noise, preview, samplers, schedules, vae_codec
 from backend.conditioning import Conditioning, pad_cond_uncond, stack_contexts
 from backend.extensions import NO_EXTENSIONS, ExtensionRegistry, Guidance, Step
 from backend.init_image import InitSource
@@ -30,7 +30,7 @@ class BatchInputs:
     phase: str = ""  # reported with progress ("Hires" for the hires fix's second pass)
     share: tuple[float, float] = (0.0, 1.0)  # (start, length) of this pass within the batch's progress
     extensions: ExtensionRegistry = NO_EXTENSIONS  # their `step` and `guidance` callbacks run here
-    controls: list = field(default_factory=list)  # ControlNet units ready for this pass (control_units.ActiveControl)
+    controls: list = field(default_factory=list)  # ControlNet units ready for this pass (control_pass.ActiveControl)
     warnings: list[str] = field(default_factory=list)  # where failing extensions are named
 
 
@@ -57,14 +57,14 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
         blend = (init_latents, mask.float()) if mask is not None else None
     extra = _inpaint_conditioning(model, inputs.source, len(inputs.seeds), latent_hw) if model.is_inpainting else None
     # 3. Sampling, reporting progress and previews, with the extensions' step events
-    sampling = control_units.SamplingProgress(steps=k_sampling.sampling_steps(krun))
+    sampling = control_pass.SamplingProgress(steps=k_sampling.sampling_steps(krun))
     hooks = k_sampling.Hooks(
         control, lambda step, total, image: Progress(step, total, batch, run.batch_count, image, inputs.phase,
                                                      inputs.share),
         lambda denoised: preview.cheap_preview(denoised[0].to(model.dtype), model.family),
         (lambda i, total, t, x: _step_event(inputs, i, total, t, x)) if inputs.extensions.has("step") else None,
         sampling)
-    with torch.no_grad(), model.use(model.unet):
+    with torch.no_grad(), model.use(model.unet), control_pass.applied(model, inputs.controls):
         if k_sampling.uses_timesteps(krun.sampler):
             latents = _sample_timesteps(model, inputs, krun, alphas, start_noise, init_latents, blend,
                                         extra, hooks)
@@ -177,9 +177,9 @@ class _Guidance:
     Without guidance (CFG 1, one subprompt) the negative pass is skipped."""
 
     def __init__(self, model, cond: Conditioning, n: int, run: GenerationRequest, hook=None, controls=(),
-                 progress: control_units.SamplingProgress | None = None):
+                 progress: control_pass.SamplingProgress | None = None):
         self.model, self.cond, self.n, self.run, self.hook = model, cond, n, run, hook
-        self.controls, self.progress = list(controls), progress or control_units.SamplingProgress()
+        self.controls, self.progress = list(controls), progress or control_pass.SamplingProgress()
         self._cached: tuple | None = None
         self.cfg_multiplier, self.keep_uncond = 1.0, False  # DDIM CFG++: CFG / 12.5, and its negative prediction
         self.last_uncond: torch.Tensor | None = None
@@ -238,7 +238,7 @@ class _Guidance:
         extra = {}
         if self.controls:
             uncond = None if self.skip_negative or call.start >= self.n else slice(0, self.n - call.start)
-            found = control_units.residuals(self.controls, self.progress, sample, t, call.context, call.added, uncond)
+            found = control_pass.residuals(self.controls, self.progress, sample, t, call.context, call.added, uncond)
             if found is not None:
                 extra = found.unet_kwargs()
         return self.model.unet(sample, t, encoder_hidden_states=call.context, added_cond_kwargs=call.added,
@@ -264,7 +264,7 @@ class _BatchGuidance:
     """Images sharing a prompt run through the UNet together; each distinct prompt is its own pass."""
 
     def __init__(self, model, conds: list[Conditioning], run: GenerationRequest, hook=None, controls=(),
-                 progress: control_units.SamplingProgress | None = None):
+                 progress: control_pass.SamplingProgress | None = None):
         groups: dict[int, list[int]] = {}
         for index, cond in enumerate(conds):
             groups.setdefault(id(cond), []).append(index)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from backend import (
     conditioning,
+    control_pass,
     control_preprocessors,
     control_units,
     denoiser,
@@ -162,9 +163,9 @@ class _Job:
             init, units = None, self.run.control_units
             if self.source is not None:
                 init, units = self.run.init_image, tuple(self.source.control_unit(u) for u in units)
-            self.controls[hires_pass], titles = control_units.prepare(
+            self.controls[hires_pass], titles = control_pass.prepare(
                 units, self.manager.controlnets, self.model, size, init, hires_pass,
-                control_preprocessors.numpy_seed(self.run.seed, self.run.subseed))
+                control_preprocessors.numpy_seed(self.run.seed, self.run.subseed), self.result.warnings)
             self.control_titles.update(titles)
         return self.controls[hires_pass]
 
@@ -207,6 +208,7 @@ class _Job:
         """One decoded image: inpainting's untouched parts restored, faces restored, upscaled, passed
         to extensions' `after_image`, then its infotext written and the image saved."""
         run, plan, result, networks = self.run, self.plan, self.result, self.networks
+        image = control_pass.restore_inpaint(image, self.controls.get(plan.hires is not None, []))
         if self.source is not None:
             image = self.source.restore(image)
         extra = {**(plan.hires.infotext(run, plan.sampler) if plan.hires is not None else {}),

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from backend import k_samplers, noise, philox, schedules, timestep_samplers, unipc
-from backend.control_units import SamplingProgress
+from backend.control_pass import SamplingProgress
 from backend.progress import JobControl, Progress
 from backend.sampler_settings import SamplerSettings
 

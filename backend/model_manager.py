@@ -15,8 +15,8 @@ import torch
 
 from backend import checkpoints, devices, diffusers_folder, model_detection
 from backend.checkpoints import CheckpointLoadError, Components
-from backend.control_units import ControlNetCache
-from backend.controlnet_library import ControlNetLibrary
+from backend.clip_vision import ClipVisionCache, ClipVisionLibrary
+from backend.controlnet_library import ControlNetCache, ControlNetLibrary
 from backend.embeddings import EmbeddingLibrary
 from backend.faces import FaceRestorers
 from backend.lora_files import LoraLibrary
@@ -59,7 +59,9 @@ class ModelManager:
                                          else None)
         self.faces = FaceRestorers(settings.model_dir("gfpgan"), settings.model_dir("codeformer"),
                                    self.placement.device, allow_download=settings.allow_downloads)
-        self.controlnets = ControlNetCache(ControlNetLibrary(settings.model_dir("controlnet")))
+        self.controlnets = ControlNetCache(
+            ControlNetLibrary(settings.model_dir("controlnet")), settings=settings,
+            encoders=ClipVisionCache(ClipVisionLibrary(settings.model_dir("clip_vision"))))
         self._loader = loader
         self._cache: OrderedDict[Path, StableDiffusionModel] = OrderedDict()
         self._active: StableDiffusionModel | None = None

@@ -40,12 +40,13 @@ def build(family: str, seed: int = 0, union: bool = False):
     return _randomized(model)
 
 
-def for_unet(unet, seed: int = 0):
-    """A ControlNet made from `unet` (any size: the default model's too) with its zero layers randomized."""
+def for_unet(unet, seed: int = 0, hint_channels: tuple[int, ...] = (16, 32, 96, 256)):
+    """A ControlNet made from `unet` (any size: the default model's too) with its zero layers randomized;
+    its hint encoder downsamples 2^(len(hint_channels) - 1) times (8 as released; the VAE's factor fits)."""
     from diffusers import ControlNetModel
 
     torch.manual_seed(seed)
-    return _randomized(ControlNetModel.from_unet(unet))
+    return _randomized(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=hint_channels))
 
 
 def _randomized(model):

@@ -117,6 +117,12 @@ class StableDiffusionModel:
 
             cpu_offload(module, execution_device=self.device)
 
+    def place_beside_unet(self, module) -> None:
+        """Store and run a module that works beside the UNet (a ControlNet, an image encoder) as the UNet is:
+        in its precision, on the CPU under --medvram (`use` brings it) or --lowvram (layer by layer)."""
+        if not hasattr(module, "_hf_hook"):  # placed once: --lowvram's hooks are not stacked
+            self._place_module(module, self.dtype)
+
     @contextlib.contextmanager
     def use(self, *modules):
         """Bring modules to the compute device for a block (--medvram moves them back afterwards)."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from backend import control_units, random_controlnets
+from backend import controlnet_library, random_controlnets
 from backend.control_units import ControlUnit
 from backend.generation import generate
 from backend.init_image import prepare
@@ -64,14 +64,14 @@ class Recorder(torch.nn.Module):
 
 def test_and_subprompts_each_get_the_control_and_weight_0_is_still_no_unit(manager, monkeypatch):
     recorded = []
-    real_load = control_units.ControlNetCache.load
+    real_load = controlnet_library.ControlNetCache.load
 
     def load(self, name, model):
         net, title = real_load(self, name, model)
         recorded.append(Recorder(net))
         return recorded[-1], title
 
-    monkeypatch.setattr(control_units.ControlNetCache, "load", load)
+    monkeypatch.setattr(controlnet_library.ControlNetCache, "load", load)
     prompt = "a star AND a circle:0.7"
     steered = images(manager, UNIT, prompt=prompt)[0]
     # one negative and two subprompts per image, in every UNet call of the 3 Euler steps
@@ -116,3 +116,44 @@ def test_only_masked_inpainting_with_a_unit_generates_and_keeps_the_unmasked_pix
     outside = np.asarray(mask) == 0
     assert np.array_equal(steered[outside], np.asarray(init).astype(int)[outside])
     assert np.abs(steered - plain)[~outside].mean() > 1
+
+
+def test_inpaint_only_puts_the_control_images_unmasked_pixels_back(manager):
+    rng = np.random.default_rng(4)
+    photo = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle((20, 20, 43, 43), fill=255)
+    # a ControlNet whose hint is the image's size (the tiny model's VAE downsamples 2x), as released ones are
+    unet = manager.activate(None).unet
+    folder = manager.settings.model_dir("controlnet")
+    random_controlnets.save_lllyasviel(random_controlnets.for_unet(unet, 2, (16, 32)), folder / "tiny_inpaint.pth")
+    unit = ControlUnit("tiny_inpaint", "inpaint_only", photo, mask=mask)
+    image = images(manager, unit)[0]
+    far = np.ones((64, 64), bool)
+    far[14:50, 14:50] = False  # beyond the mask's 7-pixel blend
+    assert np.abs(image[far] - np.asarray(photo).astype(int)[far]).max() <= 1
+    inside = np.asarray(mask) > 0
+    assert np.abs(image[inside] - np.asarray(photo).astype(int)[inside]).mean() > 10  # generated there
+    assert np.abs(images(manager, ControlUnit("tiny_inpaint", "inpaint", photo, mask=mask))[0][far]
+                  - np.asarray(photo).astype(int)[far]).mean() > 10  # inpaint_global_harmonious keeps nothing
+
+
+def test_medvram_keeps_the_controlnet_on_the_cpu_and_brings_it_for_sampling(manager, monkeypatch):
+    from backend.devices import Placement
+
+    model = manager.activate(None)
+    monkeypatch.setattr(model, "placement", Placement(model.device, model.dtype, model.placement.vae_dtype, "model"))
+    brought = []
+    real_use = type(model).use
+
+    def use(self, *modules):
+        brought.extend(type(m).__name__ for m in modules)
+        return real_use(self, *modules)
+
+    monkeypatch.setattr(type(model), "use", use)
+    steered = images(manager, UNIT)[0]
+    assert "ControlNetModel" in brought and "UNet2DConditionModel" in brought
+    net, _ = manager.controlnets.load("tiny_canny", model)
+    assert next(net.parameters()).device.type == "cpu"
+    monkeypatch.undo()
+    assert np.array_equal(steered, images(manager, UNIT)[0])

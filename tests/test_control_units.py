@@ -9,15 +9,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from backend import random_controlnets
-from backend.control_units import (
-    ActiveControl,
-    ControlError,
-    ControlUnit,
-    SamplingProgress,
-    infotext_parameters,
-    residuals,
-    units_from_infotext,
-)
+from backend.control_pass import ActiveControl, SamplingProgress, residuals
+from backend.control_units import ControlError, ControlUnit, infotext_parameters, units_from_infotext
 from backend.generation import generate
 from backend.infotext import parse_infotext
 from backend.request import GenerationRequest, RequestError

@@ -14,8 +14,9 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from backend import control_units, controlnet_files, random_adapters, random_controlnets, random_models
-from backend.control_units import ActiveControl, ControlError, ControlUnit, SamplingProgress, residuals
+from backend import control_pass, control_units, controlnet_files, random_adapters, random_controlnets, random_models
+from backend.control_pass import ActiveControl, SamplingProgress, residuals
+from backend.control_units import ControlError, ControlUnit
 from backend.controlnet_files import ControlNetBaseError, ControlNetFileError, inspect, load_controlnet
 from backend.generation import generate
 from backend.model_manager import ModelManager
@@ -194,21 +195,24 @@ class OneModel:
     def load(self, name, model):
         return self.net, f"{name} [0123abcd]"
 
+    def annotator_weights(self, module):
+        return None
+
 
 def test_control_maps_fit_the_adapter():
     """A grey adapter (canny, sketch) gets the map's luma; SDXL's adapter unshuffles by 16, so with an SD VAE
     (latents 1/8) the size must be a multiple of 16."""
     model = SimpleNamespace(vae_scale_factor=8, device="cpu", dtype=torch.float32)
     unit = ControlUnit("adapter", "none", edges().convert("RGB"))
-    colour, _ = control_units.prepare((unit,), OneModel(random_adapters.build("sd1")), model, (64, 48), None, False)
-    grey, _ = control_units.prepare((unit,), OneModel(random_adapters.build("sd1", in_channels=1)), model, (64, 48),
+    colour, _ = control_pass.prepare((unit,), OneModel(random_adapters.build("sd1")), model, (64, 48), None, False)
+    grey, _ = control_pass.prepare((unit,), OneModel(random_adapters.build("sd1", in_channels=1)), model, (64, 48),
                                     None, False)
     assert colour[0].hint.shape == (1, 3, 48, 64) and grey[0].hint.shape == (1, 1, 48, 64)
     assert torch.allclose(grey[0].hint[0, 0], colour[0].hint[0].mean(dim=0), atol=1e-6)  # a grey map: R = G = B
     xl = OneModel(random_adapters.build("sdxl"))
-    assert control_units.prepare((unit,), xl, model, (80, 64), None, False)[0][0].hint.shape == (1, 3, 64, 80)
+    assert control_pass.prepare((unit,), xl, model, (80, 64), None, False)[0][0].hint.shape == (1, 3, 64, 80)
     with pytest.raises(ControlError, match=r"unit 0: adapter \[0123abcd\] is a T2I-Adapter .* multiples of 16, not 72x64"):
-        control_units.prepare((unit,), xl, model, (72, 64), None, False)
+        control_pass.prepare((unit,), xl, model, (72, 64), None, False)
 
 
 # -- generations ---------------------------------------------------------------------------------------

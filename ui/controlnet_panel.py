@@ -177,7 +177,7 @@ def unit_from_fields(index: int, fields: dict[str, Any], mode: str) -> ControlUn
         control_mode=fields.get("control_mode") or CONTROL_MODES[0],
         resize_mode=fields.get("resize_mode") or RESIZE_MODES[1], hr_option=fields.get("hr_option") or HR_OPTIONS[0],
         pixel_perfect=bool(fields.get("pixel_perfect")), processor_res=int(sliders["processor_res"]),
-        threshold_a=float(sliders["threshold_a"]), threshold_b=float(sliders["threshold_b"]),
+        threshold_a=float(sliders["threshold_a"]), threshold_b=float(sliders["threshold_b"]), position=index,
     )
 
 
