@@ -128,6 +128,39 @@ def module_list(alias_names: bool = False):
             "module_detail": control_preprocessors.module_detail(alias_names)}
 
 
+# sd-webui-controlnet's control types (its UI's filter row) that Easel has preprocessors for: the modules
+# each lists (first: its default), and the words that pick its models out of the model list by title.
+CONTROL_TYPES = {
+    "Canny": (("canny", "invert"), ("canny",)),
+    "Depth": (("depth_anything_v2",), ("depth",)),
+    "Lineart": (("lineart_standard", "invert"), ("lineart",)),
+    "Scribble/Sketch": (("scribble_xdog", "threshold", "invert"), ("scribble", "sketch")),
+    "Tile/Blur": (("tile_resample", "tile_colorfix", "tile_colorfix+sharp", "blur_gaussian"), ("tile", "blur")),
+    "Inpaint": (("inpaint_only", "inpaint"), ("inpaint",)),
+    "Shuffle": (("shuffle",), ("shuffle",)),
+    "T2I-Adapter": (("none", "color"), ("t2i", "t2iadapter", "t2i-adapter", "t2i_adapter")),
+    "IP-Adapter": (("ip-adapter-auto", "ip-adapter_clip_h", "ip-adapter_clip_g"), ("ip-adapter", "ip_adapter",
+                                                                                  "ipadapter")),
+}
+
+
+@router.get("/controlnet/control_types", tags=["controlnet"])
+def control_types(api: ApiContext = Depends(api_context)):
+    """sd-webui-controlnet's control types: per type, its preprocessors (labels), the models whose titles name
+    it, and the defaults its UI picks (a model with "11" in its name first, as there)."""
+    titles = ["None", *api.runtime.manager.controlnets.library.titles()]
+    label = {name: control_preprocessors.get_module(name).display_name for name in control_preprocessors.module_list()}
+    found = {"All": {"module_list": control_preprocessors.module_list(alias_names=True), "model_list": titles,
+                     "default_option": "none", "default_model": "None"}}
+    for name, (modules, words) in CONTROL_TYPES.items():
+        models = ["None", *(t for t in titles[1:] if any(w in t.lower() for w in words))]
+        default_model = next((m for m in models[1:] if "11" in m.split("[")[0]), models[1] if len(models) > 1 else "None")
+        listed = ["none", *(label[m] for m in modules if m != "none")]
+        found[name] = {"module_list": listed, "model_list": models, "default_option": label[modules[0]],
+                       "default_model": default_model}
+    return {"control_types": found}
+
+
 @router.get("/controlnet/settings", tags=["controlnet"])
 def settings():
     return {"control_net_unit_count": DEFAULT_UNIT_COUNT}

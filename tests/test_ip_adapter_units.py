@@ -116,6 +116,13 @@ def test_the_api_takes_an_ip_adapter_unit_as_clients_send_it(manager, tmp_path):
     body.update(sampler_name="Euler", alwayson_scripts={"controlnet": {"args": [unit]}})
     try:
         assert "ip-adapter-auto" in client.get("/controlnet/module_list").json()["module_list"]
+        types = client.get("/controlnet/control_types").json()["control_types"]
+        assert types["IP-Adapter"]["default_option"] == "ip-adapter-auto"
+        assert [m.split(" [")[0] for m in types["IP-Adapter"]["model_list"]] == ["None", "ip-adapter_tiny"]
+        assert types["Canny"]["default_model"].startswith("tiny_canny [") and types["Canny"]["default_option"] == "canny"
+        assert types["All"]["default_model"] == "None" and len(types["All"]["model_list"]) == 4
+        assert types["Lineart"]["module_list"] == ["none", "lineart_standard (from white bg & black line)",
+                                                   "invert (from white bg & black line)"]
         answer = client.post("/sdapi/v1/txt2img", json=body)
         assert answer.status_code == 200, answer.text
         image = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))).convert("RGB"))
