@@ -19,7 +19,6 @@ from backend.errors import InputError
 
 SCRIPT_NAME = "controlnet"
 API_VERSION = 2  # sd-webui-controlnet's /controlnet/version
-DEFAULT_UNIT_COUNT = 3  # units its UI shows (its `control_net_unit_count` setting)
 # sd-webui-controlnet's alternative keys (external_code's ext_compat_keys)
 _ALIASES = {"input_image": "image", "guidance": "guidance_end", "lowvram": "low_vram", "guessmode": "guess_mode"}
 # Its older names of the resize modes
@@ -162,8 +161,8 @@ def control_types(api: ApiContext = Depends(api_context)):
 
 
 @router.get("/controlnet/settings", tags=["controlnet"])
-def settings():
-    return {"control_net_unit_count": DEFAULT_UNIT_COUNT}
+def settings(api: ApiContext = Depends(api_context)):
+    return {"control_net_unit_count": api.runtime.options.control_net_unit_count}
 
 
 class DetectRequest(BaseModel):

@@ -14,7 +14,8 @@ residuals to the UNet's skip connections and middle block (ControlNets), feature
   "ControlNet is more important" gives the negative prompt's rows none;
 - a unit's mask confines it to the masked area;
 - a union ControlNet is told its control type (`union_control_type`, else the module's);
-- `inpaint_only` puts the control image's unmasked pixels back into each decoded image (`restore_inpaint`).
+- `inpaint_only` puts the control image's unmasked pixels back into each decoded image (`restore_inpaint`);
+- `tile_colorfix(+sharp)` also recolours every UNet prediction of the pass after the call (`color_fixed`).
 
 The UNet's weights are never touched.
 """
@@ -70,6 +71,7 @@ class ActiveControl:
     union_type: int | None = None
     ip: object | None = None  # ip_adapter_attention.IPAdapterUnit
     restore: tuple[torch.Tensor, torch.Tensor] | None = None
+    colorfix: object | None = None  # tile_colorfix.ColorFix
     _features: list[torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def acts_at(self, progress: SamplingProgress) -> bool:
@@ -227,7 +229,42 @@ def _ready(unit: ControlUnit, cache: ControlNetCache, model, size: tuple[int, in
     hint = _control_map(unit, net, kind, title, image, model, size, seed, cache.annotator_weights(unit.module))
     soft = unit.control_mode == CONTROL_MODES[1] or (hires_pass and any(k in unit.module for k in _SOFT_IN_HIRES))
     restore = _inpaint_restore(hint) if unit.module == "inpaint_only" and kind != "t2i_adapter" else None
-    return ActiveControl(unit, net, hint, mask, soft, kind, union_type, restore=restore), title
+    return ActiveControl(unit, net, hint, mask, soft, kind, union_type, restore=restore,
+                         colorfix=_color_fix(unit, hint, model, size, hires_pass)), title
+
+
+def _color_fix(unit: ControlUnit, hint: torch.Tensor, model, size: tuple[int, int], hires_pass: bool):
+    """A tile_colorfix(+sharp) unit's `ColorFix` (else None): its control map encoded by the VAE at the latents'
+    size (sd-webui-controlnet: the hint x 2 - 1, encoded once), its variation doubled in the hires pass."""
+    from backend import control_preprocessors, k_sampling, vae_codec
+    from backend.tile_colorfix import ColorFix
+
+    module = control_preprocessors.get_module(unit.module).name
+    if "colorfix" not in module or unit.weight <= 0:
+        return None
+    _, variation, sharpness = control_preprocessors.resolve_values(module, -1, unit.threshold_a, unit.threshold_b,
+                                                                   strict=False)
+    f = model.vae_scale_factor
+    pixel_hw = (size[1] // f * f, size[0] // f * f)  # the latents' size, in pixels
+    pixels = hint[:, :3].float().expand(-1, 3, -1, -1)  # a grey adapter's one channel as RGB
+    if pixels.shape[-2:] != pixel_hw:  # a ControlNet whose hint is not the image's size
+        pixels = torch.nn.functional.interpolate(pixels, size=pixel_hw, mode="bilinear", align_corners=False)
+    return ColorFix(vae_codec.encode(model, pixels * 2 - 1), int(variation) * (2 if hires_pass else 1), unit.weight,
+                    sharpness if "+sharp" in module else None, k_sampling.model_alphas_cumprod(model.scheduler_config),
+                    model.scheduler_config.get("prediction_type", "epsilon"))
+
+
+def color_fixed(controls: list[ActiveControl], prediction: torch.Tensor, sample: torch.Tensor, t,
+                uncond_rows: slice | None) -> torch.Tensor:
+    """One UNet call's prediction with each tile_colorfix unit's colour fix, confined to the unit's mask. As in
+    sd-webui-controlnet, the fix runs at every call of the pass, on every row: the guidance range starts and
+    stops the ControlNet, not the fix."""
+    for control in controls:
+        if control.colorfix is None:
+            continue
+        fixed = control.colorfix.apply(prediction, sample, t, uncond_rows)
+        prediction = fixed if control.mask is None else prediction + (fixed - prediction) * _resized(control.mask, fixed)
+    return prediction
 
 
 def _ip_unit(unit: ControlUnit, adapter, title: str, cache: ControlNetCache, model, image: Image.Image, mask):

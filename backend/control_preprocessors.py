@@ -203,7 +203,7 @@ _ALL = (
     Module("tile_resample", _tile_resample, threshold_a=Slider("Down Sampling Rate", 1.0, 1.0, 8.0), priority=100),
     Module("color", _color, label="t2ia_color_grid"),
     Module("depth_anything_v2", _depth_anything_v2, resolution=None, needs_weights=True),
-    # The image passes through; the colour fix runs during sampling (`tile_colorfix.color_fixed_noise`).
+    # The image passes through; the colour fix runs during sampling (`control_pass.color_fixed`).
     Module("tile_colorfix", _identity, resolution=None, threshold_a=_VARIATION),
     Module("tile_colorfix+sharp", _identity, resolution=None, threshold_a=_VARIATION,
            threshold_b=Slider("Sharpness", 1.0, 0.0, 2.0, 0.01)),

@@ -6,7 +6,8 @@ included), titled "name [hash]" and resolved from what a client sends, the way s
   an unknown name raises `ControlNetNotFoundError`.
 - `model_hash(path)`: A1111's old 8-digit model hash, which the titles carry as sd-webui-controlnet's do.
 - `ControlNetCache(library, encoders=, settings=)`: the models loaded for the active checkpoint, `.load(name,
-  model)`, with IP-Adapters' image encoders (`.encoder`) and preprocessors' models (`.annotator_weights`).
+  model)`, with IP-Adapters' image encoders (`.encoder`) and preprocessors' models (`.annotator_weights`);
+  `.set_size(n)` (the `control_net_model_cache_size` option) frees the least recently used beyond `n`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend import devices
 from backend.controlnet_files import DIFFUSERS_WEIGHTS, ControlNetNotFoundError, load_controlnet
 from backend.errors import InputError
 
@@ -192,6 +194,23 @@ class ControlNetCache:
         from backend import annotators
 
         return annotators.weights_for(module, self.settings)
+
+    def set_size(self, size: int) -> None:
+        """Keep at most `size` models from now on; extra ones (least recently used first) are freed at once."""
+        if size < 1:
+            raise InputError(f"the ControlNet model cache size must be at least 1, not {size}")
+        self.size = size
+        if len(self._nets) <= size:
+            return
+        while len(self._nets) > size:
+            path = next(iter(self._nets))
+            logger.info("Unloading ControlNet %s (cache size %d)", path.name, size)
+            del self._nets[path]
+        devices.empty_cache()
+
+    def loaded(self) -> list[Path]:
+        """The loaded models' paths, least recently used first."""
+        return list(self._nets)
 
     def clear(self) -> None:
         self._nets.clear()

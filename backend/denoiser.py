@@ -234,15 +234,16 @@ class _Guidance:
 
     def _call_unet(self, sample: torch.Tensor, t, call: _UNetCall) -> torch.Tensor:
         """One UNet call, with the ControlNet units' residuals and T2I-Adapters' features for its rows (the
-        negative prompt's are the batch's first n rows)."""
-        extra = {}
+        negative prompt's are the batch's first n rows), and tile_colorfix's fix of its prediction."""
+        extra, uncond = {}, None
         if self.controls:
             uncond = None if self.skip_negative or call.start >= self.n else slice(0, self.n - call.start)
             found = control_pass.residuals(self.controls, self.progress, sample, t, call.context, call.added, uncond)
             if found is not None:
                 extra = found.unet_kwargs()
-        return self.model.unet(sample, t, encoder_hidden_states=call.context, added_cond_kwargs=call.added,
-                               **extra).sample
+        out = self.model.unet(sample, t, encoder_hidden_states=call.context, added_cond_kwargs=call.added,
+                              **extra).sample
+        return control_pass.color_fixed(self.controls, out, sample, t, uncond) if self.controls else out
 
     def predict(self, model_input: torch.Tensor, t, step: int) -> torch.Tensor:
         out = self._unet(model_input, t, self._calls(step))

@@ -15,7 +15,7 @@ from dataclasses import field as dataclass_field
 from pathlib import Path
 
 from backend.errors import InputError
-from backend.request import EMPHASIS_MODES, RANDN_SOURCES
+from backend.request import EMPHASIS_MODES, MAX_CONTROL_UNITS, RANDN_SOURCES
 from backend.sampler_settings import SamplerSettings
 from backend.samplers import SAMPLER_NAMES
 from backend.settings import MODEL_FOLDERS
@@ -73,6 +73,10 @@ class Options(SamplerSettings):
     # X/Y/Z plot: the most cells a plot may have, and the largest grid image (megapixels)
     xyz_max_cells: int = 1024
     xyz_max_megapixels: int = 64
+    # ControlNet (sd-webui-controlnet's names): units each page shows (read when the UI is built: takes effect
+    # at restart), and ControlNet models kept loaded (least recently used freed first; applied at once)
+    control_net_unit_count: int = 3
+    control_net_model_cache_size: int = 2
     # Extensions turned off in the Extensions tab (by folder name); applied at the next start
     disabled_extensions: list = dataclass_field(default_factory=list)
 
@@ -105,6 +109,10 @@ class Options(SamplerSettings):
             raise ValueError("X/Y/Z plot limits: 1-100,000 cells and 1-1,024 megapixels")
         if not isinstance(self.pad_cond_uncond, bool):
             raise ValueError("pad_cond_uncond must be true or false")
+        if not 1 <= self.control_net_unit_count <= MAX_CONTROL_UNITS:
+            raise ValueError(f"ControlNet unit number must be between 1 and {MAX_CONTROL_UNITS}")
+        if not 1 <= self.control_net_model_cache_size <= 8:
+            raise ValueError("ControlNet model cache size must be between 1 and 8")
         if self.live_preview_every < 0:
             raise ValueError("live preview period must be 0 (off) or more")
 

@@ -119,6 +119,9 @@ class Runtime:
         manager = self.manager
         if manager.settings.checkpoint_cache_size != options.checkpoint_cache:
             manager.set_cache_size(options.checkpoint_cache)
+        if manager.controlnets.size != options.control_net_model_cache_size:
+            with manager.lock:  # not while a generation uses the loaded ControlNets
+                manager.controlnets.set_size(options.control_net_model_cache_size)
         manager.faces.release_after_use = options.face_restoration_unload
         manager.upscalers.release_after_use = options.upscaler_unload
         manager.upscalers.tile = options.upscaler_tile()

@@ -352,7 +352,8 @@ def test_pasting_an_infotext_sets_the_controlnet_units(built_ui):
     sliders = {name: unit.pop(name) for name in controlnet_panel.SLIDERS}
     assert unit == {"enabled": True, "module": "canny", "model": "tiny [abcd1234]", "weight": 0.5,
                     "guidance_start": 0.0, "guidance_end": 0.75, "control_mode": "My prompt is more important",
-                    "resize_mode": "Crop and Resize", "pixel_perfect": False, "hr_option": "High res only"}
+                    "resize_mode": "Crop and Resize", "pixel_perfect": False, "hr_option": "High res only",
+                    "union_control_type": "Unknown"}
     assert [(s["label"], s["value"], s["minimum"], s["maximum"], s["visible"]) for s in sliders.values()] == [
         ("Resolution", 512, 64, 2048, True), ("Low Threshold", 50, 1, 255, True), ("High Threshold", 200, 1, 255, True)]
     assert values[controlnet_panel.key(1, "enabled")] is False and values["steps"] == 3

@@ -218,5 +218,6 @@ def paste_infotext(page: dict[str, Any], current: dict[str, Any], text: str) -> 
     values, notes = clamp_to_ranges(values, ranges)
     if notes:
         gr.Warning("Pasted parameters changed to fit the controls: " + "; ".join(notes))
-    values.update({k: v for k, v in controlnet_panel.pasted_values(text).items() if k in current})
+    units = controlnet_panel.pasted_values(text, controlnet_panel.unit_count(page))
+    values.update({k: v for k, v in units.items() if k in current})
     return values

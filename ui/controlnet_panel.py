@@ -1,5 +1,6 @@
-"""The ControlNet accordion of txt2img and img2img: three units with sd-webui-controlnet's controls, the
-preprocessor preview, the `ControlUnit`s a request carries, and a pasted infotext's `ControlNet N` entries.
+"""The ControlNet accordion of txt2img and img2img: `control_net_unit_count` units (the option, read when the
+UI is built) with sd-webui-controlnet's controls, the preprocessor preview, the `ControlUnit`s a request
+carries, and a pasted infotext's `ControlNet N` entries.
 
 A unit's controls sit in the page's dict under `_controlnet:<index>:<ControlUnit field>` (plus `enabled`
 and the UI-only `refresh`, `preview`, `preview_image`).
@@ -11,23 +12,37 @@ from typing import Any
 
 import gradio as gr
 
-from backend import annotators, control_preprocessors, infotext
-from backend.control_units import CONTROL_MODES, HR_OPTIONS, RESIZE_MODES, ControlUnit, units_from_infotext
+from backend import annotators, control_maps, control_preprocessors, infotext
+from backend.control_units import (
+    CONTROL_MODES,
+    HR_OPTIONS,
+    RESIZE_MODES,
+    UNION_CONTROL_TYPES,
+    ControlUnit,
+    union_type_index,
+    units_from_infotext,
+)
 from backend.errors import EaselError, InputError
+from backend.request import MAX_CONTROL_UNITS
 from backend.settings import Settings
 
-UNIT_COUNT = 3  # sd-webui-controlnet's default `control_net_unit_count`
 NO_MODEL = "None"
+UNKNOWN_UNION_TYPE = "Unknown"  # a union ControlNet takes its control type from the preprocessor
 SLIDERS = ("processor_res", "threshold_a", "threshold_b")  # follow the chosen module's sliders
 CHOICES = {"control_mode": CONTROL_MODES, "resize_mode": RESIZE_MODES, "hr_option": HR_OPTIONS}
 # The fields a pasted infotext sets (all but the image and the mask), and those a request reads.
 PASTED = ("enabled", "module", "model", "weight", "guidance_start", "guidance_end", "control_mode", "resize_mode",
-          "pixel_perfect", "hr_option", *SLIDERS)
+          "pixel_perfect", "hr_option", "union_control_type", *SLIDERS)
 REQUEST_FIELDS = (*PASTED, "image", "mask")
 
 
 def key(index: int, name: str) -> str:
     return f"_controlnet:{index}:{name}"
+
+
+def unit_count(page: dict[str, Any]) -> int:
+    """The units a built page has (the option may have changed since: it takes effect at restart)."""
+    return sum(1 for index in range(MAX_CONTROL_UNITS) if key(index, "enabled") in page)
 
 
 # -- building ----------------------------------------------------------------------------------------
@@ -36,7 +51,7 @@ def controlnet_panel(ui, c: dict[str, Any], mode: str) -> None:
     titles = ui.ctx.manager.controlnets.library.titles()
     with gr.Accordion("ControlNet", open=False, elem_id=f"{mode}_controlnet"):
         with gr.Tabs():
-            for index in range(UNIT_COUNT):
+            for index in range(ui.ctx.options.control_net_unit_count):
                 with gr.Tab(f"ControlNet Unit {index}", id=f"{mode}_controlnet_unit{index}"):
                     _unit_controls(c, mode, index, titles)
 
@@ -63,6 +78,8 @@ def _unit_controls(c: dict[str, Any], mode: str, index: int, titles: list[str]) 
         # Custom values: a pasted infotext may name a model that is not installed; Generate then says so.
         add("model", gr.Dropdown, [NO_MODEL, *titles], value=NO_MODEL, label="Model", allow_custom_value=True)
         add("refresh", gr.Button, "🔄", scale=0, min_width=40)
+        add("union_control_type", gr.Dropdown, [UNKNOWN_UNION_TYPE, *UNION_CONTROL_TYPES], value=UNKNOWN_UNION_TYPE,
+            label="Union control type", info="For union ControlNets only; Unknown: the preprocessor's")
     add("weight", gr.Slider, 0, 2, value=1, step=0.05, label="Control Weight")
     with gr.Row():
         add("guidance_start", gr.Slider, 0, 1, value=0, step=0.01, label="Starting Control Step")
@@ -76,9 +93,10 @@ def _unit_controls(c: dict[str, Any], mode: str, index: int, titles: list[str]) 
         add("hr_option", gr.Radio, list(HR_OPTIONS), value=HR_OPTIONS[0], label="Hires-Fix Option")
 
 
-def slider_props(module: str, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def slider_props(module: str, values: dict[str, Any] | None = None, pixel_perfect: bool = False) -> list[dict[str, Any]]:
     """The processor resolution and threshold sliders' properties for `module`: label, range and value
-    (`values` by field name when in range, else the module's default), or hidden when it has none."""
+    (`values` by field name when in range, else the module's default), or hidden when it has none. Pixel
+    perfect computes the resolution: its slider is hidden too (sd-webui-controlnet's), its values kept."""
     spec = control_preprocessors.get_module(module)
     props = []
     for name, slider in zip(SLIDERS, (spec.resolution, spec.threshold_a, spec.threshold_b)):
@@ -90,49 +108,81 @@ def slider_props(module: str, values: dict[str, Any] | None = None) -> list[dict
                 slider.minimum <= value <= slider.maximum:
             value = slider.value
         props.append({"label": slider.name, "minimum": slider.minimum, "maximum": slider.maximum,
-                      "step": slider.step, "value": value, "visible": True})
+                      "step": slider.step, "value": value,
+                      "visible": not (pixel_perfect and name == "processor_res")})
     return props
+
+
+def resolution_visible(module: str | None, pixel_perfect: bool) -> bool:
+    """Whether the resolution slider shows: the module has one and pixel perfect does not compute it."""
+    return control_preprocessors.get_module(module or "none").resolution is not None and not pixel_perfect
+
+
+def module_changed(module: str | None, pixel_perfect: bool) -> list[dict[str, Any]]:
+    """The sliders' updates when the user picks a module: its sliders at their defaults."""
+    return [gr.update(**props) for props in slider_props(module or "none", pixel_perfect=bool(pixel_perfect))]
+
+
+def pixel_perfect_changed(module: str | None, pixel_perfect: bool) -> dict[str, Any]:
+    """The resolution slider's update when pixel perfect is turned on or off (its value stays)."""
+    return gr.update(visible=resolution_visible(module, bool(pixel_perfect)))
 
 
 # -- events ------------------------------------------------------------------------------------------
 def wire_controlnet(ui, mode: str) -> None:
     c, library = ui.pages[mode], ui.ctx.manager.controlnets.library
-    models = [c[key(index, "model")] for index in range(UNIT_COUNT)]
+    models = [c[key(index, "model")] for index in range(unit_count(c))]
 
     def refresh(*current):
         library.refresh()
         choices = [NO_MODEL, *library.titles()]
         return [gr.Dropdown(choices=choices, value=value if value in choices else NO_MODEL) for value in current]
 
-    for index in range(UNIT_COUNT):
+    for index in range(unit_count(c)):
         c[key(index, "refresh")].click(refresh, inputs=models, outputs=models, queue=False, api_visibility="private")
         sliders = [c[key(index, name)] for name in SLIDERS]
-        # `input`, not `change`: a pasted module arrives with its own slider values, which must stay.
-        c[key(index, "module")].input(lambda module: [gr.update(**p) for p in slider_props(module)],
-                                      inputs=c[key(index, "module")], outputs=sliders, queue=False,
-                                      api_visibility="private")
+        module, pixel_perfect = c[key(index, "module")], c[key(index, "pixel_perfect")]
+        # Module: `input`, not `change`: a pasted module arrives with its own slider values, which must stay.
+        # Each event reads the other control, so the resolution slider is right whichever changed last;
+        # pixel perfect's `change` also follows a paste, and sets only the visibility.
+        module.input(module_changed, inputs=[module, pixel_perfect], outputs=sliders, queue=False,
+                     api_visibility="private")
+        pixel_perfect.change(pixel_perfect_changed, inputs=[module, pixel_perfect], outputs=sliders[0], queue=False,
+                             api_visibility="private")
         _wire_preview(c, mode, index, ui.ctx.settings)
 
 
 def _wire_preview(c: dict[str, Any], mode: str, index: int, settings: Settings) -> None:
-    inputs = [c[key(index, name)] for name in ("image", "mask", "module", *SLIDERS)]
+    inputs = [c[key(index, name)] for name in ("image", "mask", "module", *SLIDERS, "pixel_perfect", "resize_mode")]
     init_image = c["_image"] if mode == "img2img" else gr.State(None)  # a unit without an image: img2img's
 
-    def preview(image, mask, module, processor_res, threshold_a, threshold_b, init):
+    def preview(image, mask, module, processor_res, threshold_a, threshold_b, pixel_perfect, resize_mode, init,
+                width, height):
         image = image if image is not None else init
         if image is None:
             raise gr.Error(f"ControlNet unit {index}: upload a control image to preview")
         values = unit_slider_values(module, dict(processor_res=processor_res, threshold_a=threshold_a,
                                                  threshold_b=threshold_b))
         try:
+            values["processor_res"] = preview_resolution(values["processor_res"], pixel_perfect, image.size,
+                                                         (int(width), int(height)), resize_mode)
             weights = annotators.weights_for(module, settings)  # a model-based module: downloaded on first use
             return control_preprocessors.run_preprocessor(module, image, values["processor_res"], values["threshold_a"],
                                                           values["threshold_b"], mask=mask, strict=False, weights=weights)
         except EaselError as exc:
             raise gr.Error(f"ControlNet unit {index}: {exc}") from exc
 
-    c[key(index, "preview")].click(preview, inputs=[*inputs, init_image], outputs=c[key(index, "preview_image")],
-                                   api_visibility="private")
+    c[key(index, "preview")].click(preview, inputs=[*inputs, init_image, c["width"], c["height"]],
+                                   outputs=c[key(index, "preview_image")], api_visibility="private")
+
+
+def preview_resolution(processor_res: int, pixel_perfect: bool, image_size: tuple[int, int],
+                       size: tuple[int, int], resize_mode: str) -> int:
+    """The resolution the preview runs at: with pixel perfect, the one generation computes for the page's
+    size (width, height); else the slider's (-1: the module has none)."""
+    if not pixel_perfect or processor_res == -1:
+        return processor_res
+    return control_maps.pixel_perfect_resolution(image_size, control_maps.latent_aligned(size), resize_mode)
 
 
 def unit_slider_values(module: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -146,13 +196,13 @@ def unit_slider_values(module: str, values: dict[str, Any]) -> dict[str, Any]:
 
 # -- the request -------------------------------------------------------------------------------------
 def request_inputs(c: dict[str, Any]) -> set:
-    return {c[key(index, name)] for index in range(UNIT_COUNT) for name in REQUEST_FIELDS if key(index, name) in c}
+    return {c[key(index, name)] for index in range(unit_count(c)) for name in REQUEST_FIELDS if key(index, name) in c}
 
 
 def control_units(page: dict[str, Any], values: dict[Any, Any], mode: str) -> tuple[ControlUnit, ...]:
     """The enabled units with a model, in order, with the values as the user set them."""
     units = []
-    for index in range(UNIT_COUNT):
+    for index in range(unit_count(page)):
         fields = {name: values[page[key(index, name)]] for name in REQUEST_FIELDS
                   if key(index, name) in page and page[key(index, name)] in values}
         unit = unit_from_fields(index, fields, mode)
@@ -177,22 +227,27 @@ def unit_from_fields(index: int, fields: dict[str, Any], mode: str) -> ControlUn
         control_mode=fields.get("control_mode") or CONTROL_MODES[0],
         resize_mode=fields.get("resize_mode") or RESIZE_MODES[1], hr_option=fields.get("hr_option") or HR_OPTIONS[0],
         pixel_perfect=bool(fields.get("pixel_perfect")), processor_res=int(sliders["processor_res"]),
-        threshold_a=float(sliders["threshold_a"]), threshold_b=float(sliders["threshold_b"]), position=index,
+        threshold_a=float(sliders["threshold_a"]), threshold_b=float(sliders["threshold_b"]),
+        union_control_type=fields.get("union_control_type") or UNKNOWN_UNION_TYPE, position=index,
     )
 
 
 # -- pasting -----------------------------------------------------------------------------------------
 def pasted_names(page: dict[str, Any]) -> list[str]:
     """The unit controls a pasted infotext sets, as keys of the page."""
-    return [key(index, name) for index in range(UNIT_COUNT) for name in PASTED if key(index, name) in page]
+    return [key(index, name) for index in range(unit_count(page)) for name in PASTED if key(index, name) in page]
 
 
-def pasted_values(text: str) -> dict[str, Any]:
-    """Each unit's values from the infotext's `ControlNet N` entry (sliders as updates that also set their
-    label and range); a unit without an entry is turned off, as the image was made without it."""
+def pasted_values(text: str, count: int) -> dict[str, Any]:
+    """Each of `count` units' values from the infotext's `ControlNet N` entry (sliders as updates that also
+    set their label, range and visibility); a unit without an entry is turned off, as the image was made
+    without it. Entries beyond the units shown are left out, with a warning."""
     entries = units_from_infotext(infotext.parse_infotext(text))
+    if len(entries) > count:
+        gr.Warning(f"The infotext has {len(entries)} ControlNet units and the page shows {count}: units {count} "
+                   f"and on were left out (Settings, ControlNet: the unit number; requires restart)")
     values: dict[str, Any] = {}
-    for index in range(UNIT_COUNT):
+    for index in range(count):
         values[key(index, "enabled")] = index < len(entries)
         if index < len(entries):
             values.update({key(index, name): value for name, value in _pasted_unit(index, entries[index]).items()})
@@ -213,6 +268,8 @@ def _pasted_unit(index: int, entry: dict[str, Any]) -> dict[str, Any]:
     for name, choices in CHOICES.items():
         if entry.get(name) in choices:
             values[name] = entry[name]
-    for name, props in zip(SLIDERS, slider_props(module, entry)):
+    union = union_type_index(str(entry.get("union_control_type", "")))
+    values["union_control_type"] = UNION_CONTROL_TYPES[union] if union is not None else UNKNOWN_UNION_TYPE
+    for name, props in zip(SLIDERS, slider_props(module, entry, values["pixel_perfect"])):
         values[name] = gr.update(**props)
     return values

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from backend.errors import InputError
-from backend.request import EMPHASIS_MODES, RANDN_SOURCES
+from backend.request import EMPHASIS_MODES, MAX_CONTROL_UNITS, RANDN_SOURCES
 from backend.sampler_settings import UNIPC_SKIP_TYPES, UNIPC_VARIANTS
 from backend.samplers import SAMPLER_NAMES
 from ui.context import error_html
@@ -64,24 +64,37 @@ def settings_tab(ui) -> None:
         with gr.Accordion("Sampler parameters (A1111's; infotexts record them when not at their defaults)",
                           open=False):
             controls.update(sampler_controls(o))
+        with gr.Accordion("ControlNet", open=False, elem_id="settings_controlnet"):
+            controls.update(controlnet_controls(o))
         apply = gr.Button("Apply settings", variant="primary", elem_id="settings_submit")
         result = gr.HTML(elem_id="settings_result")
 
     def apply_settings(values: dict):
-        typed = {name: values[component] for name, component in controls.items()}
-        for name in ("checkpoint_cache", "default_steps", "live_preview_every", "ESRGAN_tile", "ESRGAN_tile_overlap",
-                     "xyz_max_cells", "xyz_max_megapixels", "eta_noise_seed_delta", "uni_pc_order"):
-            typed[name] = int(typed[name])
-        for name in ("default_cfg_scale", "code_former_weight", *_SAMPLER_NUMBERS):
-            typed[name] = float(typed[name])
         try:
-            ctx.runtime.apply(typed)
+            ctx.runtime.apply(typed_values({name: values[component] for name, component in controls.items()}))
         except InputError as exc:
             return error_html(f"Not saved: {exc}")
         return f"<div>Saved to {ctx.runtime.options_path}; applied.</div>"
 
     apply.click(apply_settings, inputs=set(controls.values()), outputs=result, queue=False,
                 api_visibility="private")
+
+
+_WHOLE_NUMBERS = ("checkpoint_cache", "default_steps", "live_preview_every", "ESRGAN_tile", "ESRGAN_tile_overlap",
+                  "xyz_max_cells", "xyz_max_megapixels", "eta_noise_seed_delta", "uni_pc_order",
+                  "control_net_unit_count", "control_net_model_cache_size")
+
+
+def typed_values(values: dict) -> dict:
+    """The controls' values as the options take them: sliders and numbers give floats, some options ints."""
+    typed = dict(values)
+    for name in _WHOLE_NUMBERS:
+        if name in typed:
+            typed[name] = int(typed[name])
+    for name in ("default_cfg_scale", "code_former_weight", *_SAMPLER_NUMBERS):
+        if name in typed:
+            typed[name] = float(typed[name])
+    return typed
 
 
 _SAMPLER_NUMBERS = {
@@ -108,3 +121,14 @@ def sampler_controls(o) -> dict:
         uni_pc_lower_order_final=gr.Checkbox(o.uni_pc_lower_order_final, label="UniPC: lower order at the end"),
     )
     return controls
+
+
+def controlnet_controls(o) -> dict:
+    """sd-webui-controlnet's options of the same names."""
+    return {
+        "control_net_unit_count": gr.Slider(1, MAX_CONTROL_UNITS, value=o.control_net_unit_count, step=1,
+                                            label="Multi-ControlNet: ControlNet unit number (requires restart)"),
+        "control_net_model_cache_size": gr.Slider(1, 8, value=o.control_net_model_cache_size, step=1,
+                                                  label="ControlNet models kept in memory (model cache size; "
+                                                  "the least recently used are freed first)"),
+    }
