@@ -6,12 +6,11 @@ the reader in `adapter_files`.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 
-from backend import random_models
+from backend import random_controlnets, random_models
 
 # Released adapters, shrunk: the SD 1.x full adapter (pixel unshuffle 8), SDXL's (16), and the light one.
 _TYPES = {"sd1": ("full_adapter", 8), "sdxl": ("full_adapter_xl", 16), "light": ("light_adapter", 8)}
@@ -62,24 +61,7 @@ def tencentarc_state_dict(adapter, prefix: bool = False) -> dict[str, torch.Tens
 
 def save_tencentarc(adapter, path: Path, dtype=None, prefix: bool = False) -> Path:
     """Write `.safetensors`, or a pickled state dict (`.pth`) as TencentARC's releases are."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = tencentarc_state_dict(adapter, prefix)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state, path)
-    else:
-        torch.save(state, path)
-    return path
+    return random_controlnets.write_state_dict(tencentarc_state_dict(adapter, prefix), path, dtype)
 
 
-def save_diffusers(adapter, folder: Path, dtype=None) -> Path:
-    """Write a diffusers folder: `config.json` and `diffusion_pytorch_model.safetensors`."""
-    folder = Path(folder)
-    if dtype is not None:
-        adapter = copy.deepcopy(adapter).to(dtype)
-    adapter.save_pretrained(folder)
-    return folder
+save_diffusers = random_controlnets.save_diffusers  # the same folder layout

@@ -90,9 +90,13 @@ def lllyasviel_state_dict(model, prefix: bool = True) -> dict[str, torch.Tensor]
 
 def save_lllyasviel(model, path: Path, dtype=None, prefix: bool = True) -> Path:
     """Write `.safetensors`, or a pickled state dict (`.pth`/`.pt`/`.ckpt`) as lllyasviel's releases are."""
+    return write_state_dict(lllyasviel_state_dict(model, prefix), path, dtype)
+
+
+def write_state_dict(state: dict[str, torch.Tensor], path: Path, dtype=None) -> Path:
+    """`state` as `.safetensors`, or pickled (`.pth`, `.pt`, `.ckpt`, `.bin`) by the suffix of `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = lllyasviel_state_dict(model, prefix)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     if path.suffix == ".safetensors":
@@ -105,7 +109,8 @@ def save_lllyasviel(model, path: Path, dtype=None, prefix: bool = True) -> Path:
 
 
 def save_diffusers(model, folder: Path, dtype=None) -> Path:
-    """Write a diffusers folder: `config.json` and `diffusion_pytorch_model.safetensors`."""
+    """Write a diffusers folder (a ControlNet's, an adapter's): `config.json` and
+    `diffusion_pytorch_model.safetensors`."""
     folder = Path(folder)
     if dtype is not None:
         model = copy.deepcopy(model).to(dtype)

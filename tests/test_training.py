@@ -114,3 +114,29 @@ def test_demo_lora_training_writes_kohya_format(tmp_path, settings):
     assert len(modules) == 4 * 2 * 7  # q, k, v, out of attn1 and attn2; 7 transformer blocks (2 down, mid, 4 up)
     assert down.shape == (8, 128) and down.dtype == torch.float16 and float(alpha) == 8.0
     assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_base_model_version"] == "sd_v1"
+
+
+def test_controlnet_training_resumes_and_exports_what_easel_loads(tmp_path):
+    from backend import controlnet_files
+    from training import train_controlnet
+
+    args = ["--work-dir", str(tmp_path / "work"), "--batch", "2", "--log-every", "1", "--probe-every", "2",
+            "--save-every", "2"]
+    # the maps are what generation makes for the unit: binary edges at the image's size
+    pixels, captions, hints = train_controlnet.draw_batch(random.Random(0), 4, shapes.held_out_triples())
+    assert pixels.shape == (4, 3, 64, 64) and hints.shape == (4, 3, 64, 64)
+    assert set(torch.unique(hints).tolist()) <= {0.0, 1.0} and hints.amax(dim=(1, 2, 3)).min() == 1.0
+    train_controlnet.main([*args, "--steps", "2"])
+    train_controlnet.main([*args, "--steps", "3"])  # resumes at step 2
+    log = [json.loads(line) for line in (tmp_path / "work" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["stage"] == "controlnet"] == [1, 2, 3]
+    assert any(r["stage"] == "probe" for r in log)
+    out = tmp_path / "canny.safetensors"
+    train_controlnet.main([*args, "--export", str(out)])
+    info = controlnet_files.inspect(out)
+    assert (info.family, info.layout, info.dtype) == ("sd1", "lllyasviel", "float16")
+    assert info.config["conditioning_embedding_out_channels"] == [16, 32, 64]  # 4x: the default model's VAE
+    trained = torch.load(tmp_path / "work" / "state.pt", weights_only=False)["controlnet"]
+    loaded = controlnet_files.load_controlnet(out, "sd1")
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, trained[key].half().float()), key

@@ -11,7 +11,10 @@ time and the shape out some of the time: the edges carry both.
 Resumable: state goes to --work-dir every --save-every steps; rerunning continues. `--export` writes
 the fp16 single file in lllyasviel's layout, with the training log in its metadata.
 
-    python -m training.train_controlnet --minutes 60        # on a CPU (resumes if state exists)
+The shipped file came from two runs on one CPU core (it resumed with a lower rate and a cooldown):
+
+    python -m training.train_controlnet --minutes 40 --batch 24 --lr 5e-4
+    python -m training.train_controlnet --minutes 45 --batch 24 --lr 2e-4 --cooldown-minutes 30
     python -m training.train_controlnet --export models/ControlNet/easel-shapes-canny.safetensors
 """
 
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 
 from backend import checkpoints, control_preprocessors, random_controlnets
 from training import metrics, shapes
-from training.train_default_model import device_name, to_pixels
+from training.train_default_model import cooldown_factor, device_name, to_pixels
 
 DEFAULT_BASE = Path(__file__).resolve().parent.parent / "models" / "Stable-diffusion" / "easel-shapes.safetensors"
 # Processor resolutions drawn for the training maps: pixel perfect (the image's own 64) and the
@@ -137,8 +140,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.controlnet.parameters(), 1.0)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.args.lr * min(1.0, (self.state["step"] + 1) / 100)
+        for group in self.optimizer.param_groups:  # warmup, constant, then the cooldown
+            group["lr"] = self.args.lr * min(1.0, (self.state["step"] + 1) / 100) * self.cooldown()
         self.optimizer.step()
         return loss.item()
 
@@ -168,13 +171,17 @@ class Trainer:
                 hits += (min(2, int(ys.mean() * 3 / image.shape[0])), min(2, int(xs.mean() * 3 / image.shape[1]))) == scene.cell
         return hits / len(scenes)
 
+    def cooldown(self) -> float:
+        return cooldown_factor(self.deadline, self.args.cooldown_minutes)
+
     def train(self) -> None:
         args = self.args
         started = time.time()
+        self.deadline = started + args.minutes * 60
         self.log({"stage": "run", "device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(),
-                  "batch": args.batch, "lr": args.lr})
+                  "batch": args.batch, "lr": args.lr, "minutes": args.minutes, "cooldown": args.cooldown_minutes})
         running = []
-        while time.time() < started + args.minutes * 60 and self.state["step"] < args.steps:
+        while time.time() < self.deadline and self.state["step"] < args.steps:
             tick = time.time()
             running.append(self.step())
             self.state["step"] += 1
@@ -227,6 +234,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--cooldown-minutes", type=float, default=0,
+                        help="lower the learning rate linearly over this run's last minutes")
     parser.add_argument("--high-noise-share", type=float, default=0.5,
                         help="share of timesteps drawn from the noisier half of the schedule")
     parser.add_argument("--seed", type=int, default=0)

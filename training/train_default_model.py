@@ -334,11 +334,7 @@ class Trainer:
         return min(1.0, progress)
 
     def cooldown(self) -> float:
-        """Learning-rate factor: 1, falling linearly to 0.05 over the run's last --cooldown-minutes."""
-        if not self.args.cooldown_minutes:
-            return 1.0
-        remaining = (self.deadline - time.time()) / 60
-        return max(0.05, min(1.0, remaining / self.args.cooldown_minutes))
+        return cooldown_factor(self.deadline, self.args.cooldown_minutes)
 
     def train(self) -> None:
         from diffusers import DDPMScheduler
@@ -382,6 +378,13 @@ class Trainer:
                 self.save()
         self.save()
         print(f"stopped after {time.time() - started:.0f} s at {self.state}", flush=True)
+
+
+def cooldown_factor(deadline: float, minutes: float) -> float:
+    """Learning-rate factor: 1, falling linearly to 0.05 over the last `minutes` before `deadline` (0: off)."""
+    if not minutes:
+        return 1.0
+    return max(0.05, min(1.0, (deadline - time.time()) / 60 / minutes))
 
 
 def device_name(device: torch.device) -> str:
