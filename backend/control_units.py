@@ -176,6 +176,8 @@ def unit_from_spec(text: str, open_image) -> ControlUnit:
             value = fields[name]
             fields[name] = choices[value] if isinstance(value, int) and 0 <= value < len(choices) else \
                 next((c for c in choices if c.lower() == str(value).lower()), str(value))
+    if "pixel_perfect" in values:
+        fields["pixel_perfect"] = values["pixel_perfect"].lower() in ("1", "true", "yes", "on")
     for key in ("image", "mask"):
         if key in values:
             fields[key] = open_image(values[key])

@@ -364,3 +364,5 @@ def test_union_control_type_is_validated_written_and_read_back():
     back = control_units.units_from_infotext(params)
     assert back[0]["union_control_type"] == "Depth" and "union_control_type" not in back[1]
     assert control_units.unit_from_spec("model=u,module=canny,union=depth", None).union_control_type == "depth"
+    assert control_units.unit_from_spec("model=u,pixel_perfect=true", None).pixel_perfect is True
+    assert control_units.unit_from_spec("model=u,pixel_perfect=False", None).pixel_perfect is False
