@@ -4,6 +4,7 @@ say where (measured on the images; training/evaluate_controlnet.py measures it o
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors import safe_open
 
@@ -22,7 +23,8 @@ CHECKPOINTS = ROOT / "models" / "Stable-diffusion"
 @pytest.fixture(scope="module")
 def manager(tmp_path_factory) -> ModelManager:
     data = tmp_path_factory.mktemp("default-controlnet")
-    return ModelManager(Settings(data_dir=data, ckpt_dir=CHECKPOINTS, controlnet_dir=CONTROLNET.parent))
+    return ModelManager(Settings(data_dir=data, ckpt_dir=CHECKPOINTS, controlnet_dir=CONTROLNET.parent,
+                                 lora_dir=ROOT / "models" / "Lora"))
 
 
 def test_the_controlnet_is_shipped_small_in_fp16_with_its_training_log(manager):
@@ -43,7 +45,7 @@ def test_the_object_lands_where_the_edges_are_in_the_prompts_colour(manager):
                   [("circle", "red", "white"), ("square", "blue", "yellow"), ("triangle", "green", "black")] * 3,
                   shapes.POSITIONS)]
     for index, scene in enumerate(scenes):
-        unit = ControlUnit("easel-shapes-canny", "canny", shapes.render(scene))
+        unit = ControlUnit("easel-shapes-canny", "canny", shapes.render(scene), pixel_perfect=True)
         result = generate(manager, GenerationRequest(
             prompt=f"a large {scene.color} {scene.shape} on a {scene.background} background",
             checkpoint="easel-shapes", steps=20, sampler="DPM++ 2M", cfg_scale=6, seed=100 + index,
@@ -53,3 +55,20 @@ def test_the_object_lands_where_the_edges_are_in_the_prompts_colour(manager):
         hits["color"] += reading.color == scene.color
     # Without the unit the position is a guess (about 1 in 9); see docs/controlnet-eval.json.
     assert hits["position"] >= 8 and hits["color"] >= 7, hits
+
+
+def test_the_unit_and_the_demo_lora_act_together(manager):
+    """The LoRA draws outlines; the unit still puts the object where the edges are."""
+    scorer = metrics.Scorer().fit(samples=600)
+    scene = shapes.Scene("square", "yellow", "purple", "large", "bottom right")
+    unit = ControlUnit("easel-shapes-canny", "canny", shapes.render(scene), pixel_perfect=True)
+    images = {}
+    for lora in ("", " <lora:easel-outlined:1>"):
+        result = generate(manager, GenerationRequest(
+            prompt=f"a large yellow square on a purple background{lora}", checkpoint="easel-shapes", steps=20,
+            sampler="DPM++ 2M", cfg_scale=6, seed=7, control_units=(unit,), save_images=False))
+        images[lora] = result.images[0]
+    outlined = images[" <lora:easel-outlined:1>"]
+    assert "Lora hashes" in outlined.infotext and "ControlNet 0" in outlined.infotext
+    assert scorer.read(outlined.image).cell == scene.cell == scorer.read(images[""].image).cell
+    assert np.abs(np.asarray(outlined.image, dtype=int) - np.asarray(images[""].image, dtype=int)).mean() > 3
