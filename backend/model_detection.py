@@ -75,14 +75,33 @@ def _explain_non_checkpoint(shapes: Shapes) -> str:
         return "it is a VAE; put it in models/VAE and pick it in the VAE setting"
     if "emb_params" in keys or "string_to_param.*" in keys or "clip_l" in keys:
         return "it is a textual inversion embedding; put it in models/embeddings"
-    if any(k.startswith(("double_blocks.", "joint_blocks.", "model.diffusion_model.joint_blocks.")) for k in keys):
-        return "it is a Flux or SD3 model, which Easel does not run yet"
     return "it has no Stable Diffusion UNet weights (keys starting with 'model.diffusion_model.')"
+
+
+# The diffusion transformers that followed SDXL, by their blocks' names (with or without ComfyUI's, Forge's
+# and Stability's `model.diffusion_model.` prefix): shapes cannot tell a small one from an SD UNet.
+# In order: diffusers' FLUX transformer has SD3's `transformer_blocks` too, beside its single blocks.
+_TRANSFORMER_FAMILIES = (("double_blocks.", "FLUX.1"), ("single_transformer_blocks.", "FLUX.1"),
+                         ("joint_blocks.", "Stable Diffusion 3"), ("transformer_blocks.0.attn.add_k_proj.",
+                                                                   "Stable Diffusion 3"))
+
+
+def transformer_family(shapes: Shapes) -> str | None:
+    """"FLUX.1" or "Stable Diffusion 3" (SD 3 and 3.5) when the file holds that model's transformer, else None."""
+    bare = [key.removeprefix(UNET_PREFIX) for key in shapes]
+    for start, name in _TRANSFORMER_FAMILIES:
+        if any(key.startswith(start) for key in bare):
+            return name
+    return None
 
 
 def detect_family(shapes: Shapes) -> str:
     """'sd1', 'sd2' or 'sdxl', from which text encoders the file carries and the UNet's context size."""
     keys = shapes.keys()
+    transformer = transformer_family(shapes)
+    if transformer is not None:
+        raise CheckpointFormatError(f"it is a {transformer} model, which Easel does not run yet (SD 1.x, SD 2.x "
+                                    "and SDXL checkpoints run)")
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise CheckpointFormatError(f"not a Stable Diffusion checkpoint: {_explain_non_checkpoint(shapes)}")
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731

@@ -89,6 +89,25 @@ def test_files_that_are_not_checkpoints_are_named(keys, message):
         model_detection.detect(keys)
 
 
+@pytest.mark.parametrize("keys, family", [
+    ({"double_blocks.0.img_attn.qkv.weight": (9216, 3072), "guidance_in.in_layer.weight": (3072, 256)}, "FLUX.1"),
+    ({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": (96, 32),  # ComfyUI's all-in-one, tiny
+      "vae.decoder.conv_in.weight": (8, 4, 3, 3)}, "FLUX.1"),
+    ({"transformer_blocks.0.attn.add_k_proj.weight": (24, 24),  # diffusers' FLUX has these too
+      "single_transformer_blocks.0.proj_out.weight": (24, 120)}, "FLUX.1"),
+    ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (4608, 1536),
+      "text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight": (49408, 768)},
+     "Stable Diffusion 3"),
+    ({"transformer_blocks.0.attn.add_k_proj.weight": (64, 64), "pos_embed.proj.weight": (64, 16, 2, 2)},
+     "Stable Diffusion 3"),
+])
+def test_flux_and_sd3_files_are_named_from_their_block_names_whatever_their_size(keys, family):
+    assert model_detection.transformer_family(keys) == family
+    with pytest.raises(CheckpointFormatError, match=f"it is a {family} model, which Easel does not run yet"):
+        model_detection.detect(keys)
+    assert model_detection.transformer_family(full_size_shapes("sdxl")) is None
+
+
 def test_unet_without_text_encoder_is_explained():
     shapes = {k: v for k, v in full_size_shapes("sd1").items() if k.startswith("model.diffusion_model.")}
     with pytest.raises(CheckpointFormatError, match="no text encoder .*SD 1.x"):
