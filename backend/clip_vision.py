@@ -11,7 +11,6 @@ open_clip's `visual.*` layout, the whole config told by tensor shapes. Also the 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -25,6 +24,7 @@ import torch
 from PIL import Image
 
 from backend.checkpoints import read_shapes, read_state_dict
+from backend.controlnet_files import sidecar_config
 from backend.errors import ModelFileError, NotFoundError
 
 logger = logging.getLogger(__name__)
@@ -175,21 +175,10 @@ def _derive_config(shapes: Mapping[str, tuple], name: str, shipped: Mapping | No
                 layer_norm_eps=float(shipped.get("layer_norm_eps", 1e-5)))
 
 
-def _shipped_config(weights_file: Path) -> dict | None:
-    config_file = weights_file.parent / "config.json"
-    if not config_file.is_file():
-        return None
-    try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        logger.warning("Ignoring %s (%s); reading the encoder's config from its weights", config_file, exc)
-        return None
-
-
 def _identify(path: Path, weights_file: Path, weights: Mapping) -> tuple[ClipVisionInfo, dict]:
     layout, converted = _vision_weights(weights, path.name)
     shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else v for k, v in converted.items()}
-    config = _derive_config(shapes, path.name, _shipped_config(weights_file))
+    config = _derive_config(shapes, path.name, sidecar_config(weights_file, "image encoder"))
     return ClipVisionInfo(path, layout, config), converted
 
 

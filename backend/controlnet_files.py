@@ -256,14 +256,16 @@ def _full_config(derived: dict, family: str, kind: str, unet_config: Mapping | N
     return {k: v for k, v in config.items() if k in accepted}
 
 
-def _sidecar_config(weights: Path) -> dict | None:
+def sidecar_config(weights: Path, what: str = "ControlNet") -> dict | None:
+    """The `config.json` beside a weights file (a diffusers or transformers folder), None when there is none
+    or it does not read (then the config comes from the weights, as the warning says)."""
     config_file = weights.parent / "config.json"
     if not config_file.is_file():
         return None
     try:
         return json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        logger.warning("Ignoring %s (%s); reading the ControlNet's config from its weights", config_file, exc)
+        logger.warning("Ignoring %s (%s); reading the %s's config from its weights", config_file, exc, what)
         return None
 
 
@@ -380,7 +382,7 @@ def load_controlnet(path: Path, family: str, dtype=torch.float32, device="cpu", 
     if info.layout == "lllyasviel":
         derived["global_pool_conditions"] = _global_pooling(weights_file)
     # 3. A diffusers config.json when it fits the weights, else the config the tensors tell
-    shipped = _sidecar_config(weights_file) if info.layout == "diffusers" else None
+    shipped = sidecar_config(weights_file) if info.layout == "diffusers" else None
     if shipped is not None:
         accepted = signature_inspect.signature(_model_class(info.kind).__init__).parameters
         try:
