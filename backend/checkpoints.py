@@ -176,7 +176,7 @@ class Components:
     native_size: int | None = None  # from the file's metadata; None: the family's
 
 
-def _empty(factory):
+def empty_module(factory):
     """Build a module without allocating (or randomly initialising) its weights."""
     from accelerate import init_empty_weights
 
@@ -184,7 +184,7 @@ def _empty(factory):
         return factory()
 
 
-def _adopt(model, state_dict: dict[str, torch.Tensor], what: str, name: str, dtype):
+def adopt(model, state_dict: dict[str, torch.Tensor], what: str, name: str, dtype):
     """Give an empty module the checkpoint's tensors, refusing incomplete or mismatched weights."""
     expected = model.state_dict().keys()
     state_dict = {k: v.to(dtype) for k, v in state_dict.items() if k in expected}
@@ -228,8 +228,8 @@ def _fit_text_keys(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torc
 
 def build_text_encoder(config: dict, state_dict: dict[str, torch.Tensor], name: str, dtype):
     cls = text_encoder_class(config)
-    model = _empty(lambda: cls(text_config(config)))
-    return _adopt(model, _fit_text_keys(model, state_dict), "text encoder", name, dtype)
+    model = empty_module(lambda: cls(text_config(config)))
+    return adopt(model, _fit_text_keys(model, state_dict), "text encoder", name, dtype)
 
 
 def build_vae(config: dict, state_dict: dict[str, torch.Tensor], name: str, dtype):
@@ -239,7 +239,7 @@ def build_vae(config: dict, state_dict: dict[str, torch.Tensor], name: str, dtyp
 
     if not any(".down_blocks." in k for k in state_dict):
         state_dict = convert_ldm_vae_checkpoint(state_dict, config)
-    return _adopt(_empty(lambda: AutoencoderKL.from_config(config)), state_dict, "VAE", name, dtype)
+    return adopt(empty_module(lambda: AutoencoderKL.from_config(config)), state_dict, "VAE", name, dtype)
 
 
 def build_unet(config: dict, checkpoint: dict[str, torch.Tensor], name: str, dtype):
@@ -247,7 +247,7 @@ def build_unet(config: dict, checkpoint: dict[str, torch.Tensor], name: str, dty
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     state_dict = convert_ldm_unet_checkpoint(checkpoint, config)
-    return _adopt(_empty(lambda: UNet2DConditionModel.from_config(config)), state_dict, "UNet", name, dtype)
+    return adopt(empty_module(lambda: UNet2DConditionModel.from_config(config)), state_dict, "UNet", name, dtype)
 
 
 def _text_encoder_weights(spec: ModelSpec, checkpoint: dict[str, torch.Tensor]) -> list[dict]:
@@ -357,3 +357,4 @@ def load_vae_file(path: Path, family: str, dtype=torch.float32):
         except KeyError as exc:
             raise CheckpointFormatError(f"{path.name}: the VAE weights are incomplete (no {exc})") from exc
     return build_vae(config, state_dict, path.name, dtype)
+

@@ -51,7 +51,7 @@ class Chunk:
     fixes: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
 
-def _fragments(text: str, emphasis: str) -> list[tuple[str, float]]:
+def fragments(text: str, emphasis: str) -> list[tuple[str, float]]:
     if emphasis == "None":
         return [(text, 1.0)]
     parsed = prompt_parser.parse_prompt_attention(text)
@@ -63,7 +63,7 @@ def _fragments(text: str, emphasis: str) -> list[tuple[str, float]]:
 def chunk_prompt(tokenizer, text: str, emphasis: str = "Original",
                  vocabulary: EncoderVocabulary = NO_EMBEDDINGS) -> tuple[list[Chunk], int]:
     """(chunks wrapped to 77 tokens, A1111's token count: 75 per closed chunk plus the last one's)."""
-    fragments = _fragments(text, emphasis)
+    parsed = fragments(text, emphasis)
     comma = tokenizer.convert_tokens_to_ids(",</w>")
     chunks: list[Chunk] = []
     current = Chunk()
@@ -91,7 +91,7 @@ def chunk_prompt(tokenizer, text: str, emphasis: str = "Original",
         current.tokens.extend([EMBEDDING_PLACEHOLDER] * len(vectors))
         current.weights.extend([weight] * len(vectors))
 
-    for fragment, weight in fragments:
+    for fragment, weight in parsed:
         if (fragment, weight) == ("BREAK", -1):
             close()
             continue
@@ -154,18 +154,10 @@ def _run_encoder(encoder, tokens: torch.Tensor, fixes: list[tuple[int, torch.Ten
 def _encode_chunk(model, chunk_per_encoder: list[Chunk], clip_skip: int, emphasis: str):
     """One 77-token chunk through every text encoder -> (context, pooled)."""
     hidden, pooled = [], None
-    sdxl = model.family == "sdxl"
     for encoder, chunk in zip(model.text_encoders, chunk_per_encoder):
         tokens = torch.tensor([chunk.tokens], device=model.device)
-        out = _run_encoder(encoder, tokens, chunk.fixes)
-        if sdxl:
-            # SDXL conditions on the penultimate layer of both encoders, without the final norm.
-            z = out.hidden_states[-(clip_skip + 1)]
-            if hasattr(out, "text_embeds"):
-                pooled = out.text_embeds[0]
-        else:
-            state = out.hidden_states[-clip_skip]
-            z = encoder.final_layer_norm(state) if clip_skip > 1 else out.last_hidden_state
+        z, encoder_pooled = model.engine.clip_output(encoder, _run_encoder(encoder, tokens, chunk.fixes), clip_skip)
+        pooled = encoder_pooled if encoder_pooled is not None else pooled
         if emphasis in ("Original", "No norm") and any(w != 1.0 for w in chunk.weights):
             weights = torch.tensor(chunk.weights, device=z.device, dtype=z.dtype)[None, :, None]
             if emphasis == "Original":
@@ -179,6 +171,8 @@ def _encode_chunk(model, chunk_per_encoder: list[Chunk], clip_skip: int, emphasi
 
 
 def chunk_count(model, text: str, emphasis: str = "Original", embeddings: EmbeddingSet | None = None) -> int:
+    if model.engine.encodes_prompts:  # a fixed length (T5's)
+        return 1
     return max(len(chunk_prompt(tokenizer, text, emphasis, vocabulary)[0])
                for tokenizer, vocabulary in zip(model.tokenizers, _vocabularies(model, embeddings)))
 
@@ -186,6 +180,8 @@ def chunk_count(model, text: str, emphasis: str = "Original", embeddings: Embedd
 @torch.no_grad()
 def encode_prompt(model, text: str, clip_skip: int = 1, min_chunks: int = 1,
                   emphasis: str = "Original", embeddings: EmbeddingSet | None = None) -> PromptEmbedding:
+    if model.engine.encodes_prompts:  # FLUX.1, SD 3.x: T5 and CLIP, their own way
+        return model.engine.encode_prompt(model, text, emphasis)
     vocabularies = _vocabularies(model, embeddings)
     chunked = [chunk_prompt(tokenizer, text, emphasis, vocabulary)[0]
                for tokenizer, vocabulary in zip(model.tokenizers, vocabularies)]

@@ -10,7 +10,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from backend import control_pass, images, init_image, k_sampling, noise, preview, samplers, schedules, vae_codec
+from backend import (
+    control_pass,
+    flow_sampling,
+    images,
+    init_image,
+    k_sampling,
+    noise,
+    preview,
+    samplers,
+    schedules,
+    vae_codec,
+)
 from backend.conditioning import Conditioning, pad_cond_uncond, stack_contexts
 from backend.extensions import NO_EXTENSIONS, ExtensionRegistry, Guidance, Step
 from backend.init_image import InitSource
@@ -43,7 +54,6 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
     start_noise = noise.batch_noise(_noise_specs(inputs, f, str(model.device)),
                                     (model.vae.config.latent_channels, *latent_hw))
     start_noise = start_noise.to(model.device)  # float32 as A1111's, whatever the UNet's type
-    alphas = k_sampling.model_alphas_cumprod(model.scheduler_config)
     krun = k_sampling.KRun(inputs.sampler.name, inputs.schedule, model.family, run.steps, inputs.seeds,
                            run.randn_source, None if inputs.source is None else run.denoising_strength,
                            fixed_steps=inputs.phase == "Hires", eta_noise_seed_delta=run.eta_noise_seed_delta,
@@ -61,16 +71,16 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
     hooks = k_sampling.Hooks(
         control, lambda step, total, image: Progress(step, total, batch, run.batch_count, image, inputs.phase,
                                                      inputs.share),
-        lambda denoised: preview.cheap_preview(denoised[0].to(model.dtype), model.family),
+        lambda denoised: preview.cheap_preview(denoised[0].to(model.dtype), model.engine),
         (lambda i, total, t, x: _step_event(inputs, i, total, t, x)) if inputs.extensions.has("step") else None,
         sampling)
     with torch.no_grad(), model.use(model.unet), control_pass.applied(model, inputs.controls):
-        if k_sampling.uses_timesteps(krun.sampler):
-            latents = _sample_timesteps(model, inputs, krun, alphas, start_noise, init_latents, blend,
-                                        extra, hooks)
+        if model.engine.prediction == "flow":
+            latents = _sample_flow(model, inputs, krun, start_noise, init_latents, blend, hooks)
+        elif k_sampling.uses_timesteps(krun.sampler):
+            latents = _sample_timesteps(model, inputs, krun, start_noise, init_latents, blend, extra, hooks)
         else:
-            latents = _sample_sigmas(model, inputs, krun, alphas, start_noise, init_latents, blend,
-                                     extra, hooks)
+            latents = _sample_sigmas(model, inputs, krun, start_noise, init_latents, blend, extra, hooks)
     if latents is None:
         return None
     if blend is not None:  # A1111: the unmasked area is the init image's
@@ -78,8 +88,26 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
     return latents.to(model.dtype)
 
 
-def _sample_sigmas(model, inputs: BatchInputs, krun, alphas, start_noise, init_latents, blend, extra, hooks):
+def _sample_flow(model, inputs: BatchInputs, krun, start_noise, init_latents, blend, hooks):
+    """Rectified flows (FLUX.1, SD 3.x): start at noise (img2img: the init image that far along the flow)."""
+    engine = model.engine
+    sigmas = flow_sampling.sigmas(krun.steps, krun.schedule, engine.shift(model, inputs.run))
+    if krun.denoising_strength is not None:
+        total, t_enc = k_sampling.img2img_steps(krun)
+        sigmas = flow_sampling.sigmas(total, krun.schedule, engine.shift(model, inputs.run))
+        sigmas = sigmas[max(0, len(sigmas) - t_enc - 2):]
+    sigmas = sigmas.to(model.device)
+    start = start_noise if init_latents is None else flow_sampling.noised(init_latents, start_noise, sigmas[0])
+    guidance = _BatchGuidance(model, inputs.conds, inputs.run,
+                              _guidance_hook(inputs, lambda t: float(1 - t) ** 2, model, len(sigmas) - 1),
+                              inputs.controls, hooks.sampling)
+    denoiser = flow_sampling.FlowDenoiser(model.dtype, model.device, guidance.predict, engine.timestep, blend)
+    return k_sampling.sample_flow(krun, denoiser, sigmas, start, hooks)
+
+
+def _sample_sigmas(model, inputs: BatchInputs, krun, start_noise, init_latents, blend, extra, hooks):
     """k-diffusion samplers and LCM: start at noise x the first sigma (img2img: added to the init image)."""
+    alphas = k_sampling.model_alphas_cumprod(model.scheduler_config)
     plan = schedules.sampler_schedule(krun.sampler)
     table = schedules.SigmaTable.build(alphas, lcm=plan.lcm_table)
     sigmas = k_sampling.schedule_for(krun, alphas).to(model.device)
@@ -95,8 +123,9 @@ def _sample_sigmas(model, inputs: BatchInputs, krun, alphas, start_noise, init_l
     return k_sampling.sample_batch(krun, denoiser, sigmas, start, hooks)
 
 
-def _sample_timesteps(model, inputs: BatchInputs, krun, alphas, start_noise, init_latents, blend, extra, hooks):
+def _sample_timesteps(model, inputs: BatchInputs, krun, start_noise, init_latents, blend, extra, hooks):
     """DDIM, DDIM CFG++, PLMS, UniPC: start at unit noise (img2img: the init image noised to its timestep)."""
+    alphas = k_sampling.model_alphas_cumprod(model.scheduler_config)
     timesteps, noised_to = k_sampling.timesteps_for(krun)
     start = start_noise
     if init_latents is not None:
@@ -212,14 +241,8 @@ class _Guidance:
 
     def _call(self, start: int, contexts: torch.Tensor, embeddings) -> _UNetCall:
         """A call for `contexts` (one per embedding), each repeated for the group's images."""
-        n, model, run = self.n, self.model, self.run
-        added = None
-        if model.family == "sdxl":
-            # SDXL's micro-conditioning: original size, crop offset, target size; pooled text.
-            time_ids = torch.tensor([[run.height, run.width, 0, 0, run.height, run.width]], device=model.device)
-            pooled = torch.cat([e.pooled[None].expand(n, -1) for e in embeddings])
-            added = {"text_embeds": pooled, "time_ids": time_ids.to(model.dtype).expand(pooled.shape[0], -1)}
-        return _UNetCall(start, contexts.repeat_interleave(n, dim=0), added)
+        added = self.model.engine.added_conditioning(self.model, self.run, embeddings, self.n)
+        return _UNetCall(start, contexts.repeat_interleave(self.n, dim=0), added)
 
     def _unet(self, model_input: torch.Tensor, t, calls: list[_UNetCall]) -> torch.Tensor:
         """The UNet's predictions for every row of the step's batch, in the batch's order."""
@@ -241,8 +264,7 @@ class _Guidance:
             found = control_pass.residuals(self.controls, self.progress, sample, t, call.context, call.added, uncond)
             if found is not None:
                 extra = found.unet_kwargs()
-        out = self.model.unet(sample, t, encoder_hidden_states=call.context, added_cond_kwargs=call.added,
-                              **extra).sample
+        out = self.model.engine.call_network(self.model, sample, t, call.context, call.added, extra)
         return control_pass.color_fixed(self.controls, out, sample, t, uncond) if self.controls else out
 
     def predict(self, model_input: torch.Tensor, t, step: int) -> torch.Tensor:

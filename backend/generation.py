@@ -24,6 +24,7 @@ from backend import (
     noise,
     outputs,
     samplers,
+    schedules,
     vae_codec,
 )
 from backend.extensions import NO_EXTENSIONS, AfterImage, BeforeGeneration, ExtensionRegistry, ScriptRun
@@ -56,6 +57,7 @@ def generate(
     with manager.lock:
         # 2. Activate the checkpoint (a no-op when it is already active); it sets the default size
         model = manager.activate(request.checkpoint, request.vae)
+        plan = _fit_family(model, plan, request)
         width, height = _check_sizes(model, request, plan.hires)
         # 3. Resolve seeds (-1 means random, and the seed used is reported), then apply styles
         result = _start_result(manager, request, width, height, rng, early_warnings)
@@ -118,13 +120,24 @@ def _check_sizes(model, request: GenerationRequest, hires_plan: _HiresPlan | Non
     and the hires fix's target size, checked too."""
     width = request.width or model.native_size
     height = request.height or model.native_size
-    check_dimension("width", width)
-    check_dimension("height", height)
+    multiple, label = model.engine.size_multiple, model.label
+    check_dimension("width", width, multiple, label)
+    check_dimension("height", height, multiple, label)
     if hires_plan is not None:
         hires_plan.size = hires.target_size(request.with_changes(width=width, height=height))
-        check_dimension("hires width", hires_plan.size[0])
-        check_dimension("hires height", hires_plan.size[1])
+        check_dimension("hires width", hires_plan.size[0], multiple, label)
+        check_dimension("hires height", hires_plan.size[1], multiple, label)
     return width, height
+
+
+def _fit_family(model, plan: _Plan, request: GenerationRequest) -> _Plan:
+    """The plan's schedule type as the model's family runs the sampler (flows: "Automatic" is "Simple", and
+    only the samplers sound on a flow)."""
+    requested = schedules.schedule_label(request.schedule_type)
+    plan.schedule = model.engine.schedule_for(plan.sampler.name, requested, plan.schedule)
+    if plan.hires is not None:
+        model.engine.schedule_for(plan.hires.sampler.name, requested, plan.schedule)
+    return plan
 
 
 def _start_result(manager: ModelManager, request: GenerationRequest, width: int, height: int,

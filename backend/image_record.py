@@ -43,6 +43,7 @@ def infotext_parameters(model, run, sampler, schedule, seed, subseed, extra: dic
         "Emphasis": run.emphasis if run.emphasis != "Original" else None,
         "Old prompt editing timelines": True if run.use_old_scheduling else None,
         "Styles array": json.dumps(list(run.styles)) if run.styles else None,
+        **model.engine.infotext_parameters(model, run),
     }
     if run.mask is not None:
         params["Mask blur"] = run.mask_blur

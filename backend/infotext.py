@@ -17,7 +17,7 @@ from backend.errors import InputError
 
 # A1111's order for the keys it knows; other keys follow in insertion order, then Version.
 KEY_ORDER = (
-    "Steps", "Sampler", "Schedule type", "CFG scale", "Image CFG scale", "Seed", "Face restoration", "Size",
+    "Steps", "Sampler", "Schedule type", "CFG scale", "Distilled CFG Scale", "Image CFG scale", "Seed", "Face restoration", "Size",
     "Model hash", "Model", "VAE hash", "VAE", "Variation seed", "Variation seed strength", "Seed resize from",
     "Denoising strength", "Conditional mask weight", "Clip skip", "ENSD", "Token merging ratio",
     "Init image hash", "RNG", "Tiling",
@@ -198,6 +198,8 @@ _REQUEST_FIELDS = {
     "Sampler": ("sampler", str),
     "Schedule type": ("schedule_type", str),
     "CFG scale": ("cfg_scale", _finite_number),
+    "Distilled CFG Scale": ("distilled_cfg_scale", _finite_number),  # Forge's, for FLUX.1 dev
+    "Shift": ("shift", _finite_number),  # Forge's, for flow models
     "Seed": ("seed", _whole_number),
     "Size-1": ("width", _whole_number),
     "Size-2": ("height", _whole_number),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backend import k_samplers, noise, philox, schedules, timestep_samplers, unipc
+from backend import flow_sampling, k_samplers, noise, philox, schedules, timestep_samplers, unipc
 from backend.control_pass import SamplingProgress
 from backend.progress import JobControl, Progress
 from backend.sampler_settings import SamplerSettings
@@ -59,7 +59,7 @@ class KRun:
     eta: float | None = None  # the request's own eta, over the settings'
 
 
-def _img2img_steps(run: KRun) -> tuple[int, int]:
+def img2img_steps(run: KRun) -> tuple[int, int]:
     """A1111's `setup_img2img_steps`: the length of the schedule img2img cuts from, and how far into it the
     init image is noised (t_enc)."""
     strength = min(run.denoising_strength, 0.999)
@@ -71,7 +71,7 @@ def _img2img_steps(run: KRun) -> tuple[int, int]:
 def sampling_steps(run: KRun) -> int:
     """The step count A1111's progress (and ControlNet's guidance start/end) divides by: the steps in
     txt2img, t_enc + 1 in img2img and the hires pass."""
-    return run.steps if run.denoising_strength is None else _img2img_steps(run)[1] + 1
+    return run.steps if run.denoising_strength is None else img2img_steps(run)[1] + 1
 
 
 def schedule_for(run: KRun, alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ def schedule_for(run: KRun, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     overrides = run.settings.schedule_overrides(schedules.sampler_schedule(run.sampler, run.schedule).schedule)
     if run.denoising_strength is None:
         return schedules.sigmas(alphas_cumprod, run.steps, run.schedule, run.family, run.sampler, **overrides)
-    total, t_enc = _img2img_steps(run)
+    total, t_enc = img2img_steps(run)
     full = schedules.sigmas(alphas_cumprod, total, run.schedule, run.family, run.sampler, **overrides)
     return full[max(0, len(full) - t_enc - 2):]
 
@@ -92,7 +92,7 @@ def timesteps_for(run: KRun) -> tuple[torch.Tensor, int | None]:
     discard = run.settings.always_discard_next_to_last_sigma
     if run.denoising_strength is None:
         return schedules.compvis_timesteps(run.steps, discard_penultimate_sigma=discard), None
-    total, t_enc = _img2img_steps(run)
+    total, t_enc = img2img_steps(run)
     timesteps = schedules.compvis_timesteps(total, discard_penultimate_sigma=discard)
     return timesteps[:t_enc], int(timesteps[t_enc])
 
@@ -253,6 +253,18 @@ def sample_batch(run: KRun, denoiser: SigmaDenoiser, sigmas: torch.Tensor, start
                                noise_sampler=_noise_sampler(run, sampler, start, sigmas), callback=reporter,
                                **run.settings.k_options(sampler.name, run.eta),
                                **_range_options(sampler, sigmas, denoiser, run))
+    return reporter.result(result)
+
+
+def sample_flow(run: KRun, denoiser, sigmas: torch.Tensor, start: torch.Tensor, hooks: Hooks) -> torch.Tensor | None:
+    """Run a sampler on a rectified flow (`backend.flow_sampling`) from `start` (already at sigmas[0]), each
+    image's per-step noise from its own generator; None when the batch was interrupted or skipped."""
+    reporter = _Reporter(hooks, len(sigmas) - 1, lambda info: float(info["sigma"]) * 1000)
+    images = _image_noise(run, start)
+    eta = run.settings.eta(run.sampler, run.eta)
+    eta = 1.0 if eta is None else eta
+    result = flow_sampling.sample(run.sampler, denoiser, start, sigmas, lambda sigma, sigma_next: images.next(),
+                                  reporter, eta=eta)
     return reporter.result(result)
 
 

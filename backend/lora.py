@@ -42,9 +42,7 @@ def _module_names(model) -> dict[str, Target]:
         names["lora_unet_" + ldm_name.replace(".", "_")] = target
         names["lora_unet_" + name.replace(".", "_")] = target
         names["unet." + name] = target
-    prefixes = ([("lora_te1_", "text_encoder."), ("lora_te2_", "text_encoder_2.")] if model.family == "sdxl"
-                else [("lora_te_", "text_encoder.")])
-    for encoder, (kohya, diffusers) in zip(model.text_encoders, prefixes):
+    for encoder, (kohya, diffusers) in zip(model.text_encoders, model.engine.text_encoder_prefixes()):
         for name, module in encoder.named_modules():
             if isinstance(module, torch.nn.Linear):
                 # Files name CLIP's modules "text_model.encoder...", as transformers 4 nests them.

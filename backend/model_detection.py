@@ -88,7 +88,7 @@ _TRANSFORMER_FAMILIES = (("double_blocks.", "FLUX.1"), ("single_transformer_bloc
 
 def transformer_family(shapes: Shapes) -> str | None:
     """"FLUX.1" or "Stable Diffusion 3" (SD 3 and 3.5) when the file holds that model's transformer, else None."""
-    bare = [key.removeprefix(UNET_PREFIX) for key in shapes]
+    bare = [key.removeprefix(UNET_PREFIX).removeprefix("diffusion_model.") for key in shapes]
     for start, name in _TRANSFORMER_FAMILIES:
         if any(key.startswith(start) for key in bare):
             return name
@@ -172,9 +172,11 @@ def _vae_config(shapes: Shapes, prefix: str, template: dict) -> dict:
         layers_per_block=len(layers),
         down_block_types=["DownEncoderBlock2D"] * len(channels),
         up_block_types=["UpDecoderBlock2D"] * len(channels),
-        latent_channels=shapes[prefix + "post_quant_conv.weight"][0],
+        latent_channels=shapes[prefix + "decoder.conv_in.weight"][1],
         in_channels=shapes[prefix + "encoder.conv_in.weight"][1],
         out_channels=shapes[prefix + "decoder.conv_out.weight"][0],
+        use_quant_conv=prefix + "quant_conv.weight" in shapes,
+        use_post_quant_conv=prefix + "post_quant_conv.weight" in shapes,
     )
     return config
 

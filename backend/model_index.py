@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+TEXT_ENCODER_SUFFIXES = (".safetensors",)
 
 
 class ModelNotFoundError(NotFoundError):
@@ -145,12 +146,14 @@ class ModelIndex:
         self.hashes = HashCache(settings.cache_dir / "hashes.json")
         self._checkpoints: list[ModelFile] = []
         self._vaes: list[ModelFile] = []
+        self._text_encoders: list[ModelFile] = []
         self.refresh()
 
     def refresh(self) -> None:
         checkpoints = scan(self.settings.model_dir("checkpoints"), CHECKPOINT_SUFFIXES, folders=True)
         self._checkpoints = [c for c in checkpoints if not _is_vae_sidecar(c)]
         self._vaes = scan(self.settings.model_dir("vae"), VAE_SUFFIXES)
+        self._text_encoders = scan(self.settings.model_dir("text_encoder"), TEXT_ENCODER_SUFFIXES)
 
     @property
     def checkpoints(self) -> list[ModelFile]:
@@ -159,6 +162,11 @@ class ModelIndex:
     @property
     def vaes(self) -> list[ModelFile]:
         return list(self._vaes)
+
+    @property
+    def text_encoders(self) -> list[ModelFile]:
+        """Files in `models/text_encoder` (FLUX.1's and SD 3.5's CLIP-L, CLIP-G and T5 XXL)."""
+        return list(self._text_encoders)
 
     def _resolve(self, name: str, files: list[ModelFile], what: str, folder: Path) -> ModelFile:
         name = name.strip()
@@ -182,6 +190,9 @@ class ModelIndex:
 
     def resolve_vae(self, name: str) -> ModelFile:
         return self._resolve(name, self._vaes, "VAE", self.settings.model_dir("vae"))
+
+    def resolve_text_encoder(self, name: str) -> ModelFile:
+        return self._resolve(name, self._text_encoders, "text encoder", self.settings.model_dir("text_encoder"))
 
     def sidecar_vae(self, checkpoint: ModelFile) -> ModelFile | None:
         """A1111's "Automatic" VAE: `<checkpoint>.vae.*` beside the checkpoint or in the VAE folder."""

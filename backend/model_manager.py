@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
-from backend import checkpoints, devices, diffusers_folder, model_detection
+from backend import checkpoints, devices, diffusers_folder, families
 from backend.checkpoints import CheckpointLoadError, Components
 from backend.clip_vision import ClipVisionCache, ClipVisionLibrary
 from backend.controlnet_library import ControlNetCache, ControlNetLibrary
 from backend.embeddings import EmbeddingLibrary
 from backend.faces import FaceRestorers
+from backend.families.parts import MissingPartError, Parts
 from backend.lora_files import LoraLibrary
 from backend.model_detection import CheckpointFormatError
 from backend.model_index import ModelFile, ModelIndex, ModelNotFoundError
@@ -31,13 +32,18 @@ logger = logging.getLogger(__name__)
 VAE_AUTOMATIC = "Automatic"
 VAE_NONE = "None"
 
-Loader = Callable[[ModelFile, Path, object], Components]
+Loader = Callable[[ModelFile, Path, object, Parts | None], Components]
 
 
-def load_components(file: ModelFile, cache_dir: Path, dtype) -> Components:
+def load_components(file: ModelFile, cache_dir: Path, dtype, parts: Parts | None = None) -> Components:
+    """A checkpoint's modules: a diffusers folder, or a single file loaded by the family its tensors show,
+    with the parts it lacks from `parts`."""
     if file.is_diffusers_folder:
         return diffusers_folder.load_diffusers_folder(file.path, cache_dir, dtype)
-    return checkpoints.load_single_file(file.path, cache_dir, dtype)
+    if file.path.suffix.lower() != ".safetensors":  # pickled: SD 1.x/2.x/SDXL only
+        return checkpoints.load_single_file(file.path, cache_dir, dtype)
+    family = families.identify(checkpoints.read_shapes(file.path))
+    return family.load(file.path, cache_dir, dtype, parts or Parts(Path(), Path()))
 
 
 class NoCheckpointError(ModelNotFoundError):
@@ -66,6 +72,7 @@ class ModelManager:
         self._cache: OrderedDict[Path, StableDiffusionModel] = OrderedDict()
         self._active: StableDiffusionModel | None = None
         self._vae_choice = VAE_AUTOMATIC
+        self._text_encoder_choice: tuple[str, ...] = ()  # Forge's text encoder picks (file names)
         self.lock = threading.RLock()
         self.load_count = 0
         # The server's current checkpoint (A1111's `sd_model_checkpoint` option): what a request that
@@ -139,7 +146,7 @@ class ModelManager:
         if not file.is_diffusers_folder and file.path.suffix.lower() == ".safetensors":
             # Refuse a broken or foreign file before evicting anything for it.
             try:
-                model_detection.detect(checkpoints.read_shapes(file.path))
+                families.identify(checkpoints.read_shapes(file.path))
             except (CheckpointFormatError, KeyError) as exc:
                 raise CheckpointFormatError(f"{file.filename}: {exc}") from exc
         previous = self._active.file if self._active is not None else None
@@ -147,8 +154,8 @@ class ModelManager:
             self._evict(next(iter(self._cache)))
         logger.info("Loading %s", file.path)
         try:
-            components = self._loader(file, self.settings.cache_dir, self.placement.dtype)
-        except (CheckpointLoadError, CheckpointFormatError):
+            components = self._loader(file, self.settings.cache_dir, self.placement.dtype, self.parts())
+        except (CheckpointLoadError, CheckpointFormatError, MissingPartError):
             self._restore(previous)
             raise
         except (OSError, RuntimeError, ValueError, KeyError) as exc:
@@ -159,6 +166,15 @@ class ModelManager:
         model = StableDiffusionModel(file=file, model_hash=model_hash, components=components, placement=self.placement)
         self._cache[file.path] = model
         return model
+
+    def parts(self) -> Parts:
+        """Where a checkpoint finds what it lacks: the VAE and text encoder picks, then the folders."""
+        chosen = [self.index.resolve_text_encoder(name).path for name in self._text_encoder_choice]
+        if self._vae_choice not in (VAE_AUTOMATIC, VAE_NONE):
+            chosen.append(self.index.resolve_vae(self._vae_choice).path)
+        return Parts(self.settings.model_dir("text_encoder"), self.settings.model_dir("vae"),
+                     [f.path for f in self.index.text_encoders], [f.path for f in self.index.vaes], chosen,
+                     allow_downloads=self.settings.allow_downloads)
 
     def _restore(self, previous: ModelFile | None) -> None:
         """After a failed load: keep (or reload) the model that was active before."""

@@ -30,8 +30,8 @@ INTEGER_FIELDS = ("steps", "width", "height", "batch_size", "batch_count", "clip
                   "seed_resize_from_w", "seed_resize_from_h", "mask_blur", "only_masked_padding",
                   "hr_resize_x", "hr_resize_y", "hr_second_pass_steps")
 INTEGER_RANGE = (-(2**63), 2**64)
-NUMBER_FIELDS = ("cfg_scale", "subseed_strength", "denoising_strength", "hr_scale", "codeformer_weight",
-                 "face_visibility", "upscale_by")
+NUMBER_FIELDS = ("cfg_scale", "distilled_cfg_scale", "shift", "subseed_strength", "denoising_strength", "hr_scale",
+                 "codeformer_weight", "face_visibility", "upscale_by")
 
 
 class RequestError(InputError):
@@ -46,6 +46,8 @@ class GenerationRequest:
     sampler: str = "DPM++ 2M"
     schedule_type: str = "Automatic"
     cfg_scale: float = 7.0
+    distilled_cfg_scale: float = 3.5  # FLUX.1 dev's guidance input (Forge's "Distilled CFG Scale"); others ignore it
+    shift: float = 0.0  # a flow model's schedule shift (Forge's "Shift"); 0: the family's own
     width: int | None = None  # None: the model's native size
     height: int | None = None
     seed: int = -1
@@ -123,6 +125,8 @@ class GenerationRequest:
                                    "characters")
         _need(1 <= self.steps <= MAX_STEPS, f"steps must be between 1 and {MAX_STEPS}, not {self.steps}")
         _need(self.cfg_scale >= 0, f"CFG scale must be 0 or more, not {self.cfg_scale}")
+        _need(self.distilled_cfg_scale >= 0, f"Distilled CFG Scale must be 0 or more, not {self.distilled_cfg_scale}")
+        _need(self.shift >= 0, f"Shift must be 0 (the model's own) or more, not {self.shift}")
         for name in ("width", "height"):
             value = getattr(self, name)
             if value is not None:
@@ -207,12 +211,14 @@ def _check_hires(request: GenerationRequest) -> None:
               f"{name} must be 0 (use the scale) or between {MIN_SIZE} and {MAX_SIZE}, not {value}")
 
 
-def check_dimension(name: str, value: int) -> None:
-    if not isinstance(value, int) or value % 8 or not MIN_SIZE <= value <= MAX_SIZE:
-        nearest = min(MAX_SIZE, max(MIN_SIZE, round(value / 8) * 8)) if isinstance(value, (int, float)) else 512
-        raise RequestError(
-            f"{name} must be a multiple of 8 between {MIN_SIZE} and {MAX_SIZE}, not {value}; try {nearest}"
-        )
+def check_dimension(name: str, value: int, multiple: int = 8, family: str = "") -> None:
+    """A width or height: a multiple of `multiple` (8 for SD; 16 for FLUX.1 and SD 3.x) within the limits."""
+    if not isinstance(value, int) or value % multiple or not MIN_SIZE <= value <= MAX_SIZE:
+        nearest = (min(MAX_SIZE, max(MIN_SIZE, round(value / multiple) * multiple))
+                   if isinstance(value, (int, float)) else 512)
+        models = f" for {family} models" if family else ""
+        raise RequestError(f"{name} must be a multiple of {multiple} between {MIN_SIZE} and {MAX_SIZE}{models}, "
+                           f"not {value}; try {nearest}")
 
 
 @dataclass

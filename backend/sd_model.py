@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from backend import families
 from backend.checkpoints import Components
 from backend.devices import Placement
 from backend.lora import LoraOverlay
@@ -42,6 +43,11 @@ class StableDiffusionModel:
     @property
     def label(self) -> str:
         return self.components.spec.label
+
+    @property
+    def engine(self) -> families.Family:
+        """The family's engine: what differs between SD 1.x, SDXL, FLUX.1, ..."""
+        return families.get(self.family)
 
     @property
     def native_size(self) -> int:
@@ -95,10 +101,7 @@ class StableDiffusionModel:
 
     @property
     def vae_dtype(self) -> torch.dtype:
-        # SDXL's original VAE overflows in fp16; other VAEs run in half and fall back to fp32 on NaN.
-        if self.placement.vae_dtype == torch.float16 and self.family == "sdxl":
-            return torch.float32
-        return self.placement.vae_dtype
+        return self.engine.vae_dtype(self.placement.vae_dtype)
 
     def _place(self) -> None:
         for module in (self.unet, *self.text_encoders):

@@ -22,6 +22,7 @@ MODEL_FOLDERS = {
     "controlnet": "ControlNet",  # A1111's sd-webui-controlnet and Forge read ControlNets from here
     "annotators": "annotators",  # ControlNet preprocessor models (depth_anything_v2/ ...)
     "clip_vision": "clip_vision",  # Forge's (and ComfyUI's) folder of CLIP image encoders for IP-Adapters
+    "text_encoder": "text_encoder",  # Forge's folder of FLUX.1 / SD 3.5 text encoders (clip_l, clip_g, t5xxl)
 }
 
 PRECISIONS = ("auto", "full", "half", "bf16")
@@ -36,6 +37,7 @@ class Settings:
     embeddings_dir: Path | None = None
     controlnet_dir: Path | None = None
     clip_vision_dir: Path | None = None
+    text_encoder_dir: Path | None = None
     outputs_dir: Path | None = None
     wildcards_dir: Path | None = None
     device: str = "auto"
@@ -70,6 +72,7 @@ class Settings:
             "embeddings": self.embeddings_dir,
             "controlnet": self.controlnet_dir,
             "clip_vision": self.clip_vision_dir,
+            "text_encoder": self.text_encoder_dir,
         }.get(kind)
         return Path(override) if override else self.models_dir / MODEL_FOLDERS[kind]
 

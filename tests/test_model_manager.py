@@ -23,9 +23,9 @@ class CountingLoader:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, file, cache_dir, dtype):
+    def __call__(self, file, cache_dir, dtype, parts=None):
         self.calls.append(file.name)
-        return load_components(file, cache_dir, dtype)
+        return load_components(file, cache_dir, dtype, parts)
 
 
 def manager_with(settings, model_files, names, **changes):
