@@ -170,7 +170,9 @@ class EmbeddingLibrary:
         """Rescans the folder first (new files work at once, as in A1111); the set is rebuilt only when a
         file or the model changed (the token counter asks on every keystroke)."""
         self.refresh()
-        widths = [encoder.get_input_embeddings().embedding_dim for encoder in model.text_encoders]
+        # FLUX.1 and SD 3.x read prompts through T5 and CLIP their own way: no textual inversion there yet
+        widths = [] if model.engine.encodes_prompts else [encoder.get_input_embeddings().embedding_dim
+                                                         for encoder in model.text_encoders]
         signature = (tuple(widths), tuple(self._stamp(f) for f in self._files))  # what the set depends on
         last = self._last_set
         if last is not None and last[0] == signature:

@@ -67,8 +67,8 @@ def sigmas(steps: int, schedule: str, shift: Shift) -> torch.Tensor:
     """`steps` + 1 float32 sigmas from 1 down to 0 for a schedule type (see `check_sampler`)."""
     if schedule in ("Automatic", SIMPLE, "SGM Uniform"):  # diffusers' and ComfyUI's: t = 1, 1 - 1/n, ..., 1/n
         t = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
-    elif schedule in ("Normal", "Uniform"):  # evenly from the first to the last training step
-        t = torch.linspace(1.0, 1.0 / TRAIN_STEPS, steps, dtype=torch.float64)
+    elif schedule in ("Normal", "Uniform"):  # evenly between the first and last training sigma (diffusers' default)
+        t = torch.linspace(1.0, shift(torch.tensor(1.0 / TRAIN_STEPS)).item(), steps, dtype=torch.float64)
     elif schedule == "Karras":
         low, high = shift(torch.tensor(1.0 / TRAIN_STEPS)).item(), 1.0
         ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
@@ -122,11 +122,10 @@ def sample_euler_ancestral(model, x, sigmas, noise_sampler=None, callback=None, 
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma * ones)
         k_samplers.report(callback, x, i, sigma, sigma, denoised)
-        if sigma_next == 0:
-            x = denoised
-            continue
         sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
         x = x + (x - denoised) / sigma * (sigma_down - sigma)
+        if sigma_next == 0:
+            continue
         scale = (1 - sigma_next) / (1 - sigma_down)
         renoise = (sigma_next**2 - (sigma_down * scale) ** 2).clamp(min=0).sqrt()
         x = x * scale + noise_sampler(sigma, sigma_next) * s_noise * renoise

@@ -123,10 +123,12 @@ def _check_sizes(model, request: GenerationRequest, hires_plan: _HiresPlan | Non
     multiple, label = model.engine.size_multiple, model.label
     check_dimension("width", width, multiple, label)
     check_dimension("height", height, multiple, label)
+    model.engine.check_size(model, width, height)
     if hires_plan is not None:
         hires_plan.size = hires.target_size(request.with_changes(width=width, height=height))
         check_dimension("hires width", hires_plan.size[0], multiple, label)
         check_dimension("hires height", hires_plan.size[1], multiple, label)
+        model.engine.check_size(model, *hires_plan.size)
     return width, height
 
 

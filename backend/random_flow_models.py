@@ -15,6 +15,7 @@ from backend.random_models import TINY_VAE
 
 TRANSFORMER_PREFIX = "model.diffusion_model."
 ENCODER_PREFIX = "text_encoders.{role}.transformer."
+T5_WIDTH_FOR_SD3 = 96
 ENCODER_FILES = {"clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors", "t5xxl": "t5xxl_fp16.safetensors"}
 
 
@@ -47,6 +48,23 @@ def build_flux(guidance: bool = True, seed: int = 0) -> FlowModel:
     transformer = random_flux.build_transformer(random_flux.tiny_config(guidance), seed)
     encoders = {"clip_l": random_text_encoders.tiny_clip_l(seed + 1), "t5xxl": random_text_encoders.tiny_t5(seed + 2)}
     return FlowModel("flux", transformer, tiny_vae("flux", seed + 3), encoders)
+
+
+def build_sd3(qk_norm: bool = True, dual_attention: bool = False, t5: bool = True, seed: int = 0) -> FlowModel:
+    """Tiny SD 3.5 Large-like (qk_norm), SD 3.5 Medium-like (dual_attention) or SD 3 Medium-like model: CLIP-L
+    (32 wide) and CLIP-G (48) with projections, and a 96-wide T5 so the joined CLIP states (80) fit its width."""
+    from backend import random_sd3
+
+    clip_l = random_text_encoders.tiny_clip_l(seed + 1, projection=True)
+    clip_g = random_text_encoders.tiny_clip_g(seed + 2)
+    pooled = clip_l.config.projection_dim + clip_g.config.projection_dim
+    config = random_sd3.tiny_config(dual_attention=dual_attention, qk_norm=qk_norm, pooled_projection_dim=pooled,
+                                    joint_attention_dim=T5_WIDTH_FOR_SD3)
+    config["pos_embed_max_size"] = 48  # up to 192 px with the tiny VAE, for hires tests
+    encoders = {"clip_l": clip_l, "clip_g": clip_g}
+    if t5:
+        encoders["t5xxl"] = random_text_encoders.tiny_t5(seed + 3, d_model=T5_WIDTH_FOR_SD3)
+    return FlowModel("sd3", random_sd3.build_transformer(config, seed), tiny_vae("sd3", seed + 4), encoders)
 
 
 def _transformer_tensors(model: FlowModel, dtype: torch.dtype) -> dict:

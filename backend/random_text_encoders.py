@@ -47,11 +47,11 @@ def tiny_clip_g(seed: int = 0):
     return _tiny_clip(seed, 48, "gelu", True)
 
 
-def tiny_t5(seed: int = 0):
-    """A two-layer T5 v1.1 encoder (gated-gelu), d_model 32, d_ff 48, two 16-wide heads."""
+def tiny_t5(seed: int = 0, d_model: int = 32):
+    """A two-layer T5 v1.1 encoder (gated-gelu), d_model 32 (or as given), d_ff 48, two 16-wide heads."""
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(vocab_size=T5_VOCAB, d_model=32, d_ff=48, d_kv=16, num_heads=2, num_layers=2,
+    config = T5Config(vocab_size=T5_VOCAB, d_model=d_model, d_ff=48, d_kv=16, num_heads=2, num_layers=2,
                       feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
     torch.manual_seed(seed)
     return T5EncoderModel(config).eval()

@@ -104,7 +104,7 @@ class StableDiffusionModel:
         return self.engine.vae_dtype(self.placement.vae_dtype)
 
     def _place(self) -> None:
-        for module in (self.unet, *self.text_encoders):
+        for module in (self.unet, *(e for e in self.text_encoders if e is not None)):
             self._place_module(module, self.dtype)
         self._place_module(self.vae, self.vae_dtype)
 

@@ -51,11 +51,11 @@ def _clip_base(shapes: Shapes) -> str | None:
     return None
 
 
-def encoder_role(shapes: Shapes) -> str | None:
+def encoder_role(shapes: Shapes, name: str = "") -> str | None:
     """"clip_l", "clip_g" or "t5xxl" for a standalone text-encoder file's tensors; None when it is not one.
 
-    CLIP-L is 768 wide, CLIP-G 1280. A CLIP of another width (test models, unknown fine-tunes) counts as
-    CLIP-G when it carries a projection, as only CLIP-G always does; pass the role explicitly to override.
+    CLIP-L is 768 wide, CLIP-G 1280. A CLIP of another width (test models, unknown fine-tunes) is the one its
+    file `name` names ("clip_l", "clip_g"), else CLIP-G when it carries a projection, as only CLIP-G always does.
     """
     if _T5_FINAL_NORM in shapes and _T5_BIAS in shapes:
         return "t5xxl"
@@ -65,6 +65,9 @@ def encoder_role(shapes: Shapes) -> str | None:
     width = shapes[base + _CLIP_EMBEDDING][1]
     if width in _CLIP_WIDTHS:
         return _CLIP_WIDTHS[width]
+    named = [role for role in ("clip_l", "clip_g") if role in name.lower()]
+    if len(named) == 1:
+        return named[0]
     return "clip_g" if _CLIP_PROJECTION in shapes else "clip_l"
 
 

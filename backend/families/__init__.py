@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from backend import model_detection
-from backend.families import flux, sd1, sd2, sdxl
+from backend.families import flux, sd1, sd2, sd3, sdxl
 from backend.families.base import Family, Shapes
 
 # Order matters only for detection: the first family that claims a file gets it.
-FAMILIES: dict[str, Family] = {family.name: family for family in (sd1.FAMILY, sd2.FAMILY, sdxl.FAMILY, flux.FAMILY)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (sd1.FAMILY, sd2.FAMILY, sdxl.FAMILY, flux.FAMILY,
+                                                                  sd3.FAMILY)}
 
 
 def get(name: str) -> Family:

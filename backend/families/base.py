@@ -61,6 +61,9 @@ class Family:
         """(kohya prefix, diffusers prefix) of each text encoder's LoRA layer names, in encoder order."""
         return [("lora_te_", "text_encoder.")]
 
+    def check_size(self, model, width: int, height: int) -> None:
+        """Raise `InputError` for a size the network cannot take (beyond what `size_multiple` says)."""
+
     def schedule_for(self, sampler: str, requested: str, resolved: str) -> str:
         """The schedule type a sampler runs with on this family: `resolved` is A1111's reading of the user's
         `requested` type (e.g. "Automatic" -> "Karras" for DPM++ 2M)."""

@@ -52,26 +52,26 @@ class Parts:
         """The file for text encoder `role` ("clip_l", "clip_g", "t5xxl"); `label` names it for people."""
         from backend.text_encoder_files import encoder_role
 
-        return self._find(lambda shapes: encoder_role(shapes) == role, self.text_encoders, self.text_encoder_dir,
-                          label, wanted_by, "--text-encoder")
+        return self._find(lambda path: encoder_role(self.shapes(path), path.name) == role, self.text_encoders,
+                          self.text_encoder_dir, label, wanted_by, "--text-encoder")
 
     def has_text_encoder(self, role: str) -> bool:
         """Whether a pick or the folder holds a text encoder for `role` (for optional ones: SD 3's T5)."""
         from backend.text_encoder_files import encoder_role
 
-        return any(encoder_role(self.shapes(path)) == role for path in [*self.chosen, *self.text_encoders])
+        return any(encoder_role(self.shapes(path), path.name) == role for path in [*self.chosen, *self.text_encoders])
 
     def vae(self, latent_channels: int, label: str, wanted_by: str) -> Path:
         """A VAE file with `latent_channels` latent channels."""
-        return self._find(lambda shapes: vae_latent_channels(shapes) == latent_channels, self.vaes, self.vae_dir,
-                          label, wanted_by, "--vae")
+        return self._find(lambda path: vae_latent_channels(self.shapes(path)) == latent_channels, self.vaes,
+                          self.vae_dir, label, wanted_by, "--vae")
 
-    def _find(self, fits: Callable[[Shapes], bool], folder_files: list[Path], folder: Path, label: str,
+    def _find(self, fits: Callable[[Path], bool], folder_files: list[Path], folder: Path, label: str,
               wanted_by: str, flag: str) -> Path:
-        picked = [path for path in self.chosen if fits(self.shapes(path))]
+        picked = [path for path in self.chosen if fits(path)]
         if picked:
             return picked[0]
-        found = [path for path in folder_files if fits(self.shapes(path))]
+        found = [path for path in folder_files if fits(path)]
         if len(found) == 1:
             return found[0]
         if not found:
