@@ -100,8 +100,7 @@ def detect_family(shapes: Shapes) -> str:
     keys = shapes.keys()
     transformer = transformer_family(shapes)
     if transformer is not None:
-        raise CheckpointFormatError(f"it is a {transformer} model, which Easel does not run yet (SD 1.x, SD 2.x "
-                                    "and SDXL checkpoints run)")
+        raise CheckpointFormatError(f"it is a {transformer} model, not an SD 1.x, SD 2.x or SDXL checkpoint")
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise CheckpointFormatError(f"not a Stable Diffusion checkpoint: {_explain_non_checkpoint(shapes)}")
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
