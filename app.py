@@ -48,6 +48,8 @@ def _add_folder_flags(parser: argparse.ArgumentParser) -> None:
     paths.add_argument("--controlnet-dir", type=Path, help="ControlNet folder (default: <data-dir>/models/ControlNet)")
     paths.add_argument("--clip-vision-dir", type=Path,
                        help="CLIP image encoders for IP-Adapters (default: <data-dir>/models/clip_vision)")
+    paths.add_argument("--text-encoder-dir", type=Path,
+                       help="FLUX.1 / SD 3.5 text encoders (default: <data-dir>/models/text_encoder)")
     paths.add_argument("--embeddings-dir", type=Path, help="embeddings folder (default: <data-dir>/models/embeddings)")
     paths.add_argument("--outdir", type=Path, help="outputs folder (default: <data-dir>/outputs)")
     paths.add_argument("--wildcards-dir", type=Path, help="wildcards folder (default: <data-dir>/wildcards)")
@@ -56,6 +58,9 @@ def _add_folder_flags(parser: argparse.ArgumentParser) -> None:
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model and device")
     model.add_argument("--ckpt", help="checkpoint to load first (name, file name or short hash)")
+    model.add_argument("--text-encoder", action="append", default=[], metavar="NAME",
+                       help="a text encoder in models/text_encoder for FLUX.1 / SD 3.5 files that lack theirs "
+                            "(repeatable; default: each role's only file there)")
     model.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
     model.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="auto: fp16 on GPUs, fp32 on the CPU; full: fp32 everywhere")
@@ -99,6 +104,8 @@ def _add_generate_command(commands) -> None:
     gen.add_argument("--sampler", help=", ".join(SAMPLER_NAMES))
     gen.add_argument("--schedule-type", help=", ".join(SCHEDULE_TYPES))
     gen.add_argument("--cfg-scale", type=float)
+    gen.add_argument("--distilled-cfg-scale", type=float, help="FLUX.1 dev's guidance (Forge's; default 3.5)")
+    gen.add_argument("--shift", type=float, help="a flow model's schedule shift (FLUX.1, SD 3.5; default: its own)")
     gen.add_argument("--seed", type=int, help="-1 for random (default)")
     gen.add_argument("--subseed", type=int, help="variation seed")
     gen.add_argument("--subseed-strength", type=float, help="variation strength, 0-1")
@@ -177,6 +184,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         lora_dir=args.lora_dir,
         controlnet_dir=args.controlnet_dir,
         clip_vision_dir=args.clip_vision_dir,
+        text_encoder_dir=args.text_encoder_dir,
+        text_encoders=tuple(args.text_encoder),
         embeddings_dir=args.embeddings_dir,
         outputs_dir=args.outdir,
         wildcards_dir=args.wildcards_dir,
@@ -194,7 +203,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 _REQUEST_ARGS = (
-    "prompt", "negative_prompt", "checkpoint", "vae", "steps", "sampler", "schedule_type", "cfg_scale", "seed",
+    "prompt", "negative_prompt", "checkpoint", "vae", "steps", "sampler", "schedule_type", "cfg_scale",
+    "distilled_cfg_scale", "shift", "seed",
     "subseed", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "width", "height", "batch_size",
     "batch_count", "clip_skip", "randn_source", "eta_noise_seed_delta", "eta", "pad_cond_uncond", "denoising_strength",
     "resize_mode", "mask_blur", "masked_content",

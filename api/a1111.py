@@ -23,7 +23,9 @@ from backend.postprocess import run_extras
 from backend.runtime import option_name
 
 router = APIRouter(dependencies=[Depends(caller)], route_class=A1111Route)
-SPECIAL_OPTIONS = ("sd_model_checkpoint", "sd_vae")  # options that act on the model manager
+# options that act on the model manager (Forge's `forge_additional_modules`: its VAE / text encoder picks)
+SPECIAL_OPTIONS = ("sd_model_checkpoint", "sd_vae")
+MODULES_OPTION = "forge_additional_modules"
 
 
 # -- generation --------------------------------------------------------------------------------------
@@ -104,6 +106,7 @@ def get_options(api: ApiContext = Depends(api_context)):
         except Exception:  # a removed file: report the name only
             title = manager.selected
     values.update(sd_model_checkpoint=title, sd_checkpoint_hash=sha, sd_vae=manager.vae_choice,
+                  **{MODULES_OPTION: _module_paths(manager)},
                   CLIP_stop_at_last_layers=1, samples_save=runtime.options.save_images,
                   sd_checkpoint_cache=runtime.options.checkpoint_cache)
     return values
@@ -122,12 +125,43 @@ async def set_options(body: dict[str, Any], who: Caller = Depends(caller), api: 
             raise InputError(f"option {key} takes a str, not {body[key]!r}")
     if changes:
         runtime.apply(changes)
+    if MODULES_OPTION in body:
+        encoders, vae = _modules(manager, body[MODULES_OPTION])
+        body = {"sd_vae": vae, **body}
+        await runtime.device.submit(lambda control: manager.set_text_encoders(encoders), who.name, "load").wait_async()
     if "sd_vae" in body:
         await runtime.device.submit(lambda control: manager.set_vae(body["sd_vae"]), who.name, "load").wait_async()
     if "sd_model_checkpoint" in body:
         name = manager.index.resolve_checkpoint(body["sd_model_checkpoint"]).filename
         await runtime.device.submit(lambda control: manager.select(name), who.name, "load").wait_async()
     return None
+
+
+def _module_paths(manager) -> list[str]:
+    """Forge's `forge_additional_modules`: the full paths of the picked text encoders and VAE."""
+    paths = [str(manager.index.resolve_text_encoder(name).path) for name in manager.text_encoder_choice]
+    if manager.vae_choice not in ("Automatic", "None"):
+        paths.append(str(manager.index.resolve_vae(manager.vae_choice).path))
+    return paths
+
+
+def _modules(manager, names) -> tuple[list[str], str]:
+    """(text encoder names, VAE choice) of a `forge_additional_modules` list (paths or file names)."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise InputError(f"option {MODULES_OPTION} takes a list of file names or paths, not {names!r}")
+    encoders, vaes = [], []
+    for name in names:
+        bare = name.replace("\\", "/").rsplit("/", 1)[-1]
+        if any(bare in (f.filename, f.path.name) for f in manager.index.text_encoders):
+            encoders.append(bare)
+        elif any(bare in (f.filename, f.path.name) for f in manager.index.vaes):
+            vaes.append(bare)
+        else:
+            raise InputError(f"module '{name}' is in neither models/text_encoder nor models/VAE; available: "
+                             f"{', '.join(manager.text_encoder_options() + manager.vae_options()[2:]) or 'none'}")
+    if len(vaes) > 1:
+        raise InputError(f"{MODULES_OPTION} names {len(vaes)} VAEs ({', '.join(vaes)}); pick one")
+    return encoders, vaes[0] if vaes else "Automatic"
 
 
 @router.get("/sdapi/v1/cmd-flags", tags=["settings"])
@@ -155,6 +189,13 @@ def sd_models(api: ApiContext = Depends(api_context)):
 @router.get("/sdapi/v1/sd-vae", tags=["models"])
 def sd_vae(api: ApiContext = Depends(api_context)):
     return [{"model_name": f.name, "filename": str(f.path)} for f in api.runtime.manager.index.vaes]
+
+
+@router.get("/sdapi/v1/sd-modules", tags=["models"])
+def sd_modules(api: ApiContext = Depends(api_context)):
+    """Forge's list of the VAEs and text encoders a FLUX.1 or SD 3.5 file may take."""
+    index = api.runtime.manager.index
+    return [{"model_name": f.name, "filename": str(f.path)} for f in [*index.vaes, *index.text_encoders]]
 
 
 @router.get("/sdapi/v1/loras", tags=["models"])

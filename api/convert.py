@@ -30,7 +30,8 @@ REQUEST_OVERRIDES = {"sd_model_checkpoint": ("checkpoint", str), "sd_vae": ("vae
 # infotext field -> API body field, for A1111's `infotext` request field
 _INFOTEXT_FIELDS = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "sampler": "sampler_name",
-    "schedule_type": "scheduler", "cfg_scale": "cfg_scale", "seed": "seed", "width": "width", "height": "height",
+    "schedule_type": "scheduler", "cfg_scale": "cfg_scale", "distilled_cfg_scale": "distilled_cfg_scale",
+    "shift": "shift", "seed": "seed", "width": "width", "height": "height",
     "subseed": "subseed", "subseed_strength": "subseed_strength", "denoising_strength": "denoising_strength",
     "enable_hr": "enable_hr", "hr_scale": "hr_scale", "hr_upscaler": "hr_upscaler",
     "hr_second_pass_steps": "hr_second_pass_steps", "hr_resize_x": "hr_resize_x", "hr_resize_y": "hr_resize_y",
@@ -100,7 +101,8 @@ def body_fields(values: dict, mode: str) -> dict[str, Any]:
         seed_resize_from_w=max(0, values["seed_resize_from_w"]), seed_resize_from_h=max(0, values["seed_resize_from_h"]),
         sampler=values["sampler_name"] or values["sampler_index"], schedule_type=schedule_label(values["scheduler"]),
         batch_size=values["batch_size"], batch_count=values["n_iter"], steps=values["steps"],
-        cfg_scale=values["cfg_scale"], width=values["width"], height=values["height"],
+        cfg_scale=values["cfg_scale"], distilled_cfg_scale=values["distilled_cfg_scale"], shift=values["shift"],
+        width=values["width"], height=values["height"],
         restore_faces=bool(values["restore_faces"]), save_images=values["save_images"], eta=values["eta"],
     )
     if values["denoising_strength"] is not None:
@@ -166,7 +168,7 @@ def info(result: GenerationResult, job: Job) -> dict:
         "subseed": images[0].subseed if images else run.subseed, "all_subseeds": [i.subseed for i in images],
         "subseed_strength": run.subseed_strength, "width": run.width, "height": run.height,
         "sampler_name": first.get("Sampler", run.sampler), "scheduler": first.get("Schedule type"),
-        "cfg_scale": run.cfg_scale, "steps": run.steps, "batch_size": run.batch_size,
+        "cfg_scale": run.cfg_scale, "distilled_cfg_scale": run.distilled_cfg_scale, "steps": run.steps, "batch_size": run.batch_size,
         "restore_faces": run.restore_faces, "face_restoration_model": run.face_restorer if run.restore_faces else None,
         "sd_model_name": first.get("Model"), "sd_model_hash": first.get("Model hash"),
         "sd_vae_name": first.get("VAE"), "sd_vae_hash": first.get("VAE hash"),

@@ -35,6 +35,8 @@ class Txt2ImgRequest(_Body):
     n_iter: Int = 1
     steps: Int = 50
     cfg_scale: float = 7.0
+    distilled_cfg_scale: float = 3.5  # Forge's, for FLUX.1 dev
+    shift: float = 0.0  # a flow model's schedule shift; 0: the model's own
     width: Int = 512
     height: Int = 512
     restore_faces: bool | None = None

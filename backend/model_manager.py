@@ -72,7 +72,7 @@ class ModelManager:
         self._cache: OrderedDict[Path, StableDiffusionModel] = OrderedDict()
         self._active: StableDiffusionModel | None = None
         self._vae_choice = VAE_AUTOMATIC
-        self._text_encoder_choice: tuple[str, ...] = ()  # Forge's text encoder picks (file names)
+        self._text_encoder_choice: tuple[str, ...] = tuple(settings.text_encoders)  # Forge's picks (file names)
         self.lock = threading.RLock()
         self.load_count = 0
         # The server's current checkpoint (A1111's `sd_model_checkpoint` option): what a request that
@@ -91,6 +91,26 @@ class ModelManager:
     @property
     def vae_choice(self) -> str:
         return self._vae_choice
+
+    @property
+    def text_encoder_choice(self) -> tuple[str, ...]:
+        """Forge's text encoder picks (file names in models/text_encoder) for FLUX.1 and SD 3.5 files."""
+        return self._text_encoder_choice
+
+    def text_encoder_options(self) -> list[str]:
+        return [file.filename for file in self.index.text_encoders]
+
+    def set_text_encoders(self, names) -> None:
+        """Pick text encoders (an empty list: each role's only file in the folder). Loaded models that take
+        text encoders from the folder are freed, so the next use loads them with the new picks."""
+        with self.lock:
+            chosen = tuple(self.index.resolve_text_encoder(name).filename for name in names)
+            if chosen == self._text_encoder_choice:
+                return
+            self._text_encoder_choice = chosen
+            for key, model in list(self._cache.items()):
+                if model.engine.encodes_prompts:
+                    self._evict(key)
 
     def vae_options(self) -> list[str]:
         return [VAE_AUTOMATIC, VAE_NONE] + [vae.filename for vae in self.index.vaes]
@@ -129,7 +149,7 @@ class ModelManager:
                 file = self.index.resolve_checkpoint(name) if name else self.default_checkpoint()
             model = self._cache.get(file.path)
             if model is None:
-                model = self._load(file)
+                model = self._load(file, vae)
             self._cache.move_to_end(file.path)
             self._active = model
             self._apply_vae(model, self._vae_choice if vae is None else vae)
@@ -142,7 +162,7 @@ class ModelManager:
             self.selected = model.file.filename
             return model
 
-    def _load(self, file: ModelFile) -> StableDiffusionModel:
+    def _load(self, file: ModelFile, vae: str | None = None) -> StableDiffusionModel:
         if not file.is_diffusers_folder and file.path.suffix.lower() == ".safetensors":
             # Refuse a broken or foreign file before evicting anything for it.
             try:
@@ -154,7 +174,7 @@ class ModelManager:
             self._evict(next(iter(self._cache)))
         logger.info("Loading %s", file.path)
         try:
-            components = self._loader(file, self.settings.cache_dir, self.placement.dtype, self.parts())
+            components = self._loader(file, self.settings.cache_dir, self.placement.dtype, self.parts(vae))
         except (CheckpointLoadError, CheckpointFormatError, MissingPartError):
             self._restore(previous)
             raise
@@ -167,11 +187,13 @@ class ModelManager:
         self._cache[file.path] = model
         return model
 
-    def parts(self) -> Parts:
-        """Where a checkpoint finds what it lacks: the VAE and text encoder picks, then the folders."""
+    def parts(self, vae: str | None = None) -> Parts:
+        """Where a checkpoint finds what it lacks: the text encoder picks and the VAE choice (`vae`: this
+        request's), then the folders."""
         chosen = [self.index.resolve_text_encoder(name).path for name in self._text_encoder_choice]
-        if self._vae_choice not in (VAE_AUTOMATIC, VAE_NONE):
-            chosen.append(self.index.resolve_vae(self._vae_choice).path)
+        vae = self._vae_choice if vae is None else vae
+        if vae not in (VAE_AUTOMATIC, VAE_NONE):
+            chosen.append(self.index.resolve_vae(vae).path)
         return Parts(self.settings.model_dir("text_encoder"), self.settings.model_dir("vae"),
                      [f.path for f in self.index.text_encoders], [f.path for f in self.index.vaes], chosen,
                      allow_downloads=self.settings.allow_downloads)

@@ -38,6 +38,7 @@ class Settings:
     controlnet_dir: Path | None = None
     clip_vision_dir: Path | None = None
     text_encoder_dir: Path | None = None
+    text_encoders: tuple[str, ...] = ()  # picks in models/text_encoder (--text-encoder); () : each role's only file
     outputs_dir: Path | None = None
     wildcards_dir: Path | None = None
     device: str = "auto"

@@ -76,6 +76,8 @@ def _settings_column(ui, c: dict[str, Any], mode: str) -> None:
             c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id=f"{mode}_batch_size")
     c["cfg_scale"] = gr.Slider(1, 30, value=options.default_cfg_scale, step=0.5, label="CFG Scale",
                                elem_id=f"{mode}_cfg_scale")
+    c["distilled_cfg_scale"] = gr.Slider(0, 30, value=3.5, step=0.1, label="Distilled CFG Scale (FLUX.1 dev)",
+                                         elem_id=f"{mode}_distilled_cfg_scale")
     if mode == "img2img":
         c["denoising_strength"] = gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength",
                                             elem_id="img2img_denoising_strength")

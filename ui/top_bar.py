@@ -1,5 +1,5 @@
-"""The top bar: checkpoint (switched in the background), VAE and clip skip, and the model status.
-"""
+"""The top bar: checkpoint (switched in the background), VAE, text encoders (FLUX.1 / SD 3.5 files that lack
+theirs, as Forge's "VAE / Text Encoder"), clip skip, and the model status."""
 
 from __future__ import annotations
 
@@ -22,19 +22,24 @@ def top_bar(ui) -> dict[str, Any]:
         refresh = gr.Button("🔄", scale=0, min_width=40, elem_id="refresh_checkpoints")
         vae = gr.Dropdown(ctx.manager.vae_options(), value=ctx.manager.vae_choice, label="SD VAE",
                           elem_id="setting_sd_vae", scale=2)
+        encoders = gr.Dropdown(ctx.manager.text_encoder_options(), value=list(ctx.manager.text_encoder_choice),
+                               multiselect=True, label="Text encoders (FLUX.1 / SD 3.5)", scale=2,
+                               elem_id="setting_text_encoders")
         clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", scale=2, elem_id="setting_clip_skip")
     status = gr.HTML("", elem_classes="easel-status", elem_id="model_status")  # filled on page load
     ui.model_status = status
-    top = {"checkpoint": checkpoint, "vae": vae, "clip_skip": clip_skip}
+    top = {"checkpoint": checkpoint, "vae": vae, "text_encoders": encoders, "clip_skip": clip_skip}
 
-    def refresh_lists(current_checkpoint, current_vae):
+    def refresh_lists(current_checkpoint, current_vae, current_encoders):
         ctx.manager.refresh()
         checkpoints, vaes = ctx.checkpoint_choices(), ctx.manager.vae_options()
+        found = ctx.manager.text_encoder_options()
         return (gr.update(choices=checkpoints, value=current_checkpoint if current_checkpoint in checkpoints else None),
-                gr.update(choices=vaes, value=current_vae if current_vae in vaes else vaes[0]))
+                gr.update(choices=vaes, value=current_vae if current_vae in vaes else vaes[0]),
+                gr.update(choices=found, value=[name for name in current_encoders or () if name in found]))
 
-    refresh.click(refresh_lists, inputs=[checkpoint, vae], outputs=[checkpoint, vae], queue=False,
-                  api_visibility="private")
+    refresh.click(refresh_lists, inputs=[checkpoint, vae, encoders], outputs=[checkpoint, vae, encoders],
+                  queue=False, api_visibility="private")
     ui.top = top
     return top
 
@@ -85,3 +90,15 @@ def wire_top_bar(ui) -> None:
 
     top["vae"].input(switch_vae, inputs=top["vae"], outputs=[ui.model_status, top["vae"]],
                      concurrency_id="device", concurrency_limit=1, api_visibility="private")
+
+    def switch_encoders(names):
+        try:
+            ctx.manager.set_text_encoders(names or [])
+        except Exception as exc:
+            return (model_status_html(ui, f"Cannot use text encoders {', '.join(names or [])}: {describe_error(exc)}"),
+                    list(ctx.manager.text_encoder_choice))
+        return model_status_html(ui), list(ctx.manager.text_encoder_choice)
+
+    top["text_encoders"].input(switch_encoders, inputs=top["text_encoders"],
+                               outputs=[ui.model_status, top["text_encoders"]], concurrency_id="device",
+                               concurrency_limit=1, api_visibility="private")
