@@ -184,10 +184,12 @@ def empty_module(factory):
         return factory()
 
 
-def adopt(model, state_dict: dict[str, torch.Tensor], what: str, name: str, dtype):
-    """Give an empty module the checkpoint's tensors, refusing incomplete or mismatched weights."""
+def adopt(model, state_dict: dict[str, torch.Tensor], what: str, name: str, dtype, keep=None):
+    """Give an empty module the checkpoint's tensors in `dtype` (those `keep(key, tensor)` accepts as they are),
+    refusing incomplete or mismatched weights."""
     expected = model.state_dict().keys()
-    state_dict = {k: v.to(dtype) for k, v in state_dict.items() if k in expected}
+    state_dict = {k: v if keep is not None and keep(k, v) else v.to(dtype)
+                  for k, v in state_dict.items() if k in expected}
     missing = [k for k in expected if k not in state_dict]
     if missing:
         raise CheckpointFormatError(

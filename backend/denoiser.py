@@ -71,7 +71,7 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
     hooks = k_sampling.Hooks(
         control, lambda step, total, image: Progress(step, total, batch, run.batch_count, image, inputs.phase,
                                                      inputs.share),
-        lambda denoised: preview.cheap_preview(denoised[0].to(model.dtype), model.engine),
+        lambda denoised: preview.cheap_preview(denoised[0].to(model.dtype), model),
         (lambda i, total, t, x: _step_event(inputs, i, total, t, x)) if inputs.extensions.has("step") else None,
         sampling)
     with torch.no_grad(), model.use(model.unet), control_pass.applied(model, inputs.controls):
@@ -99,7 +99,8 @@ def _sample_flow(model, inputs: BatchInputs, krun, start_noise, init_latents, bl
     sigmas = sigmas.to(model.device)
     start = start_noise if init_latents is None else flow_sampling.noised(init_latents, start_noise, sigmas[0])
     guidance = _BatchGuidance(model, inputs.conds, inputs.run,
-                              _guidance_hook(inputs, lambda t: float(1 - t) ** 2, model, len(sigmas) - 1),
+                              _guidance_hook(inputs, lambda t: float(1 - engine.sigma_of(t)) ** 2, model,
+                                             len(sigmas) - 1),
                               inputs.controls, hooks.sampling)
     denoiser = flow_sampling.FlowDenoiser(model.dtype, model.device, guidance.predict, engine.timestep, blend)
     return k_sampling.sample_flow(krun, denoiser, sigmas, start, hooks)

@@ -35,8 +35,11 @@ class Guidance:
     uncond: Any  # torch.Tensor: the prediction with the negative prompt
     prediction: Any  # torch.Tensor: uncond + cfg_scale * (cond - uncond); replace it to change guidance
     cfg_scale: float
-    prediction_type: str  # "epsilon" or "v_prediction"
-    alpha_bar: float  # the timestep's cumulative alpha (to convert predictions to x0)
+    # "epsilon" or "v_prediction"; "flow" for FLUX.1 / SD 3.x: the prediction is the velocity noise - image and
+    # the latents are (1 - sigma) * image + sigma * noise
+    prediction_type: str
+    # the squared weight of the image in the latents: the cumulative alpha; (1 - sigma)^2 for a flow
+    alpha_bar: float
     latents: Any  # the model input latents of this step (unscaled)
     args: dict[str, Any]
 

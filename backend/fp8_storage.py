@@ -123,6 +123,7 @@ def store_fp8(module: torch.nn.Module, compute_dtype: torch.dtype,
             _set_compute_dtype(layer, compute_dtype)
             continue
         if type(layer) is not torch.nn.Linear or skip(name, layer):
+            _unstore(layer, compute_dtype)  # an fp8 file's tensor in a layer kept in full precision
             continue
         if hasattr(layer, "_hf_hook"):
             raise ValueError(f"layer '{name}' already has an accelerate offload hook; call store_fp8 before "
@@ -134,6 +135,12 @@ def store_fp8(module: torch.nn.Module, compute_dtype: torch.dtype,
         converted += 1
     logger.info("Stored %d Linear weights as fp8 (computing in %s)", converted, compute_dtype)
     return converted
+
+
+def _unstore(layer: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    for parameter in layer.parameters(recurse=False):
+        if parameter.dtype == FP8:
+            parameter.data = parameter.data.to(compute_dtype)
 
 
 def stored_bytes(module: torch.nn.Module) -> int:

@@ -6,28 +6,39 @@ from __future__ import annotations
 import logging
 import math
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from backend import devices
-from backend.lora_files import LayerUpdate, LoraError, LoraFile
+from backend import devices, fp8_storage
+from backend.lora_files import LayerUpdate, LoraError, LoraFile, Ranges
 
 logger = logging.getLogger(__name__)
 
-FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+# The families a LoRA file may have been made for (`LoraFile.base`), as users say them.
+FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "flux": "FLUX.1", "sd3": "SD 3"}
+FLOW_FAMILIES = ("flux", "sd3")
 
 
 # -- naming: file layer names -> the model's modules ---------------------------------------------------
 @dataclass(frozen=True)
 class Target:
+    """A module a file's layer updates. `rows`: only these rows of the layer's update, in this order (a fused
+    original-layout layer split over several diffusers modules); None: all of it."""
+
     component: str  # "unet" or "te"
     module: torch.nn.Module
+    rows: Ranges | None = None
 
 
-def _module_names(model) -> dict[str, Target]:
+def _module_names(model) -> dict[str, Target | tuple[Target, ...]]:
     """Every name a LoRA file may use for a module of this model (diffusers-layout kohya names,
-    LDM-layout kohya names, diffusers/peft names)."""
+    LDM-layout kohya names, diffusers/peft names); FLUX.1 and SD 3.x: `flow_lora.module_names`."""
+    if model.engine.prediction == "flow":
+        from backend import flow_lora
+
+        return flow_lora.module_names(model)
     from backend import ldm_layout
 
     names: dict[str, Target] = {}
@@ -55,7 +66,7 @@ def _module_names(model) -> dict[str, Target]:
 _names_by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def module_names(model) -> dict[str, Target]:
+def module_names(model) -> dict[str, Target | tuple[Target, ...]]:
     """`_module_names`, remembered per UNet (the map is the same for as long as the model lives)."""
     names = _names_by_model.get(model.unet)
     if names is None:
@@ -73,27 +84,56 @@ class Matched:
 
 
 def match(lora: LoraFile, model) -> Matched:
-    """Pair the file's layers with the model's modules; LoraError when it was made for another base."""
+    """Pair the file's layers with the model's modules; LoraError when it was made for another base.
+
+    A layer with several targets (a fused original-layout layer) is checked whole, then each module gets
+    its rows' share of the update."""
     names = module_names(model)
+    base = lora.base
+    if base is not None and base != model.family and (base in FLOW_FAMILIES or model.family in FLOW_FAMILIES):
+        # Families share text encoders (FLUX's CLIP-L is SDXL's first): a partial match would apply.
+        raise _refusal(lora, model, base)
     matched = Matched()
     wrong_shape = []
     for layer, update in lora.layers.items():
-        target = names.get(layer)
-        if target is None:
+        targets = names.get(layer)
+        if targets is None:
             matched.unmatched.append(layer)
             continue
-        if not update.fits(target.module.weight.shape):
+        targets = targets if isinstance(targets, tuple) else (targets,)
+        if not update.fits(_layer_shape(targets)):
             wrong_shape.append(layer)
             continue
-        getattr(matched, target.component).append((target.module, update))
-    model_label = FAMILY_LABELS.get(model.family, model.family)
-    base = FAMILY_LABELS.get(lora.base or "", "another base model")
+        for target in targets:
+            share = update if target.rows is None else update.take_rows(target.rows)
+            getattr(matched, target.component).append((target.module, share))
     if wrong_shape or not (matched.unet or matched.te):
-        raise LoraError(f"LoRA '{lora.name}' was made for {base}, not for this {model_label} checkpoint: skipped")
+        raise _refusal(lora, model, base, wrong_shape, matched.unmatched)
     if matched.unmatched:
         logger.warning("LoRA %s: %d of its layers have no counterpart in this model (e.g. %s)",
                        lora.name, len(matched.unmatched), matched.unmatched[0])
     return matched
+
+
+def _layer_shape(targets: tuple[Target, ...]) -> torch.Size:
+    """The shape of the weight a file's layer updates: its one module's, or the rows of all its shares."""
+    shape = targets[0].module.weight.shape
+    if targets[0].rows is None:
+        return shape
+    return torch.Size((sum(stop - start for t in targets for start, stop in t.rows), *shape[1:]))
+
+
+def _refusal(lora: LoraFile, model, base: str | None, wrong_shape: Sequence[str] = (),
+             unmatched: Sequence[str] = ()) -> LoraError:
+    label = model.engine.label  # the model's own name for its family ("FLUX.1")
+    if base == model.family and wrong_shape:
+        return LoraError(f"LoRA '{lora.name}' was made for a {label} model of another size (layer "
+                         f"{wrong_shape[0]} does not fit this checkpoint's): skipped")
+    if base == model.family:
+        return LoraError(f"LoRA '{lora.name}' names no layer of this {label} checkpoint (e.g. {unmatched[0]}); "
+                         "its layout is not one Easel reads: skipped")
+    made_for = FAMILY_LABELS.get(base or "", "another base model")
+    return LoraError(f"LoRA '{lora.name}' was made for {made_for}, not for this {label} checkpoint: skipped")
 
 
 # -- applying ----------------------------------------------------------------------------------------
@@ -160,6 +200,12 @@ class LoraOverlay:
         self.applied = key
 
     def _add(self, module: torch.nn.Module, update: LayerUpdate, strength: float) -> None:
+        if fp8_storage.is_fp8(module) and _offloaded_weights(module) is None:
+            # fp8 storage: merge in the compute precision, store the result in fp8 (the base is kept as is)
+            merged = update.add_to(fp8_storage.weight_for_update(module), strength)
+            self._base.setdefault(id(module), (module, module.weight.data))
+            fp8_storage.set_weight(module, merged)
+            return
         offloaded = _offloaded_weights(module)
         current = offloaded["weight"] if offloaded is not None else module.weight.data
         if id(module) in self._base:  # a second LoRA on this layer: add to the merged tensor

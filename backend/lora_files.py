@@ -27,7 +27,9 @@ class LoraError(InputError):
 # `lora_te1_*`/`lora_te2_*`, with `alpha`; module names in the diffusers or the original LDM layout),
 # LoCon (conv layers, also with a CP `lora_mid`), LyCORIS LoHa and LoKr, full weight differences
 # (`diff`), and diffusers/peft files (`unet.*`/`text_encoder.*` with `lora_A`/`lora_B`, or the older
-# `to_q_lora.down` attention-processor names).
+# `to_q_lora.down` attention-processor names). FLUX.1 and SD 3.x files use the same parts under their own
+# layer names (`backend.flow_lora`): kohya's `lora_unet_double_blocks_0_img_attn_qkv`, the original layout
+# with peft parts (`diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`), diffusers' `transformer.*`.
 #
 # Each tensor key is "<layer name>.<part>"; the parts say which kind of update the layer holds.
 _PARTS = {
@@ -52,13 +54,18 @@ _UNSUPPORTED = {
 }
 
 
+Ranges = tuple[tuple[int, int], ...]  # [start, stop) row ranges, in order
+
+
 @dataclass
 class LayerUpdate:
-    """One layer's update in a LoRA file: its kind, its tensors and its alpha (None: scale 1)."""
+    """One layer's update in a LoRA file: its kind, its tensors and its alpha (None: scale 1). `rows`, when
+    set, keeps only those rows of the update, in that order (see `take_rows`)."""
 
     kind: str
     tensors: dict[str, torch.Tensor]
     alpha: float | None = None
+    rows: Ranges | None = None
 
     @property
     def rank(self) -> int | None:
@@ -82,7 +89,7 @@ class LayerUpdate:
         """weight + strength x update: a new tensor, or written into `weight` with `in_place`.
         A plain LoRA is one fused multiply-add (addmm) over the weight; the rest go through `delta`."""
         t = self.tensors
-        if self.kind == "lora" and "lora_mid.weight" not in t:
+        if self.kind == "lora" and "lora_mid.weight" not in t and self.rows is None:
             up = t["lora_up.weight"].flatten(1).to(weight.device, weight.dtype)
             down = t["lora_down.weight"].flatten(1).to(weight.device, weight.dtype)
             if up.shape[0] * down.shape[1] != weight.numel():
@@ -123,6 +130,8 @@ class LayerUpdate:
             updown = torch.kron(w1, w2)
         else:
             updown = t["diff"]
+        if self.rows is not None:
+            updown = _select_rows(updown, self.rows)
         if updown.numel() != shape.numel():
             raise LoraError(f"an update of shape {tuple(updown.shape)} does not fit a weight of shape {tuple(shape)}")
         return updown.reshape(shape) * self.scale
@@ -130,6 +139,8 @@ class LayerUpdate:
     def fits(self, shape: torch.Size) -> bool:
         """Whether this update has the size of a weight of `shape` (without computing it)."""
         t = self.tensors
+        if self.rows is not None:  # a share of a layer whose whole update was checked before it was taken
+            return shape[0] == sum(stop - start for start, stop in self.rows)
         if self.kind == "lora":
             inputs = shape[1] if "lora_mid.weight" in t else shape[1:].numel()
             return t["lora_up.weight"].shape[0] == shape[0] and t["lora_down.weight"].flatten(1).shape[1] == inputs
@@ -148,6 +159,41 @@ class LayerUpdate:
                 w2 = t["lokr_w2_a"].shape[0] * t["lokr_w2_b"].shape[1:].numel()
             return w1 * w2 == shape.numel()
         return t["diff"].numel() == shape.numel()
+
+    def take_rows(self, rows: Ranges) -> LayerUpdate:
+        """The whole layer's update restricted to these rows, in this order: one module's share of a fused
+        layer (FLUX's qkv), or the halves swapped. Low-rank factors are sliced, so no full update is computed; a LoKr keeps
+        only the rows of its first factor that the ranges need."""
+        t = dict(self.tensors)
+        if self.kind == "lora":
+            t["lora_up.weight"] = _select_rows(t["lora_up.weight"], rows)
+        elif self.kind == "loha":
+            for key, core in (("hada_w1_a", "hada_t1"), ("hada_w2_a", "hada_t2")):
+                # With a Tucker core the output channels are the factor's columns.
+                t[key] = _select_rows(t[key], rows, dim=1 if core in t else 0)
+        elif self.kind == "full":
+            t["diff"] = _select_rows(t["diff"], rows)
+        else:
+            return self._lokr_rows(rows)
+        return LayerUpdate(self.kind, t, self.alpha)
+
+    def _lokr_rows(self, rows: Ranges) -> LayerUpdate:
+        # Row r of kron(w1, w2) is built from row r // len(w2) of w1: keep the rows of w1 the ranges
+        # touch (with the scale folded in, as the rank that set it may go with the dropped factor).
+        t = {k: v.float() for k, v in self.tensors.items()}
+        w1 = t.pop("lokr_w1") if "lokr_w1" in t else t.pop("lokr_w1_a") @ t.pop("lokr_w1_b")
+        # (with a Tucker core, the output channels are the factor's columns)
+        w2_rows = t["lokr_w2"].shape[0] if "lokr_w2" in t else t["lokr_w2_a"].shape[1 if "lokr_t2" in t else 0]
+        first = min(start for start, _ in rows) // w2_rows
+        last = -(-max(stop for _, stop in rows) // w2_rows)
+        t["lokr_w1"] = w1[first:last] * self.scale
+        offset = first * w2_rows
+        return LayerUpdate("lokr", t, None, tuple((start - offset, stop - offset) for start, stop in rows))
+
+
+def _select_rows(tensor: torch.Tensor, rows: Ranges, dim: int = 0) -> torch.Tensor:
+    parts = [tensor.narrow(dim, start, stop - start) for start, stop in rows]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def _tucker(t: dict[str, torch.Tensor], core: str, a: str, b: str) -> torch.Tensor:
@@ -212,6 +258,14 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
                         "download it again") from None
 
 
+# Layer names of FLUX.1's and SD 3.x's original layouts (kohya's underscores or dots), and diffusers' FLUX
+# single blocks; the transformer blocks both families have in diffusers' layout are told apart by width.
+_FLUX_BLOCKS = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks)[._]\d")
+_SD3_BLOCKS = re.compile(r"(^|[._])joint_blocks[._]\d")
+_MMDIT_QUERY = re.compile(r"^(transformer\.|lora_transformer_)?transformer_blocks[._]\d+[._]attn[._]to_q$")
+_MMDIT_WIDTHS = {3072: "flux", 1536: "sd3", 2432: "sd3"}  # FLUX.1; SD 3 / 3.5 Medium; SD 3.5 Large
+
+
 @dataclass
 class LoraFile:
     """A parsed LoRA: its layers by name (in the file's own naming) and what it says about itself."""
@@ -227,9 +281,14 @@ class LoraFile:
 
     @property
     def base(self) -> str | None:
-        """The base family it was trained for: from kohya/ModelSpec metadata, else from its shapes."""
+        """The base family it was trained for: from kohya/ModelSpec metadata, else from its layer names
+        and shapes."""
         version = (self.metadata.get("ss_base_model_version", "") + " "
                    + self.metadata.get("modelspec.architecture", "")).lower()
+        if "flux" in version:
+            return "flux"
+        if "sd3" in version or "stable-diffusion-3" in version:
+            return "sd3"
         if "xl" in version:
             return "sdxl"
         if "v2" in version or "sd_2" in version or "v2-" in version:
@@ -237,6 +296,15 @@ class LoraFile:
         if "v1" in version or "sd_v1" in version:
             return "sd1"
         names = list(self.layers)
+        if any(_FLUX_BLOCKS.search(n) for n in names):
+            return "flux"
+        if any(_SD3_BLOCKS.search(n) for n in names):
+            return "sd3"
+        for name, layer in self.layers.items():
+            if _MMDIT_QUERY.match(name) and layer.kind == "lora":
+                return _MMDIT_WIDTHS.get(layer.tensors["lora_down.weight"].shape[1])
+        if any(n.startswith(("lora_te3_", "text_encoder_3.")) for n in names):
+            return None  # a T5 beside the CLIPs: SD 3.x or FLUX.1, not SDXL
         if any(n.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for n in names):
             return "sdxl"
         for name, layer in self.layers.items():

@@ -20,7 +20,7 @@ from backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".gguf")  # .gguf: quantised FLUX.1 transformers
 VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 TEXT_ENCODER_SUFFIXES = (".safetensors",)
 

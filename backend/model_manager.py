@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from backend import checkpoints, devices, diffusers_folder, families
+from backend import checkpoints, devices, diffusers_folder, families, fp8_storage
 from backend.checkpoints import CheckpointLoadError, Components
 from backend.clip_vision import ClipVisionCache, ClipVisionLibrary
 from backend.controlnet_library import ControlNetCache, ControlNetLibrary
@@ -29,6 +29,7 @@ from backend.upscalers import UPSCALER_FOLDERS, UpscalerLibrary
 
 logger = logging.getLogger(__name__)
 
+LARGE_FAMILIES = ("sdxl", "flux", "sd3")
 VAE_AUTOMATIC = "Automatic"
 VAE_NONE = "None"
 
@@ -40,10 +41,19 @@ def load_components(file: ModelFile, cache_dir: Path, dtype, parts: Parts | None
     with the parts it lacks from `parts`."""
     if file.is_diffusers_folder:
         return diffusers_folder.load_diffusers_folder(file.path, cache_dir, dtype)
-    if file.path.suffix.lower() != ".safetensors":  # pickled: SD 1.x/2.x/SDXL only
+    if file.path.suffix.lower() not in (".safetensors", ".gguf"):  # pickled: SD 1.x/2.x/SDXL only
         return checkpoints.load_single_file(file.path, cache_dir, dtype)
-    family = families.identify(checkpoints.read_shapes(file.path))
+    family = families.identify(file_shapes(file.path))
     return family.load(file.path, cache_dir, dtype, parts or Parts(Path(), Path()))
+
+
+def file_shapes(path: Path) -> dict:
+    """The tensor shapes of a `.safetensors` or `.gguf` file, from its header."""
+    if path.suffix.lower() == ".gguf":
+        from backend import gguf_files
+
+        return gguf_files.gguf_shapes(path)
+    return checkpoints.read_shapes(path)
 
 
 class NoCheckpointError(ModelNotFoundError):
@@ -73,6 +83,7 @@ class ModelManager:
         self._active: StableDiffusionModel | None = None
         self._vae_choice = VAE_AUTOMATIC
         self._text_encoder_choice: tuple[str, ...] = tuple(settings.text_encoders)  # Forge's picks (file names)
+        self.fp8_storage = "Disable"  # A1111's "FP8 weight" option (see set_fp8_storage)
         self.lock = threading.RLock()
         self.load_count = 0
         # The server's current checkpoint (A1111's `sd_model_checkpoint` option): what a request that
@@ -163,10 +174,10 @@ class ModelManager:
             return model
 
     def _load(self, file: ModelFile, vae: str | None = None) -> StableDiffusionModel:
-        if not file.is_diffusers_folder and file.path.suffix.lower() == ".safetensors":
+        if not file.is_diffusers_folder and file.path.suffix.lower() in (".safetensors", ".gguf"):
             # Refuse a broken or foreign file before evicting anything for it.
             try:
-                families.identify(checkpoints.read_shapes(file.path))
+                families.identify(file_shapes(file.path))
             except (CheckpointFormatError, KeyError) as exc:
                 raise CheckpointFormatError(f"{file.filename}: {exc}") from exc
         previous = self._active.file if self._active is not None else None
@@ -182,10 +193,28 @@ class ModelManager:
             self._restore(previous)
             raise CheckpointLoadError(f"could not load {file.filename}: {exc}") from exc
         self.load_count += 1
+        if self._stores_fp8(components.spec.family):
+            count = fp8_storage.store_fp8(components.unet, self.placement.dtype)
+            logger.info("%s: %d layers stored in fp8", file.name, count)
         model_hash = None if file.is_diffusers_folder else self.index.hashes.short_hash(file.path)
         model = StableDiffusionModel(file=file, model_hash=model_hash, components=components, placement=self.placement)
         self._cache[file.path] = model
         return model
+
+    def _stores_fp8(self, family: str) -> bool:
+        """A1111's "Enable for SDXL" is taken to mean the large models: SDXL, FLUX.1 and SD 3.x."""
+        return self.fp8_storage == "Enable" or (self.fp8_storage == "Enable for SDXL" and family in LARGE_FAMILIES)
+
+    def set_fp8_storage(self, choice: str) -> None:
+        """Store linear weights in fp8 from the next load on; loaded models it changes are freed."""
+        with self.lock:
+            if choice == self.fp8_storage:
+                return
+            before = {key: self._stores_fp8(model.family) for key, model in self._cache.items()}
+            self.fp8_storage = choice
+            for key, stored in before.items():
+                if stored != self._stores_fp8(self._cache[key].family):
+                    self._evict(key)
 
     def parts(self, vae: str | None = None) -> Parts:
         """Where a checkpoint finds what it lacks: the text encoder picks and the VAE choice (`vae`: this
@@ -196,7 +225,8 @@ class ModelManager:
             chosen.append(self.index.resolve_vae(vae).path)
         return Parts(self.settings.model_dir("text_encoder"), self.settings.model_dir("vae"),
                      [f.path for f in self.index.text_encoders], [f.path for f in self.index.vaes], chosen,
-                     allow_downloads=self.settings.allow_downloads)
+                     allow_downloads=self.settings.allow_downloads,
+                     fp8_families=tuple(name for name in families.FAMILIES if self._stores_fp8(name)))
 
     def _restore(self, previous: ModelFile | None) -> None:
         """After a failed load: keep (or reload) the model that was active before."""

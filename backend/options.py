@@ -23,6 +23,7 @@ from backend.settings import MODEL_FOLDERS
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
+FP8_STORAGE = ("Disable", "Enable for SDXL", "Enable")  # A1111's choices
 
 
 @dataclass
@@ -38,6 +39,9 @@ class Options(SamplerSettings):
     save_txt: bool = False  # a .txt with the infotext beside each image
     # Models
     checkpoint_cache: int = 1  # checkpoints kept loaded
+    # A1111's "FP8 weight": the UNet's / transformer's linear weights stored in fp8 (half the memory), each
+    # layer cast to the compute precision as it runs. Disable, Enable for SDXL (and FLUX.1 / SD 3.5), Enable
+    fp8_storage: str = "Disable"
     # Defaults of the txt2img / img2img controls
     default_sampler: str = "DPM++ 2M"
     default_steps: int = 20
@@ -87,6 +91,8 @@ class Options(SamplerSettings):
             raise ValueError(str(error)) from None
         if self.checkpoint_cache < 1:
             raise ValueError("checkpoint cache size must be at least 1")
+        if self.fp8_storage not in FP8_STORAGE:
+            raise ValueError(f"FP8 weight must be one of: {', '.join(FP8_STORAGE)}")
         if self.default_sampler not in SAMPLER_NAMES:
             raise ValueError(f"default sampler must be one of: {', '.join(SAMPLER_NAMES)}")
         if not 1 <= self.default_steps <= 150:

@@ -67,7 +67,7 @@ def build_sd3(qk_norm: bool = True, dual_attention: bool = False, t5: bool = Tru
     return FlowModel("sd3", random_sd3.build_transformer(config, seed), tiny_vae("sd3", seed + 4), encoders)
 
 
-def _transformer_tensors(model: FlowModel, dtype: torch.dtype) -> dict:
+def transformer_tensors(model: FlowModel, dtype: torch.dtype) -> dict:
     state = {key: value.detach().to(dtype) for key, value in model.transformer.state_dict().items()}
     if model.family == "flux":
         from backend import flux_layout
@@ -96,7 +96,7 @@ def save_separate(model: FlowModel, models_dir: Path, name: str, dtype: torch.dt
     for folder in ("Stable-diffusion", "VAE", "text_encoder"):
         (models_dir / folder).mkdir(parents=True, exist_ok=True)
     checkpoint = models_dir / "Stable-diffusion" / f"{name}.safetensors"
-    save_file(_transformer_tensors(model, dtype), str(checkpoint))
+    save_file(transformer_tensors(model, dtype), str(checkpoint))
     vae_name = "ae.safetensors" if model.family == "flux" else "sd3_vae.safetensors"
     save_file(vae_tensors(model.vae), str(models_dir / "VAE" / vae_name))
     for role, encoder in model.encoders.items():
@@ -110,7 +110,7 @@ def save_all_in_one(model: FlowModel, path: Path, dtype: torch.dtype = torch.bfl
     `first_stage_model.` (Stability), each encoder under `text_encoders.<role>.transformer.`."""
     from safetensors.torch import save_file
 
-    tensors = {TRANSFORMER_PREFIX + key: value for key, value in _transformer_tensors(model, dtype).items()}
+    tensors = {TRANSFORMER_PREFIX + key: value for key, value in transformer_tensors(model, dtype).items()}
     tensors.update(vae_tensors(model.vae, vae_prefix))
     for role, encoder in model.encoders.items():
         prefix = ENCODER_PREFIX.format(role=role)

@@ -119,6 +119,7 @@ class Runtime:
         manager = self.manager
         if manager.settings.checkpoint_cache_size != options.checkpoint_cache:
             manager.set_cache_size(options.checkpoint_cache)
+        manager.set_fp8_storage(options.fp8_storage)
         if manager.controlnets.size != options.control_net_model_cache_size:
             with manager.lock:  # not while a generation uses the loaded ControlNets
                 manager.controlnets.set_size(options.control_net_model_cache_size)

@@ -111,7 +111,7 @@ class StableDiffusionModel:
     def _place_module(self, module, dtype: torch.dtype) -> None:
         storage = torch.device("cpu") if self.placement.offload != "none" else self.device
         current = next(module.parameters())
-        if current.dtype != dtype:
+        if current.dtype != dtype and not getattr(module, "keeps_its_dtype", False):  # GGUF: quantised
             module.to(dtype=dtype)
         if current.device != storage:
             module.to(storage)

@@ -2,6 +2,7 @@
 alone with ae.safetensors, clip_l and t5xxl in Forge's folders; ComfyUI's all-in-one file), detected, loaded
 offline, sampled, and compared with diffusers' own FluxPipeline on the same weights."""
 
+import itertools
 import shutil
 
 import numpy as np
@@ -180,3 +181,56 @@ def test_flow_schedules_match_diffusers():
     assert torch.allclose(ours, flux.sigmas.float(), atol=1e-6)
     karras = flow_sampling.sigmas(8, "Karras", flow_sampling.Shift(3.0))
     assert karras[0] == 1.0 and karras[-1] == 0 and bool((karras[:-1] > karras[1:]).all())
+
+
+def test_previews_of_16_channel_latents_show_the_colours(manager):
+    from backend import preview, vae_codec
+
+    run(manager, checkpoint="flux-dev")
+    model = manager.active
+    colours = torch.tensor(list(itertools.product(preview.LEVELS, repeat=3)))
+    shown = []
+    for colour in colours:  # each flat colour through the VAE's encoder, then the cheap preview
+        image = preview.cheap_preview(vae_codec.encode(model, colour[None, :, None, None].expand(1, 3, 32, 32))[0],
+                                      model)
+        assert image.size == (16, 16)  # the latent's size: no VAE decode
+        shown.append(np.asarray(image, dtype=np.float64).reshape(-1, 3).mean(axis=0) / 127.5 - 1)
+    shown = np.array(shown)
+    # even a random VAE's latents keep some colour: the fitted map tells the colours apart better than one
+    # grey for all (0.82 of its error here; a trained VAE's latents are close to linear in colour)
+    error = ((shown - colours.numpy()) ** 2).sum()
+    assert error < 0.9 * ((colours.numpy() - colours.numpy().mean(axis=0)) ** 2).sum()
+
+
+def test_xyz_plot_sweeps_distilled_cfg_scale(flux_root):
+    from backend.runtime import Runtime
+
+    runtime = Runtime.create(Settings(data_dir=flux_root))
+    request = GenerationRequest(prompt="a cat", width=64, height=64, steps=3, seed=2, sampler="Euler", cfg_scale=1,
+                                checkpoint="flux-dev", save_images=False, script_name="X/Y/Z plot",
+                                script_args={"X/Y/Z plot": {"x_type": "Distilled CFG Scale", "x_values": "1, 6"}})
+    grid, *cells = runtime.generate(request).images
+    assert ["Distilled CFG Scale: 1," in cells[0].infotext, "Distilled CFG Scale: 6," in cells[1].infotext] == [True] * 2
+    assert np.abs(pixels(cells[0]) - pixels(cells[1])).mean() > 1
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_medvram_and_lowvram_offload_give_the_same_image(flux_root, manager, offload, monkeypatch):
+    """--medvram brings each module to the device for its part of the job; --lowvram streams the layers
+    (accelerate's hooks). On the CPU both are forced here; the image must not change."""
+    from backend.devices import Placement
+    from backend.sd_model import StableDiffusionModel
+
+    reference = pixels(run(manager, checkpoint="flux-dev")[0])
+    offloaded = ModelManager(Settings(data_dir=flux_root))
+    offloaded.placement = Placement(offloaded.placement.device, torch.float32, torch.float32, offload)
+    brought = []
+    real_use = StableDiffusionModel.use
+
+    def use(self, *modules):
+        brought.extend(type(m).__name__ for m in modules)
+        return real_use(self, *modules)
+
+    monkeypatch.setattr(StableDiffusionModel, "use", use)
+    assert np.abs(pixels(run(offloaded, checkpoint="flux-dev")[0]) - reference).max() <= 1
+    assert {"FluxTransformer2DModel", "CLIPTextModel", "T5EncoderModel", "AutoencoderKL"} <= set(brought)

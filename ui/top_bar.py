@@ -44,10 +44,25 @@ def top_bar(ui) -> dict[str, Any]:
     return top
 
 
+PRESET_FIELDS = ("sampler", "cfg_scale", "steps")
+
+
+def family_presets(ctx, model) -> dict:
+    """The sampler, CFG scale and steps the UI starts a model's family with (the options' for SD)."""
+    options = ctx.options
+    defaults = {"sampler": options.default_sampler, "cfg_scale": options.default_cfg_scale,
+                "steps": options.default_steps}
+    return defaults if model is None else model.engine.presets(model, defaults)
+
+
 def model_status_html(ui, error: str | None = None) -> str:
-    active = ui.ctx.manager.active
+    manager = ui.ctx.manager
+    active = manager.active
     text = (f"Model: {active.name} · {active.label} · {active.native_size}px native" if active is not None
             else "No model loaded")
+    picks = [*manager.text_encoder_choice, *([manager.vae_choice] if manager.vae_choice != "Automatic" else [])]
+    if picks:
+        text += f" · VAE / text encoders: {', '.join(picks)}"
     if error:
         return error_html(error) + f"<div>{text}</div>"
     return f"<div>{text}</div>"
@@ -56,10 +71,13 @@ def model_status_html(ui, error: str | None = None) -> str:
 def wire_top_bar(ui) -> None:
     ctx, top = ui.ctx, ui.top
     size_outputs = [ui.pages[m][n] for m in ("txt2img", "img2img") for n in ("width", "height")]
+    preset_outputs = [ui.pages[m][n] for m in ("txt2img", "img2img") for n in PRESET_FIELDS]
 
-    def switch(name, *sizes):
+    def switch(name, *values):
+        sizes, presets = values[:len(size_outputs)], values[len(size_outputs):]
         previous = ctx.manager.active
         old_size = previous.native_size if previous is not None else None
+        old_presets = family_presets(ctx, previous)
         yield {ui.model_status: f"<div>Loading {name}...</div>"}
         try:
             model = ctx.manager.select(name)
@@ -69,14 +87,19 @@ def wire_top_bar(ui) -> None:
                    top["checkpoint"]: gr.update(choices=ctx.checkpoint_choices(), value=ctx.active_checkpoint())}
             return
         update: dict = {ui.model_status: model_status_html(ui, )}
-        # Follow the new model's native size where the user had not changed it
+        # Follow the new model's native size, and its family's sampler, CFG and steps (FLUX.1: Euler, CFG 1),
+        # where the user had not changed them
         for component, value in zip(size_outputs, sizes):
             if value == old_size and model.native_size != old_size:
                 update[component] = model.native_size
+        new_presets = family_presets(ctx, model)
+        for component, value, field in zip(preset_outputs, presets, PRESET_FIELDS * 2):
+            if value == old_presets[field] and new_presets[field] != value:
+                update[component] = new_presets[field]
         yield update
 
-    top["checkpoint"].input(switch, inputs=[top["checkpoint"], *size_outputs],
-                            outputs=[ui.model_status, top["checkpoint"], *size_outputs],
+    top["checkpoint"].input(switch, inputs=[top["checkpoint"], *size_outputs, *preset_outputs],
+                            outputs=[ui.model_status, top["checkpoint"], *size_outputs, *preset_outputs],
                             concurrency_id="device", concurrency_limit=1, show_progress="hidden",
                             trigger_mode="always_last", api_visibility="private")
 

@@ -61,6 +61,10 @@ class Family:
         """(kohya prefix, diffusers prefix) of each text encoder's LoRA layer names, in encoder order."""
         return [("lora_te_", "text_encoder.")]
 
+    def presets(self, model, defaults: dict) -> dict:
+        """The sampler, CFG scale and steps the UI starts this model with, given the options' `defaults`."""
+        return defaults
+
     def check_size(self, model, width: int, height: int) -> None:
         """Raise `InputError` for a size the network cannot take (beyond what `size_multiple` says)."""
 

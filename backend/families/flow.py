@@ -19,9 +19,16 @@ class FlowFamily(Family):
         """The network's timestep input at `sigma`."""
         return sigma
 
+    def sigma_of(self, timestep) -> float:
+        """The sigma of a network timestep (the inverse of `timestep`)."""
+        return float(timestep)
+
     def shift(self, model, run) -> flow_sampling.Shift:
         """How the schedule is shifted for this model and request (the request's `Shift` when it sets one)."""
         raise NotImplementedError
+
+    def presets(self, model, defaults: dict) -> dict:
+        return {**defaults, "sampler": self.default_sampler, "cfg_scale": self.default_cfg}
 
     def infotext_parameters(self, model, run) -> dict:
         return {"Shift": run.shift} if run.shift > 0 else {}

@@ -67,13 +67,18 @@ class FileParts:
         return checkpoints.load_vae_file(parts.vae(latent_channels, label, wanted_by), family, dtype)
 
 
-def build_transformer(class_name: str, config: dict, weights: dict, name: str, dtype: torch.dtype):
-    """A diffusers transformer of `class_name` built without allocating, given the file's tensors in `dtype`."""
+def build_transformer(class_name: str, config: dict, weights: dict, name: str, dtype: torch.dtype,
+                      keep_fp8: bool = False):
+    """A diffusers transformer of `class_name` built without allocating, given the file's tensors in `dtype`;
+    with `keep_fp8`, a file's fp8 matrices stay fp8 (fp8 storage: no full-precision copy on the way)."""
     import diffusers
+
+    from backend.fp8_storage import FP8
 
     cls = getattr(diffusers, class_name)
     model = checkpoints.empty_module(lambda: cls.from_config(config))
-    return checkpoints.adopt(model, weights, "transformer", name, dtype)
+    keep = (lambda key, tensor: tensor.dtype == FP8 and tensor.dim() == 2) if keep_fp8 else None
+    return checkpoints.adopt(model, weights, "transformer", name, dtype, keep)
 
 
 def tokenizers(kinds: tuple[str, ...], cache_dir: Path, parts: Parts) -> list:

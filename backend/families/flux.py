@@ -28,17 +28,14 @@ class Flux(FlowFamily):
         return model_detection.transformer_family(shapes) == "FLUX.1"
 
     def load(self, path: Path, cache_dir: Path, dtype: torch.dtype, parts: Parts) -> checkpoints.Components:
-        from backend import flux_layout
+        if path.suffix.lower() == ".gguf":  # city96's quantised transformers: the parts come from the folders
+            from backend import gguf_files
 
-        files = flow_files.FileParts.read(path, flux_layout.strip_prefix, flux_layout.is_diffusers_layout)
-        if files.diffusers:
-            config = flux_layout.transformer_config_from_diffusers(files.transformer_shapes)
-            weights = files.transformer
+            transformer = gguf_files.load_gguf_transformer(path, dtype)
+            transformer.keeps_its_dtype = True  # quantised weights compute in `dtype`; never cast them
+            files, config = flow_files.FileParts(path, {}, False, {}), dict(transformer.config)
         else:
-            config = flux_layout.transformer_config(files.transformer_shapes)
-            weights = flux_layout.to_diffusers(files.transformer, config)
-        transformer = flow_files.build_transformer("FluxTransformer2DModel", config, weights, path.name, dtype)
-        files.transformer = weights = None  # the converted views live on in the model
+            files, config, transformer = self._read_transformer(path, dtype, self.name in parts.fp8_families)
         wanted = f"{path.name} (a {self.label} transformer)"
         encoders = [files.text_encoder("clip_l", "CLIP-L (clip_l.safetensors)", wanted, parts, dtype,
                                        with_projection=False),  # FLUX takes CLIP's pooled output, unprojected
@@ -51,6 +48,22 @@ class Flux(FlowFamily):
         return checkpoints.Components(spec=spec, unet=transformer, vae=vae, text_encoders=encoders,
                                       tokenizers=flow_files.tokenizers(("clip", "t5"), cache_dir, parts),
                                       scheduler_config={"prediction_type": "flow"}, prediction_type="flow")
+
+    @staticmethod
+    def _read_transformer(path: Path, dtype: torch.dtype, keep_fp8: bool = False):
+        from backend import flux_layout
+
+        files = flow_files.FileParts.read(path, flux_layout.strip_prefix, flux_layout.is_diffusers_layout)
+        if files.diffusers:
+            config = flux_layout.transformer_config_from_diffusers(files.transformer_shapes)
+            weights = files.transformer
+        else:
+            config = flux_layout.transformer_config(files.transformer_shapes)
+            weights = flux_layout.to_diffusers(files.transformer, config)
+        transformer = flow_files.build_transformer("FluxTransformer2DModel", config, weights, path.name, dtype,
+                                                   keep_fp8)
+        files.transformer = None  # the converted views live on in the model
+        return files, config, transformer
 
     # -- sampling ------------------------------------------------------------------------------------
     @staticmethod
@@ -66,6 +79,10 @@ class Flux(FlowFamily):
         patch = 2 * model.vae_scale_factor  # a token is 2x2 latents
         tokens = (run.height // patch) * (run.width // patch)
         return flow_sampling.Shift(flow_sampling.resolution_mu(tokens), exponential=True)
+
+    def presets(self, model, defaults: dict) -> dict:
+        steps = defaults["steps"] if self.distilled(model) else 4  # schnell is distilled to 4 steps
+        return {**super().presets(model, defaults), "steps": steps}
 
     def infotext_parameters(self, model, run) -> dict:
         distilled = {"Distilled CFG Scale": run.distilled_cfg_scale} if self.distilled(model) else {}

@@ -38,6 +38,7 @@ class Parts:
     vaes: list[Path] = field(default_factory=list)
     chosen: list[Path] = field(default_factory=list)
     allow_downloads: bool = False  # T5's tokenizer may be fetched from the package index on first use
+    fp8_families: tuple[str, ...] = ()  # families whose linear weights will be stored in fp8 (FP8 weight)
     _shapes: dict[Path, dict] = field(default_factory=dict, repr=False)
 
     def shapes(self, path: Path) -> dict:

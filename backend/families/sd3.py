@@ -39,7 +39,8 @@ class SD3(FlowFamily):
         else:
             config = sd3_layout.transformer_config(files.transformer_shapes)
             weights = sd3_layout.to_diffusers(files.transformer, config)
-        transformer = flow_files.build_transformer("SD3Transformer2DModel", config, weights, path.name, dtype)
+        transformer = flow_files.build_transformer("SD3Transformer2DModel", config, weights, path.name, dtype,
+                                                   self.name in parts.fp8_families)
         files.transformer = weights = None
         wanted = f"{path.name} (an {self.label} transformer)"
         encoders = [
@@ -73,6 +74,9 @@ class SD3(FlowFamily):
     # -- sampling ------------------------------------------------------------------------------------
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         return sigma * 1000
+
+    def sigma_of(self, timestep) -> float:
+        return float(timestep) / 1000
 
     def shift(self, model, run) -> flow_sampling.Shift:
         return flow_sampling.Shift(run.shift if run.shift > 0 else SHIFT)

@@ -29,14 +29,16 @@ def register(easel) -> None:
 
 def to_clean(prediction: torch.Tensor, latents: torch.Tensor, alpha_bar: float, kind: str) -> torch.Tensor:
     a, s = alpha_bar ** 0.5, (1 - alpha_bar) ** 0.5
-    if kind == "v_prediction":
+    if kind == "flow":  # latents = a * image + (1 - a) * noise; the prediction is noise - image
+        return latents - (1 - a) * prediction
         return a * latents - s * prediction
     return (latents - s * prediction) / a
 
 
 def from_clean(clean: torch.Tensor, latents: torch.Tensor, alpha_bar: float, kind: str) -> torch.Tensor:
     a, s = alpha_bar ** 0.5, (1 - alpha_bar) ** 0.5
-    if kind == "v_prediction":
+    if kind == "flow":
+        return (latents - clean) / (1 - a)
         return (a * latents - clean) / s
     return (latents - a * clean) / s
 
@@ -47,7 +49,7 @@ def threshold(event) -> None:
     if not args["enabled"] or event.cfg_scale <= mimic:
         return
     kind, alpha_bar = event.prediction_type, event.alpha_bar
-    if alpha_bar < 1e-4 and kind != "v_prediction" or alpha_bar > 1 - 1e-6:
+    if alpha_bar < 1e-4 and kind not in ("v_prediction", "flow") or alpha_bar > 1 - 1e-6:
         return  # the clean image is not recoverable from an epsilon prediction here
     latents = event.latents.float()
     high = to_clean(event.prediction.float(), latents, alpha_bar, kind)

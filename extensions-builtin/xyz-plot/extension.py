@@ -34,6 +34,8 @@ AXES = {
     "Seed": (int, "seed"),
     "Steps": (int, "steps"),
     "CFG Scale": (float, "cfg_scale"),
+    "Distilled CFG Scale": (float, "distilled_cfg_scale"),  # Forge's, for FLUX.1 dev
+    "Shift": (float, "shift"),  # a flow model's schedule shift (FLUX.1, SD 3.x)
     "Sampler": (str, "sampler"),
     "Schedule type": (str, "schedule_type"),
     "Checkpoint name": (str, "checkpoint"),
