@@ -6,6 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from backend.errors import InputError
+from backend.options import FP8_STORAGE
 from backend.request import EMPHASIS_MODES, MAX_CONTROL_UNITS, RANDN_SOURCES
 from backend.sampler_settings import UNIPC_SKIP_TYPES, UNIPC_VARIANTS
 from backend.samplers import SAMPLER_NAMES
@@ -25,6 +26,9 @@ def settings_tab(ui) -> None:
                                            "[cfg], [width], [height], [datetime], [date])"),
             "save_txt": gr.Checkbox(o.save_txt, label="Also write a .txt file with the parameters beside each image"),
             "checkpoint_cache": gr.Slider(1, 8, value=o.checkpoint_cache, step=1, label="Checkpoints kept in memory"),
+            "fp8_storage": gr.Radio(list(FP8_STORAGE), value=o.fp8_storage, label="FP8 weight: store the UNet's / "
+                                    "transformer's linear weights in fp8, half the memory (Enable for SDXL also "
+                                    "covers FLUX.1 and SD 3.5); loaded models reload"),
             "default_sampler": gr.Dropdown(list(SAMPLER_NAMES), value=o.default_sampler, label="Default sampler"),
             "default_steps": gr.Slider(1, 150, value=o.default_steps, step=1, label="Default steps"),
             "default_cfg_scale": gr.Slider(1, 30, value=o.default_cfg_scale, step=0.5, label="Default CFG scale"),
