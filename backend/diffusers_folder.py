@@ -22,6 +22,19 @@ def _family_from_folder(folder: Path, unet_config: dict) -> str:
     return "sd1" if text_config.get("hidden_act") == "quick_gelu" else "sd2"
 
 
+# A flow family's folder: (model_index class prefix, family, transformer class, text encoder classes in order)
+_FLOW_FOLDERS = (("Flux", "flux", "FluxTransformer2DModel", ("CLIPTextModel", "T5EncoderModel")),
+                 ("StableDiffusion3", "sd3", "SD3Transformer2DModel",
+                  ("CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel")))
+
+
+def _pipeline_class(folder: Path) -> str:
+    try:
+        return str(json.loads((folder / "model_index.json").read_text()).get("_class_name", ""))
+    except (OSError, ValueError):
+        return ""
+
+
 def load_diffusers_folder(folder: Path, cache_dir: Path, dtype=torch.float32) -> Components:
     """Load a diffusers folder from disk only; its own tokenizer is used when it ships one."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -30,6 +43,8 @@ def load_diffusers_folder(folder: Path, cache_dir: Path, dtype=torch.float32) ->
 
     transformers_logging.disable_progress_bar()
     folder = Path(folder)
+    if (folder / "transformer").is_dir():
+        return _load_flow_folder(folder, cache_dir, dtype)
     try:
         unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype, local_files_only=True)
         vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, local_files_only=True)
@@ -73,3 +88,59 @@ def load_diffusers_folder(folder: Path, cache_dir: Path, dtype=torch.float32) ->
         scheduler_config=dict(template["scheduler"], **scheduler_config),
         prediction_type=prediction_type,
     )
+
+
+def _load_flow_folder(folder: Path, cache_dir: Path, dtype) -> Components:
+    """A FLUX.1 (`FluxPipeline`) or SD 3.x (`StableDiffusion3Pipeline`) folder: transformer, VAE and text
+    encoders from their subfolders (SD 3's T5 may be absent), tokenizers from the folder when it ships them."""
+    import diffusers
+    import transformers
+
+    from backend import families
+
+    name = _pipeline_class(folder)
+    found = next((row for row in _FLOW_FOLDERS if name.startswith(row[0])), None)
+    if found is None:
+        raise CheckpointLoadError(f"{folder.name} holds a {name or 'diffusers'} pipeline, which Easel does not run; "
+                                  "FLUX.1 and SD 3.x folders, and SD 1.x/2.x/SDXL ones, run")
+    _, family, transformer_class, encoder_classes = found
+    try:
+        transformer = getattr(diffusers, transformer_class).from_pretrained(
+            folder / "transformer", torch_dtype=dtype, local_files_only=True)
+        vae = diffusers.AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype, local_files_only=True)
+        encoders, tokenizers = [], []
+        for index, class_name in enumerate(encoder_classes):
+            suffix = "" if index == 0 else f"_{index + 1}"
+            if not (folder / f"text_encoder{suffix}").is_dir() and class_name == "T5EncoderModel" and family == "sd3":
+                encoders.append(None)
+                tokenizers.append(None)
+                continue
+            encoder = getattr(transformers, class_name).from_pretrained(
+                folder / f"text_encoder{suffix}", torch_dtype=dtype, local_files_only=True)
+            encoders.append(encoder.eval().requires_grad_(False))
+            tokenizers.append(_flow_tokenizer(folder / f"tokenizer{suffix}", class_name, index, cache_dir))
+    except (OSError, ValueError) as exc:
+        raise CheckpointLoadError(f"could not load the diffusers folder {folder.name}: {exc}") from exc
+    engine = families.get(family)
+    spec = model_detection.ModelSpec(family=family, label=engine.label, unet=dict(transformer.config),
+                                     vae=dict(vae.config), text_encoders=(), scheduler={},
+                                     native_size=engine.native_size, prediction_type="flow")
+    return Components(spec=spec, unet=transformer.eval().requires_grad_(False), vae=vae.eval().requires_grad_(False),
+                      text_encoders=encoders, tokenizers=tokenizers, scheduler_config={"prediction_type": "flow"},
+                      prediction_type="flow")
+
+
+def _flow_tokenizer(folder: Path, encoder_class: str, index: int, cache_dir: Path):
+    from backend import clip_tokenizer, t5_tokenizer
+
+    if encoder_class == "T5EncoderModel":
+        if (folder / "tokenizer.json").is_file():
+            from transformers import T5TokenizerFast
+
+            return T5TokenizerFast.from_pretrained(folder, local_files_only=True)
+        return t5_tokenizer.load_t5_tokenizer(cache_dir, allow_fetch=False)
+    if (folder / "vocab.json").is_file():
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    return clip_tokenizer.load_clip_tokenizer(str(cache_dir), clip_tokenizer.PAD_END_OF_TEXT if index == 0 else "!")

@@ -135,6 +135,9 @@ def _check_sizes(model, request: GenerationRequest, hires_plan: _HiresPlan | Non
 def _fit_family(model, plan: _Plan, request: GenerationRequest) -> _Plan:
     """The plan's schedule type as the model's family runs the sampler (flows: "Automatic" is "Simple", and
     only the samplers sound on a flow)."""
+    if model.engine.prediction == "flow" and request.control_units:  # the enabled units
+        raise RequestError(f"ControlNet, T2I-Adapter and IP-Adapter units work with SD 1.x, SD 2.x and SDXL "
+                           f"checkpoints; Easel has none for {model.label} yet: turn the units off")
     requested = schedules.schedule_label(request.schedule_type)
     plan.schedule = model.engine.schedule_for(plan.sampler.name, requested, plan.schedule)
     if plan.hires is not None:

@@ -111,7 +111,8 @@ class HashCache:
 
 
 def _is_diffusers_folder(path: Path) -> bool:
-    return (path / "model_index.json").is_file() and (path / "unet").is_dir()
+    # SD 1.x/2.x/SDXL pipelines have a unet/, FLUX.1 and SD 3.x ones a transformer/
+    return (path / "model_index.json").is_file() and ((path / "unet").is_dir() or (path / "transformer").is_dir())
 
 
 def scan(root: Path, suffixes: tuple[str, ...], folders: bool = False) -> list[ModelFile]:

@@ -70,9 +70,16 @@ def build_models(root: Path) -> None:
 
 
 def _pipeline(model):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 
     e, t = model.text_encoders, model.tokenizers
+    pipe = _pipeline_for(model, e, t)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _pipeline_for(model, e, t):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
     if model.family == "flux":
         scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                     base_image_seq_len=256, max_image_seq_len=4096)
@@ -145,20 +152,31 @@ def dev_config() -> dict:
                 guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 
 
+# In a fresh process: load, then read every weight once (as the first step does: safetensors maps the file, so
+# its pages come in on first use); memory from /proc: anonymous (owned) and file-backed (page cache, shared).
 _CHILD = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 from pathlib import Path
 from backend import fp8_storage
 from backend.families.flux import Flux
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def memory():
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+    return {key: int(status[key].split()[0]) / 1024 for key in ("RssAnon", "RssFile", "VmHWM")}
+
+before = memory()
 start = time.perf_counter()
 keep = sys.argv[2] == "fp8"
 _, _, model = Flux._read_transformer(Path(sys.argv[1]), torch.bfloat16, keep_fp8=keep)
 if keep:
     fp8_storage.store_fp8(model, torch.bfloat16)
+loaded = time.perf_counter() - start
+for parameter in model.parameters():
+    parameter.view(torch.uint8).sum() if parameter.dtype == torch.float8_e4m3fn else parameter.sum()
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"seconds": seconds, "peak_mib": (peak - baseline) / 1024,
+after = memory()
+print(json.dumps({"load_s": loaded, "read_s": seconds, "anon_mib": after["RssAnon"] - before["RssAnon"],
+                  "file_mib": after["RssFile"] - before["RssFile"], "peak_mib": after["VmHWM"] - before["VmHWM"],
                   "stored_mib": fp8_storage.stored_bytes(model) / 2**20}))
 """
 
@@ -205,9 +223,10 @@ def main() -> None:
         path = dev_width_file(args.double, args.single, source)
         for storage in ("bf16", "fp8"):
             figures = load_figures(path, storage)
-            print(f"  {path.stat().st_size / 2**20:7.0f} MiB {str(source).split('.')[-1]:13s} file -> {storage} "
-                  f"storage: {figures['seconds']:.2f} s, peak RSS +{figures['peak_mib']:.0f} MiB, weights "
-                  f"{figures['stored_mib']:.0f} MiB")
+            print(f"  {path.stat().st_size / 2**20:5.0f} MiB {str(source).split('.')[-1]:13s} file -> {storage}: "
+                  f"load {figures['load_s']:.2f} s (+ first read: {figures['read_s']:.2f} s); weights "
+                  f"{figures['stored_mib']:.0f} MiB; RSS +{figures['anon_mib']:.0f} MiB owned, "
+                  f"+{figures['file_mib']:.0f} MiB file pages; peak +{figures['peak_mib']:.0f} MiB")
     bf16, fp8 = full_size_bytes()
     print(f"\nfull FLUX.1-dev transformer (19 + 38 blocks) weights: bf16 {bf16:.2f} GiB, fp8 storage {fp8:.2f} GiB")
 

@@ -234,3 +234,27 @@ def test_medvram_and_lowvram_offload_give_the_same_image(flux_root, manager, off
     monkeypatch.setattr(StableDiffusionModel, "use", use)
     assert np.abs(pixels(run(offloaded, checkpoint="flux-dev")[0]) - reference).max() <= 1
     assert {"FluxTransformer2DModel", "CLIPTextModel", "T5EncoderModel", "AutoencoderKL"} <= set(brought)
+
+
+def test_a_diffusers_flux_folder_gives_the_same_image_as_the_single_files(manager, flux_root, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    single = run(manager, checkpoint="flux-dev")[0]
+    model = manager.active
+    settings = Settings(data_dir=tmp_path)
+    shutil.copytree(Settings(data_dir=flux_root).cache_dir, settings.cache_dir)
+    FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=model.vae, text_encoder=model.text_encoders[0],
+                 tokenizer=model.tokenizers[0], text_encoder_2=model.text_encoders[1], tokenizer_2=model.tokenizers[1],
+                 transformer=model.unet).save_pretrained(settings.model_dir("checkpoints") / "flux-dev-diffusers")
+    folder = ModelManager(settings)
+    assert np.abs(pixels(run(folder, checkpoint="flux-dev-diffusers")[0]) - pixels(single)).max() <= 1
+    assert folder.active.family == "flux" and folder.active.label == "FLUX.1"
+
+
+def test_controlnet_units_on_flux_are_refused_by_name(manager):
+    from PIL import Image
+
+    from backend.control_units import ControlUnit
+
+    with pytest.raises(InputError, match="units work with SD 1.x, SD 2.x and SDXL checkpoints; Easel has none for"):
+        run(manager, checkpoint="flux-dev", control_units=(ControlUnit("any", "canny", Image.new("RGB", (64, 64))),))

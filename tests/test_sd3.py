@@ -113,3 +113,31 @@ def test_img2img_and_hires(manager):
     assert 0.5 < np.abs(pixels(changed) - np.asarray(base, dtype=np.float64)).mean()
     assert run(manager, checkpoint="sd35-large", enable_hr=True, hr_scale=1.5, denoising_strength=0.4)[0].image.size \
         == (96, 96)
+
+
+def test_inpaint_keeps_the_unmasked_side(manager):
+    from PIL import Image
+
+    base = run(manager, checkpoint="sd35-large")[0].image
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (32, 0, 64, 64))
+    painted = pixels(run(manager, checkpoint="sd35-large", init_image=base, mask=mask, mask_blur=0, seed=77,
+                         denoising_strength=0.9)[0])
+    source = np.asarray(base, dtype=np.float64)
+    assert np.abs(painted[:, :24] - source[:, :24]).mean() < np.abs(painted[:, 40:] - source[:, 40:]).mean()
+
+
+def test_a_diffusers_sd3_folder_gives_the_same_image_as_the_single_file(manager, sd3_root, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    single = run(manager, checkpoint="sd35-large")[0]
+    model = manager.active
+    settings = Settings(data_dir=tmp_path)
+    shutil.copytree(Settings(data_dir=sd3_root).cache_dir, settings.cache_dir)
+    e, t = model.text_encoders, model.tokenizers
+    StableDiffusion3Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=model.vae, text_encoder=e[0],
+                             tokenizer=t[0], text_encoder_2=e[1], tokenizer_2=t[1], text_encoder_3=e[2], tokenizer_3=t[2],
+                             transformer=model.unet).save_pretrained(settings.model_dir("checkpoints") / "sd35-folder")
+    folder = ModelManager(settings)
+    assert np.abs(pixels(run(folder, checkpoint="sd35-folder")[0]) - pixels(single)).max() <= 1
+    assert folder.active.family == "sd3"
