@@ -161,9 +161,8 @@ class LayerUpdate:
         return t["diff"].numel() == shape.numel()
 
     def take_rows(self, rows: Ranges) -> LayerUpdate:
-        """The whole layer's update restricted to these rows, in this order: one module's share of a fused
-        layer (FLUX's qkv), or the halves swapped. Low-rank factors are sliced, so no full update is computed; a LoKr keeps
-        only the rows of its first factor that the ranges need."""
+        """The layer's update restricted to these rows, in this order: a module's share of a fused layer (FLUX's
+        qkv), or the halves swapped. Factors are sliced, never the full update; a LoKr keeps the rows of w1 needed."""
         t = dict(self.tensors)
         if self.kind == "lora":
             t["lora_up.weight"] = _select_rows(t["lora_up.weight"], rows)
@@ -178,11 +177,11 @@ class LayerUpdate:
         return LayerUpdate(self.kind, t, self.alpha)
 
     def _lokr_rows(self, rows: Ranges) -> LayerUpdate:
-        # Row r of kron(w1, w2) is built from row r // len(w2) of w1: keep the rows of w1 the ranges
-        # touch (with the scale folded in, as the rank that set it may go with the dropped factor).
+        # Row r of kron(w1, w2) is built from row r // len(w2) of w1: keep the rows of w1 the ranges touch (the
+        # scale folded in: the rank that set it may go with the dropped factor). With a Tucker core, the output
+        # channels are the factor's columns.
         t = {k: v.float() for k, v in self.tensors.items()}
         w1 = t.pop("lokr_w1") if "lokr_w1" in t else t.pop("lokr_w1_a") @ t.pop("lokr_w1_b")
-        # (with a Tucker core, the output channels are the factor's columns)
         w2_rows = t["lokr_w2"].shape[0] if "lokr_w2" in t else t["lokr_w2_a"].shape[1 if "lokr_t2" in t else 0]
         first = min(start for start, _ in rows) // w2_rows
         last = -(-max(stop for _, stop in rows) // w2_rows)

@@ -158,7 +158,8 @@ _CHILD = """
 import json, sys, time, torch
 from pathlib import Path
 from backend import fp8_storage
-from backend.families.flux import Flux
+from backend import flux_layout
+from backend.families import flow_files
 
 def memory():
     status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
@@ -167,7 +168,8 @@ def memory():
 before = memory()
 start = time.perf_counter()
 keep = sys.argv[2] == "fp8"
-_, _, model = Flux._read_transformer(Path(sys.argv[1]), torch.bfloat16, keep_fp8=keep)
+_, _, model = flow_files.read_transformer(Path(sys.argv[1]), flux_layout, "FluxTransformer2DModel", torch.bfloat16,
+                                         keep_fp8=keep)
 if keep:
     fp8_storage.store_fp8(model, torch.bfloat16)
 loaded = time.perf_counter() - start

@@ -67,6 +67,21 @@ class FileParts:
         return checkpoints.load_vae_file(parts.vae(latent_channels, label, wanted_by), family, dtype)
 
 
+def read_transformer(path: Path, layout, class_name: str, dtype: torch.dtype, keep_fp8: bool = False):
+    """(the file's parts, the transformer's config, the transformer) of a checkpoint whose transformer is in
+    `layout`'s original key layout (`flux_layout`, `sd3_layout`) or in diffusers'."""
+    files = FileParts.read(path, layout.strip_prefix, layout.is_diffusers_layout)
+    if files.diffusers:
+        config = layout.transformer_config_from_diffusers(files.transformer_shapes)
+        weights = files.transformer
+    else:
+        config = layout.transformer_config(files.transformer_shapes)
+        weights = layout.to_diffusers(files.transformer, config)
+    transformer = build_transformer(class_name, config, weights, Path(path).name, dtype, keep_fp8)
+    files.transformer = None  # the converted views live on in the model
+    return files, config, transformer
+
+
 def build_transformer(class_name: str, config: dict, weights: dict, name: str, dtype: torch.dtype,
                       keep_fp8: bool = False):
     """A diffusers transformer of `class_name` built without allocating, given the file's tensors in `dtype`;

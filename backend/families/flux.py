@@ -35,7 +35,10 @@ class Flux(FlowFamily):
             transformer.keeps_its_dtype = True  # quantised weights compute in `dtype`; never cast them
             files, config = flow_files.FileParts(path, {}, False, {}), dict(transformer.config)
         else:
-            files, config, transformer = self._read_transformer(path, dtype, self.name in parts.fp8_families)
+            from backend import flux_layout
+
+            files, config, transformer = flow_files.read_transformer(
+                path, flux_layout, "FluxTransformer2DModel", dtype, self.name in parts.fp8_families)
         wanted = f"{path.name} (a {self.label} transformer)"
         encoders = [files.text_encoder("clip_l", "CLIP-L (clip_l.safetensors)", wanted, parts, dtype,
                                        with_projection=False),  # FLUX takes CLIP's pooled output, unprojected
@@ -48,22 +51,6 @@ class Flux(FlowFamily):
         return checkpoints.Components(spec=spec, unet=transformer, vae=vae, text_encoders=encoders,
                                       tokenizers=flow_files.tokenizers(("clip", "t5"), cache_dir, parts),
                                       scheduler_config={"prediction_type": "flow"}, prediction_type="flow")
-
-    @staticmethod
-    def _read_transformer(path: Path, dtype: torch.dtype, keep_fp8: bool = False):
-        from backend import flux_layout
-
-        files = flow_files.FileParts.read(path, flux_layout.strip_prefix, flux_layout.is_diffusers_layout)
-        if files.diffusers:
-            config = flux_layout.transformer_config_from_diffusers(files.transformer_shapes)
-            weights = files.transformer
-        else:
-            config = flux_layout.transformer_config(files.transformer_shapes)
-            weights = flux_layout.to_diffusers(files.transformer, config)
-        transformer = flow_files.build_transformer("FluxTransformer2DModel", config, weights, path.name, dtype,
-                                                   keep_fp8)
-        files.transformer = None  # the converted views live on in the model
-        return files, config, transformer
 
     # -- sampling ------------------------------------------------------------------------------------
     @staticmethod

@@ -32,16 +32,8 @@ class SD3(FlowFamily):
     def load(self, path: Path, cache_dir: Path, dtype: torch.dtype, parts: Parts) -> checkpoints.Components:
         from backend import sd3_layout
 
-        files = flow_files.FileParts.read(path, sd3_layout.strip_prefix, sd3_layout.is_diffusers_layout)
-        if files.diffusers:
-            config = sd3_layout.transformer_config_from_diffusers(files.transformer_shapes)
-            weights = files.transformer
-        else:
-            config = sd3_layout.transformer_config(files.transformer_shapes)
-            weights = sd3_layout.to_diffusers(files.transformer, config)
-        transformer = flow_files.build_transformer("SD3Transformer2DModel", config, weights, path.name, dtype,
-                                                   self.name in parts.fp8_families)
-        files.transformer = weights = None
+        files, config, transformer = flow_files.read_transformer(
+            path, sd3_layout, "SD3Transformer2DModel", dtype, self.name in parts.fp8_families)
         wanted = f"{path.name} (an {self.label} transformer)"
         encoders = [
             files.text_encoder("clip_l", "CLIP-L (clip_l.safetensors)", wanted, parts, dtype, with_projection=True),
