@@ -90,11 +90,12 @@ def denoise(model: StableDiffusionModel, inputs: BatchInputs, control: JobContro
 
 def _sample_flow(model, inputs: BatchInputs, krun, start_noise, init_latents, blend, hooks):
     """Rectified flows (FLUX.1, SD 3.x): start at noise (img2img: the init image that far along the flow)."""
-    engine = model.engine
-    sigmas = flow_sampling.sigmas(krun.steps, krun.schedule, engine.shift(model, inputs.run))
-    if krun.denoising_strength is not None:
+    engine, shift = model.engine, model.engine.shift(model, inputs.run)
+    if krun.denoising_strength is None:
+        sigmas = flow_sampling.sigmas(krun.steps, krun.schedule, shift)
+    else:  # the end of a longer schedule, as A1111 shortens img2img's
         total, t_enc = k_sampling.img2img_steps(krun)
-        sigmas = flow_sampling.sigmas(total, krun.schedule, engine.shift(model, inputs.run))
+        sigmas = flow_sampling.sigmas(total, krun.schedule, shift)
         sigmas = sigmas[max(0, len(sigmas) - t_enc - 2):]
     sigmas = sigmas.to(model.device)
     start = start_noise if init_latents is None else flow_sampling.noised(init_latents, start_noise, sigmas[0])

@@ -30,8 +30,9 @@ BETA_ALPHA = BETA_BETA = 0.6
 
 @dataclass(frozen=True)
 class Shift:
-    """How a family bends the schedule towards high noise. `linear`: SD 3's sigma' = s*sigma / (1 + (s-1)*sigma);
-    `exponential`: FLUX's exp(mu) / (exp(mu) + 1/sigma - 1), with mu growing with the image's token count."""
+    """How a family bends the schedule towards high noise: SD 3's sigma' = s*sigma / (1 + (s-1)*sigma), or with
+    `exponential` FLUX's exp(mu) / (exp(mu) + 1/sigma - 1), mu growing with the image's token count. The two
+    are one curve: mu = ln(s) (FLUX.1 dev at 1024x1024, mu 1.15, shifts as s = 3.16 would)."""
 
     value: float  # s, or mu for the exponential shift
     exponential: bool = False

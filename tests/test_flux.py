@@ -179,6 +179,8 @@ def test_flow_schedules_match_diffusers():
     ours = flow_sampling.sigmas(8, "Automatic", flow_sampling.Shift(mu, exponential=True))
     assert mu == pytest.approx(1.15)
     assert torch.allclose(ours, flux.sigmas.float(), atol=1e-6)
+    # a Shift of s is FLUX's shift with mu = ln(s)
+    assert torch.allclose(flow_sampling.sigmas(8, "Simple", flow_sampling.Shift(float(np.exp(mu)))), ours, atol=1e-6)
     karras = flow_sampling.sigmas(8, "Karras", flow_sampling.Shift(3.0))
     assert karras[0] == 1.0 and karras[-1] == 0 and bool((karras[:-1] > karras[1:]).all())
 
