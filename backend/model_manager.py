@@ -180,12 +180,13 @@ class ModelManager:
                 families.identify(file_shapes(file.path))
             except (CheckpointFormatError, KeyError) as exc:
                 raise CheckpointFormatError(f"{file.filename}: {exc}") from exc
+        parts = self.parts(vae)  # a pick that is gone fails here, before anything is freed
         previous = self._active.file if self._active is not None else None
         while len(self._cache) >= self.settings.checkpoint_cache_size:
             self._evict(next(iter(self._cache)))
         logger.info("Loading %s", file.path)
         try:
-            components = self._loader(file, self.settings.cache_dir, self.placement.dtype, self.parts(vae))
+            components = self._loader(file, self.settings.cache_dir, self.placement.dtype, parts)
         except (CheckpointLoadError, CheckpointFormatError, MissingPartError):
             self._restore(previous)
             raise
@@ -218,11 +219,16 @@ class ModelManager:
 
     def parts(self, vae: str | None = None) -> Parts:
         """Where a checkpoint finds what it lacks: the text encoder picks and the VAE choice (`vae`: this
-        request's), then the folders."""
-        chosen = [self.index.resolve_text_encoder(name).path for name in self._text_encoder_choice]
+        request's), then the folders. A pick whose file is gone is left out (the folders then decide)."""
         vae = self._vae_choice if vae is None else vae
-        if vae not in (VAE_AUTOMATIC, VAE_NONE):
-            chosen.append(self.index.resolve_vae(vae).path)
+        picks = [(self.index.resolve_text_encoder, name) for name in self._text_encoder_choice]
+        picks += [(self.index.resolve_vae, vae)] if vae not in (VAE_AUTOMATIC, VAE_NONE) else []
+        chosen = []
+        for resolve, name in picks:
+            try:
+                chosen.append(resolve(name).path)
+            except ModelNotFoundError as error:
+                logger.warning("%s", error)
         return Parts(self.settings.model_dir("text_encoder"), self.settings.model_dir("vae"),
                      [f.path for f in self.index.text_encoders], [f.path for f in self.index.vaes], chosen,
                      allow_downloads=self.settings.allow_downloads,
