@@ -31,6 +31,13 @@ def t5_tokens(tokenizer, text: str, emphasis: str, max_length: int) -> tuple[lis
     return [*ids, T5_END, *[T5_PAD] * padding], [*weights, 1.0, *[1.0] * padding]
 
 
+def t5_token_count(tokenizer, text: str) -> int:
+    """Tokens T5 reads for a prompt, its end token included (what the UI's counter shows against the limit)."""
+    pieces = [tokenizer(fragment, add_special_tokens=False, truncation=False).input_ids
+              for fragment, weight in conditioning.fragments(text, "Original") if (fragment, weight) != ("BREAK", -1)]
+    return sum(len(ids) for ids in pieces) + 1
+
+
 def emphasized(z: torch.Tensor, weights: list[float], emphasis: str) -> torch.Tensor:
     """A1111's emphasis on one sequence of embeddings (tokens, dim)."""
     if emphasis not in ("Original", "No norm") or all(w == 1.0 for w in weights):

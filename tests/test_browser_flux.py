@@ -76,6 +76,7 @@ def test_pick_a_flux_file_its_text_encoders_and_vae_and_generate(page):
     page.wait_for_function("document.querySelector('#txt2img_sampler input').value == 'Euler'")
     assert page.input_value("#txt2img_cfg_scale input[type=number]") == "1"
     page.fill("#txt2img_prompt textarea", "a red cat")
+    wait_for_text(page, ".easel-tokens", "/512")  # T5's tokens against FLUX.1 dev's limit
     for field, value in (("width", 64), ("height", 64), ("steps", 3)):
         set_number(page, f"#txt2img_{field} input[type=number]", value)
     set_number(page, "#txt2img_distilled_cfg_scale input[type=number]", 5)

@@ -260,3 +260,15 @@ def test_controlnet_units_on_flux_are_refused_by_name(manager):
 
     with pytest.raises(InputError, match="units work with SD 1.x, SD 2.x and SDXL checkpoints; Easel has none for"):
         run(manager, checkpoint="flux-dev", control_units=(ControlUnit("any", "canny", Image.new("RGB", (64, 64))),))
+
+
+def test_the_token_counter_counts_t5_tokens_against_the_limit(manager):
+    from backend import flow_conditioning
+
+    run(manager, checkpoint="flux-dev")
+    model = manager.active
+    counted, limit = model.engine.token_count(model, "a red (cat:1.2) BREAK on a chair")
+    ids, _ = flow_conditioning.t5_tokens(model.tokenizers[1], "a red (cat:1.2) BREAK on a chair", "Original", 512)
+    assert limit == 512 and counted == ids.index(flow_conditioning.T5_END) + 1 and counted > 3
+    run(manager, checkpoint="flux-schnell-aio")
+    assert manager.active.engine.token_count(manager.active, "a cat")[1] == 256

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gradio as gr
 
 from backend.embeddings import NO_EMBEDDINGS
+from backend.extra_networks import parse_tags
 from backend.styles import Style
 from ui import controlnet_panel, extra_networks
 from ui.context import EXTRA_NETWORK_KINDS, format_infotext_html, open_folder, token_counter
@@ -17,6 +18,11 @@ def wire_page_helpers(ui, mode: str) -> None:
     c, ctx = ui.pages[mode], ui.ctx
     def count(value: str) -> str:
         model = ctx.manager.active
+        if model is not None and model.engine.encodes_prompts:  # FLUX.1, SD 3.x: T5's tokens against its limit
+            counted = model.engine.token_count(model, parse_tags(value)[0])
+            if counted is not None:
+                return f"<div class='easel-tokens'>{counted[0]}/{counted[1]}</div>"
+            return f"<div class='easel-tokens'>{token_counter(ctx.tokenizer(), value)}</div>"
         vocabulary = ctx.manager.embeddings.for_model(model).per_encoder[0] if model else NO_EMBEDDINGS
         return f"<div class='easel-tokens'>{token_counter(ctx.tokenizer(), value, vocabulary)}</div>"
 

@@ -36,6 +36,19 @@ class FlowFamily(Family):
     def schedule_for(self, sampler: str, requested: str, resolved: str) -> str:
         return flow_sampling.check_sampler(sampler, requested, self.label)
 
+    def t5_limit(self, model) -> int:
+        """How many tokens T5 reads for this model (the rest of a longer prompt is cut)."""
+        raise NotImplementedError
+
+    def token_count(self, model, text: str) -> tuple[int, int] | None:
+        """(T5 tokens of `text`, T5's limit), or None without a T5 (CLIP's counter applies)."""
+        from backend import flow_conditioning
+
+        tokenizer = model.tokenizers[-1]
+        if tokenizer is None or model.text_encoders[-1] is None:
+            return None
+        return flow_conditioning.t5_token_count(tokenizer, text), self.t5_limit(model)
+
     def encode_prompt(self, model, text: str, emphasis: str):
         """A `conditioning.PromptEmbedding` of `text` (context: the network's text tokens; pooled vector)."""
         raise NotImplementedError

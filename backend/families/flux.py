@@ -75,6 +75,9 @@ class Flux(FlowFamily):
         distilled = {"Distilled CFG Scale": run.distilled_cfg_scale} if self.distilled(model) else {}
         return {**distilled, **super().infotext_parameters(model, run)}
 
+    def t5_limit(self, model) -> int:
+        return T5_TOKENS[self.distilled(model)]
+
     # -- conditioning -------------------------------------------------------------------------------
     def encode_prompt(self, model, text: str, emphasis: str) -> PromptEmbedding:
         from backend import flow_conditioning
@@ -83,8 +86,7 @@ class Flux(FlowFamily):
         clip_tokenizer, t5_tokenizer = model.tokenizers
         with model.use(clip, t5):
             _, pooled = flow_conditioning.encode_clip(clip, clip_tokenizer, text, emphasis, model.device)
-            context = flow_conditioning.encode_t5(t5, t5_tokenizer, text, emphasis, T5_TOKENS[self.distilled(model)],
-                                                  model.device)
+            context = flow_conditioning.encode_t5(t5, t5_tokenizer, text, emphasis, self.t5_limit(model), model.device)
         return PromptEmbedding(context.to(model.dtype), pooled.to(model.dtype))
 
     def added_conditioning(self, model, run, embeddings: list, n: int) -> dict:

@@ -73,6 +73,9 @@ class SD3(FlowFamily):
     def shift(self, model, run) -> flow_sampling.Shift:
         return flow_sampling.Shift(run.shift if run.shift > 0 else SHIFT)
 
+    def t5_limit(self, model) -> int:
+        return T5_TOKENS
+
     # -- conditioning -------------------------------------------------------------------------------
     def encode_prompt(self, model, text: str, emphasis: str) -> PromptEmbedding:
         from backend import flow_conditioning
