@@ -58,6 +58,9 @@ def _add_folder_flags(parser: argparse.ArgumentParser) -> None:
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model and device")
     model.add_argument("--ckpt", help="checkpoint to load first (name, file name or short hash)")
+    model.add_argument("--compile", action="store_true", dest="torch_compile",
+                       help="torch.compile the UNet / transformer (the first image of each size compiles: slow)")
+    model.add_argument("--channels-last", action="store_true", help="channels-last memory layout for the UNet")
     model.add_argument("--text-encoder", action="append", default=[], metavar="NAME",
                        help="a text encoder in models/text_encoder for FLUX.1 / SD 3.5 files that lack theirs "
                             "(repeatable; default: each role's only file there)")
@@ -196,6 +199,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         medvram=args.medvram,
         lowvram=args.lowvram,
         threads=args.threads,
+        torch_compile=args.torch_compile,
+        channels_last=args.channels_last,
         checkpoint_cache_size=args.checkpoint_cache,
         default_checkpoint=args.ckpt,
         allow_downloads=not args.no_download,

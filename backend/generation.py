@@ -21,17 +21,18 @@ from backend import (
     hires,
     image_record,
     init_image,
+    memory_fallback,
+    model_fit,
     noise,
     outputs,
     samplers,
-    schedules,
     vae_codec,
 )
 from backend.extensions import NO_EXTENSIONS, AfterImage, BeforeGeneration, ExtensionRegistry, ScriptRun
 from backend.extra_networks import NetworkSession
 from backend.model_manager import ModelManager
 from backend.progress import JobControl
-from backend.request import GeneratedImage, GenerationRequest, GenerationResult, RequestError, check_dimension
+from backend.request import GeneratedImage, GenerationRequest, GenerationResult, RequestError
 from backend.styles import StyleDatabase
 from backend.upscalers import Interrupted
 from backend.wildcards import Wildcards
@@ -57,8 +58,8 @@ def generate(
     with manager.lock:
         # 2. Activate the checkpoint (a no-op when it is already active); it sets the default size
         model = manager.activate(request.checkpoint, request.vae)
-        plan = _fit_family(model, plan, request)
-        width, height = _check_sizes(model, request, plan.hires)
+        plan = model_fit.fit_plan(model, plan, request)
+        width, height = model_fit.check_sizes(model, request, plan.hires)
         # 3. Resolve seeds (-1 means random, and the seed used is reported), then apply styles
         result = _start_result(manager, request, width, height, rng, early_warnings)
         run = result.request
@@ -80,8 +81,12 @@ def generate(
                     if latents is None:  # skipped
                         continue
                 # 7. Decode, restore the untouched parts of an inpainted image, postprocess, save
-                for index, image in enumerate(vae_codec.decode(model, latents)):
+                for index, image in enumerate(vae_codec.decode(model, latents, result.warnings)):
                     result.images.append(job.finish_image(batch, index, image, texts[index], lora_hashes))
+        except memory_fallback.OutOfMemoryError as error:
+            if not result.images:
+                raise
+            result.warnings.append(f"{error}; the {len(result.images)} images finished before are kept")
         finally:
             job.networks.close()  # the base weights, bit for bit
         result.interrupted = control.interrupted
@@ -113,36 +118,6 @@ def _check_inputs(manager: ModelManager, request: GenerationRequest) -> _Plan:
         face_restorer = manager.faces.find(request.face_restorer)
         manager.faces.weights(face_restorer)  # found, or fetched, now
     return _Plan(sampler, schedule, upscaler, face_restorer, _HiresPlan.check(manager, request, sampler))
-
-
-def _check_sizes(model, request: GenerationRequest, hires_plan: _HiresPlan | None) -> tuple[int, int]:
-    """The first pass's size (the checkpoint's native size where the request leaves it 0), checked,
-    and the hires fix's target size, checked too."""
-    width = request.width or model.native_size
-    height = request.height or model.native_size
-    multiple, label = model.engine.size_multiple, model.label
-    check_dimension("width", width, multiple, label)
-    check_dimension("height", height, multiple, label)
-    model.engine.check_size(model, width, height)
-    if hires_plan is not None:
-        hires_plan.size = hires.target_size(request.with_changes(width=width, height=height))
-        check_dimension("hires width", hires_plan.size[0], multiple, label)
-        check_dimension("hires height", hires_plan.size[1], multiple, label)
-        model.engine.check_size(model, *hires_plan.size)
-    return width, height
-
-
-def _fit_family(model, plan: _Plan, request: GenerationRequest) -> _Plan:
-    """The plan's schedule type as the model's family runs the sampler (flows: "Automatic" is "Simple", and
-    only the samplers sound on a flow)."""
-    if model.engine.prediction == "flow" and request.control_units:  # the enabled units
-        raise RequestError(f"ControlNet, T2I-Adapter and IP-Adapter units work with SD 1.x, SD 2.x and SDXL "
-                           f"checkpoints; Easel has none for {model.label} yet: turn the units off")
-    requested = schedules.schedule_label(request.schedule_type)
-    plan.schedule = model.engine.schedule_for(plan.sampler.name, requested, plan.schedule)
-    if plan.hires is not None:
-        model.engine.schedule_for(plan.hires.sampler.name, requested, plan.schedule)
-    return plan
 
 
 def _start_result(manager: ModelManager, request: GenerationRequest, width: int, height: int,
@@ -203,7 +178,10 @@ class _Job:
         inputs = denoiser.BatchInputs(run, plan.sampler, plan.schedule, conds, self.source, seeds, share=share,
                                       extensions=self.extensions, warnings=self.result.warnings,
                                       controls=self.controls_for((run.width, run.height)))
-        return denoiser.denoise(self.model, inputs, self.control, batch), texts
+        latents = memory_fallback.retry_in_less_memory(
+            lambda: denoiser.denoise(self.model, inputs, self.control, batch), self.model, self.result.warnings,
+            "sampling")
+        return latents, texts
 
     def hires_pass(self, batch: int, texts: list[tuple[str, str]], latents):
         """The large latents; when interrupted, the first pass's (with a warning); None when skipped."""
@@ -212,10 +190,12 @@ class _Job:
         # A1111's timelines: a whole `when` counts on from the first pass's steps, a fraction runs 1..2
         conds = prompts.conditioning_for_batch(
             [prompts.hires_texts(p, t) for p, t in zip(positions, texts)], hires_steps=hires.second_pass_steps(run))
-        large = hires.second_pass(self.model, run, plan.hires.sampler, plan.schedule, conds,
-                                  [_seeds(run, p) for p in positions], latents, plan.hires.size,
-                                  self.manager.upscalers, self.control, batch, self.extensions, self.result.warnings,
-                                  self.controls_for(plan.hires.size, hires_pass=True))
+        large = memory_fallback.retry_in_less_memory(
+            lambda: hires.second_pass(self.model, run, plan.hires.sampler, plan.schedule, conds,
+                                      [_seeds(run, p) for p in positions], latents, plan.hires.size,
+                                      self.manager.upscalers, self.control, batch, self.extensions,
+                                      self.result.warnings, self.controls_for(plan.hires.size, hires_pass=True)),
+            self.model, self.result.warnings, "the hires pass")
         if large is not None or not self.control.interrupted:
             return large
         self.result.warnings.append("interrupted during the hires pass: the image is kept at "

@@ -47,7 +47,7 @@ def check_upscaler(name: str, upscalers) -> str:
 
 
 def upscaled_latents(model, run: GenerationRequest, latents: torch.Tensor, size: tuple[int, int], upscalers,
-                     should_stop) -> torch.Tensor:
+                     should_stop, warnings: list[str] | None = None) -> torch.Tensor:
     """The first pass's latents brought to `size`: interpolated, or decoded, upscaled and encoded."""
     f = model.vae_scale_factor
     width, height = size
@@ -56,9 +56,9 @@ def upscaled_latents(model, run: GenerationRequest, latents: torch.Tensor, size:
         return F.interpolate(latents.float(), size=(height // f, width // f), mode=mode,
                              antialias=antialias).to(latents.dtype)
     encoded = []
-    for image in vae_codec.decode(model, latents):
+    for image in vae_codec.decode(model, latents, warnings):
         large = upscalers.upscale(image, run.hr_upscaler, size=size, should_stop=should_stop)
-        encoded.append(vae_codec.encode(model, images.to_tensor(large)[None]))
+        encoded.append(vae_codec.encode(model, images.to_tensor(large)[None], warnings))
     return torch.cat(encoded)
 
 
@@ -67,7 +67,7 @@ def second_pass(model, run: GenerationRequest, sampler, schedule, conds, seeds, 
                 warnings: list[str] | None = None, controls: list | None = None) -> torch.Tensor | None:
     """The hires pass for one batch; None when skipped or interrupted."""
     try:
-        start = upscaled_latents(model, run, latents, size, upscalers, lambda: control.should_stop_batch)
+        start = upscaled_latents(model, run, latents, size, upscalers, lambda: control.should_stop_batch, warnings)
     except Interrupted:
         return None
     hires_run = run.with_changes(width=size[0], height=size[1], steps=second_pass_steps(run))

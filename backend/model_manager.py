@@ -84,6 +84,8 @@ class ModelManager:
         self._vae_choice = VAE_AUTOMATIC
         self._text_encoder_choice: tuple[str, ...] = tuple(settings.text_encoders)  # Forge's picks (file names)
         self.fp8_storage = "Disable"  # A1111's "FP8 weight" option (see set_fp8_storage)
+        self.vae_tiling = "Automatic"  # when the VAE works in tiles (see vae_codec)
+        self.speed = {"compiled": False, "channels_last": False}  # see set_speed
         self.lock = threading.RLock()
         self.load_count = 0
         # The server's current checkpoint (A1111's `sd_model_checkpoint` option): what a request that
@@ -198,13 +200,28 @@ class ModelManager:
             count = fp8_storage.store_fp8(components.unet, self.placement.dtype)
             logger.info("%s: %d layers stored in fp8", file.name, count)
         model_hash = None if file.is_diffusers_folder else self.index.hashes.short_hash(file.path)
-        model = StableDiffusionModel(file=file, model_hash=model_hash, components=components, placement=self.placement)
+        model = StableDiffusionModel(file=file, model_hash=model_hash, components=components, placement=self.placement,
+                                     vae_tiling=self.vae_tiling)
+        model.set_speed(**self.speed)
         self._cache[file.path] = model
         return model
 
     def _stores_fp8(self, family: str) -> bool:
         """A1111's "Enable for SDXL" is taken to mean the large models: SDXL, FLUX.1 and SD 3.x."""
         return self.fp8_storage == "Enable" or (self.fp8_storage == "Enable for SDXL" and family in LARGE_FAMILIES)
+
+    def set_speed(self, compiled: bool, channels_last: bool) -> None:
+        """torch.compile and channels-last for the UNet / transformer of every model, loaded and to come."""
+        with self.lock:
+            self.speed = {"compiled": compiled, "channels_last": channels_last}
+            for model in self._cache.values():
+                model.set_speed(**self.speed)
+
+    def set_vae_tiling(self, mode: str) -> None:
+        with self.lock:
+            self.vae_tiling = mode
+            for model in self._cache.values():
+                model.vae_tiling = mode
 
     def set_fp8_storage(self, choice: str) -> None:
         """Store linear weights in fp8 from the next load on; loaded models it changes are freed."""

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 FP8_STORAGE = ("Disable", "Enable for SDXL", "Enable")  # A1111's choices
+VAE_TILING = ("Automatic", "Always", "Never")
 
 
 @dataclass
@@ -42,6 +43,13 @@ class Options(SamplerSettings):
     # A1111's "FP8 weight": the UNet's / transformer's linear weights stored in fp8 (half the memory), each
     # layer cast to the compute precision as it runs. Disable, Enable for SDXL (and FLUX.1 / SD 3.5), Enable
     fp8_storage: str = "Disable"
+    # The VAE in tiles (large images on small GPUs): Automatic (images over 2048x2048, and after running out of
+    # memory), Always, Never
+    vae_tiling: str = "Automatic"
+    # Speed: torch.compile the UNet / transformer (compiled once per model and image shape, at the first job:
+    # minutes; then faster), and channels-last memory layout for the UNet's convolutions (often faster on GPUs)
+    torch_compile: bool = False
+    channels_last: bool = False
     # Defaults of the txt2img / img2img controls
     default_sampler: str = "DPM++ 2M"
     default_steps: int = 20
@@ -91,6 +99,8 @@ class Options(SamplerSettings):
             raise ValueError(str(error)) from None
         if self.checkpoint_cache < 1:
             raise ValueError("checkpoint cache size must be at least 1")
+        if self.vae_tiling not in VAE_TILING:
+            raise ValueError(f"VAE tiling must be one of: {', '.join(VAE_TILING)}")
         if self.fp8_storage not in FP8_STORAGE:
             raise ValueError(f"FP8 weight must be one of: {', '.join(FP8_STORAGE)}")
         if self.default_sampler not in SAMPLER_NAMES:

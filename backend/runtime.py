@@ -77,6 +77,9 @@ class Runtime:
             options = replace(options, checkpoint_cache=settings.checkpoint_cache_size)
         elif options.checkpoint_cache != 1:
             settings = settings.with_changes(checkpoint_cache_size=options.checkpoint_cache)
+        # --compile / --channels-last turn the options on for this run
+        options = replace(options, torch_compile=options.torch_compile or settings.torch_compile,
+                          channels_last=options.channels_last or settings.channels_last)
         manager = manager or ModelManager(settings)
         extensions = ExtensionRegistry(Path(settings.data_dir) / "extensions", set(options.disabled_extensions))
         runtime = cls(settings, options, options_path, manager, extensions, StyleDatabase(settings.styles_file))
@@ -120,6 +123,8 @@ class Runtime:
         if manager.settings.checkpoint_cache_size != options.checkpoint_cache:
             manager.set_cache_size(options.checkpoint_cache)
         manager.set_fp8_storage(options.fp8_storage)
+        manager.set_vae_tiling(options.vae_tiling)
+        manager.set_speed(compiled=options.torch_compile, channels_last=options.channels_last)
         if manager.controlnets.size != options.control_net_model_cache_size:
             with manager.lock:  # not while a generation uses the loaded ControlNets
                 manager.controlnets.set_size(options.control_net_model_cache_size)

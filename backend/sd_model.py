@@ -23,6 +23,7 @@ class StableDiffusionModel:
     placement: Placement
     vae_name: str | None = None  # file name of the VAE in use; None: the checkpoint's own
     vae_hash: str | None = None
+    vae_tiling: str = "Automatic"  # when the VAE works in tiles (backend.options.VAE_TILING; see vae_codec)
     _baked_vae: Any = field(default=None, repr=False)
     lora_overlay: LoraOverlay = field(init=False, repr=False)
 
@@ -141,6 +142,19 @@ class StableDiffusionModel:
                 module.to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    def set_speed(self, compiled: bool, channels_last: bool) -> None:
+        """Compile the UNet / transformer with torch.compile (in place: its weights, LoRAs and hooks stay; each new
+        image shape compiles once, then is reused; `dynamic=None` lets torch switch a dimension that keeps
+        changing to a dynamic one instead of compiling each size), and put it in channels-last layout."""
+        network = self.unet
+        if channels_last != getattr(network, "easel_channels_last", False):
+            network.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            network.easel_channels_last = channels_last
+        if compiled and getattr(network, "_compiled_call_impl", None) is None:
+            network.compile(dynamic=None)
+        elif not compiled and getattr(network, "_compiled_call_impl", None) is not None:
+            network._compiled_call_impl = None  # back to the eager forward
 
     def set_vae(self, vae, name: str | None, vae_hash: str | None) -> None:
         """Use another VAE (None: back to the checkpoint's own one, which was kept)."""

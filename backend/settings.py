@@ -48,6 +48,8 @@ class Settings:
     medvram: bool = False
     lowvram: bool = False
     threads: int | None = None
+    torch_compile: bool = False  # --compile: torch.compile the UNet / transformer (the option, for this run)
+    channels_last: bool = False  # --channels-last
     checkpoint_cache_size: int = 1
     lora_cache_mb: int = 1024  # parsed LoRA files kept in memory, least recently used dropped first
     default_checkpoint: str | None = None

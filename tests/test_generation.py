@@ -103,7 +103,7 @@ def test_img2img_runs_the_strength_share_of_steps_and_stays_near_the_input(sd1_m
     init = vae_codec.encode(model, images.to_tensor(source)[None])
     final, calls = {}, []
     decode = vae_codec.decode
-    monkeypatch.setattr(vae_codec, "decode", lambda m, latents: final.update(x=latents) or decode(m, latents))
+    monkeypatch.setattr(vae_codec, "decode", lambda m, latents, *rest: final.update(x=latents) or decode(m, latents, *rest))
     hook = model.unet.register_forward_hook(lambda *args: calls.append(1))
     deviation = {}
     for strength in (0.1, 0.3, 1.0):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from backend.errors import InputError
-from backend.options import FP8_STORAGE
+from backend.options import FP8_STORAGE, VAE_TILING
 from backend.request import EMPHASIS_MODES, MAX_CONTROL_UNITS, RANDN_SOURCES
 from backend.sampler_settings import UNIPC_SKIP_TYPES, UNIPC_VARIANTS
 from backend.samplers import SAMPLER_NAMES
@@ -26,6 +26,11 @@ def settings_tab(ui) -> None:
                                            "[cfg], [width], [height], [datetime], [date])"),
             "save_txt": gr.Checkbox(o.save_txt, label="Also write a .txt file with the parameters beside each image"),
             "checkpoint_cache": gr.Slider(1, 8, value=o.checkpoint_cache, step=1, label="Checkpoints kept in memory"),
+            "vae_tiling": gr.Radio(list(VAE_TILING), value=o.vae_tiling, label="VAE in tiles (large images on "
+                                   "small GPUs): Automatic = above 2048x2048 and after running out of memory"),
+            "torch_compile": gr.Checkbox(o.torch_compile, label="torch.compile the UNet / transformer (the first "
+                                         "image of each size compiles, minutes; later ones are faster)"),
+            "channels_last": gr.Checkbox(o.channels_last, label="Channels-last memory layout for the UNet"),
             "fp8_storage": gr.Radio(list(FP8_STORAGE), value=o.fp8_storage, label="FP8 weight: store the UNet's / "
                                     "transformer's linear weights in fp8, half the memory (Enable for SDXL also "
                                     "covers FLUX.1 and SD 3.5); loaded models reload"),
