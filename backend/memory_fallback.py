@@ -37,18 +37,24 @@ def free_memory() -> None:
 
 
 @contextlib.contextmanager
-def sliced_attention(network):
-    """The network computes attention a slice of heads at a time (diffusers' `set_attention_slice`: the same
-    result with a smaller peak), restored afterwards. Networks without it are left as they are."""
-    if not hasattr(network, "set_attention_slice") or not hasattr(network, "attn_processors"):
-        yield False
-        return
-    saved = dict(network.attn_processors)
-    network.set_attention_slice("auto")
-    try:
-        yield True
-    finally:
-        network.set_attn_processor(saved)
+def lower_memory(model):
+    """A lower-memory mode for one attempt, restored afterwards; yields what it is, for the warning. The UNet
+    computes attention a slice of heads at a time (diffusers' `set_attention_slice`: the same result, a smaller
+    peak); a network without slicing (FLUX.1's, SD 3's transformer) runs with the model's other parts on the
+    CPU between uses, as --medvram keeps them."""
+    network = model.unet
+    if hasattr(network, "set_attention_slice") and hasattr(network, "attn_processors"):
+        saved = dict(network.attn_processors)
+        network.set_attention_slice("auto")
+        try:
+            yield "with attention in slices"
+        finally:
+            network.set_attn_processor(saved)
+    elif model.placement.offload == "none":
+        with model.offloaded():
+            yield "with the model's parts on the CPU between uses (as --medvram)"
+    else:
+        yield "after freeing cached memory"
 
 
 def retry_in_less_memory(attempt: Callable[[], T], model, warnings: list[str], what: str) -> T:
@@ -61,8 +67,7 @@ def retry_in_less_memory(attempt: Callable[[], T], model, warnings: list[str], w
             raise
         logger.warning("Out of memory during %s: %s", what, error)
     free_memory()
-    with sliced_attention(model.unet) as sliced:
-        mode = "with attention in slices" if sliced else "after freeing cached memory"
+    with lower_memory(model) as mode:
         warnings.append(f"out of memory during {what}: retried {mode} (slower, less memory)")
         try:
             return attempt()

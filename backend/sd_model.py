@@ -156,6 +156,20 @@ class StableDiffusionModel:
         elif not compiled and getattr(network, "_compiled_call_impl", None) is not None:
             network._compiled_call_impl = None  # back to the eager forward
 
+    @contextlib.contextmanager
+    def offloaded(self):
+        """--medvram's placement for a block (out-of-memory retries): every part on the CPU, brought to the
+        device for its use; then back as before."""
+        placement = self.placement
+        self.placement = Placement(placement.device, placement.dtype, placement.vae_dtype, "model")
+        for module in (self.unet, self.vae, *(e for e in self.text_encoders if e is not None)):
+            module.to("cpu")
+        try:
+            yield
+        finally:
+            self.placement = placement
+            self._place()
+
     def set_vae(self, vae, name: str | None, vae_hash: str | None) -> None:
         """Use another VAE (None: back to the checkpoint's own one, which was kept)."""
         self.components.vae = vae if vae is not None else self._baked_vae

@@ -272,3 +272,23 @@ def test_the_token_counter_counts_t5_tokens_against_the_limit(manager):
     assert limit == 512 and counted == ids.index(flow_conditioning.T5_END) + 1 and counted > 3
     run(manager, checkpoint="flux-schnell-aio")
     assert manager.active.engine.token_count(manager.active, "a cat")[1] == 256
+
+
+def test_out_of_memory_in_the_transformer_is_retried_with_the_parts_offloaded(manager, monkeypatch):
+    reference = pixels(run(manager, checkpoint="flux-dev")[0])
+    model = manager.active
+    real, calls = model.unet.forward, {"n": 0}
+
+    def forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model.unet, "forward", forward)
+    request = GenerationRequest(prompt="a red (cat:1.2)", width=64, height=64, steps=4, seed=7, sampler="Euler",
+                                cfg_scale=1, checkpoint="flux-dev")
+    result = generation.generate(manager, request)
+    assert np.array_equal(pixels(result.images[0]), reference)
+    assert any("retried with the model's parts on the CPU between uses" in w for w in result.warnings)
+    assert model.placement.offload == "none"  # for that job only
