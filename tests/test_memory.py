@@ -135,3 +135,21 @@ def test_channels_last_keeps_the_image_and_compile_is_applied_in_place(manager):
     assert model.unet._compiled_call_impl is not None and model.unet.conv_in.weight.is_contiguous()
     manager.set_speed(compiled=False, channels_last=False)  # back to eager, without running the compiler here
     assert model.unet._compiled_call_impl is None
+
+
+def test_large_images_are_decoded_in_tiles_automatically_and_match(manager, monkeypatch):
+    from backend import vae_tiling
+
+    reference = run(manager, width=128, height=96)
+    calls = []
+    real = vae_tiling.decode_tiled
+    monkeypatch.setattr(vae_tiling, "decode_tiled", lambda vae, z, **kw: calls.append(z.shape) or real(
+        vae, z, tile=16, overlap=12))  # small tiles, so a 128x96 image needs several
+    monkeypatch.setattr(vae_codec, "AUTO_TILE_PIXELS", 64 * 64)  # "large" from 64x64 on, for the test
+    tiled = run(manager, width=128, height=96)
+    assert calls and np.abs(pixels(tiled.images[0]) - pixels(reference.images[0])).max() <= 2
+    manager.set_vae_tiling("Never")
+    calls.clear()
+    run(manager, width=128, height=96)
+    assert not calls
+    manager.set_vae_tiling("Automatic")
