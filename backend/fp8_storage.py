@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from backend.model_detection import CheckpointFormatError
+
 logger = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
@@ -31,6 +33,38 @@ DEFAULT_SKIP_PATTERNS = ("embed", r"^proj_(in|out)$", r"^norm_out\.")
 def default_skip(name: str, module: torch.nn.Module) -> bool:
     """True for a layer `store_fp8` leaves in the compute dtype by default (see DEFAULT_SKIP_PATTERNS)."""
     return any(re.search(pattern, name) for pattern in DEFAULT_SKIP_PATTERNS)
+
+
+# ComfyUI's scaled fp8 files: a `scaled_fp8` marker and, beside each fp8 weight, its `scale_weight` (the weight is
+# `stored * scale_weight`, one scale per tensor or per row); `scale_input` only scales activations in fp8 matmuls.
+SCALED_FP8_MARKER = "scaled_fp8"
+SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+
+
+def dequantized(key: str, value: torch.Tensor, scale: torch.Tensor | None, dtype) -> torch.Tensor:
+    """One tensor cast straight to `dtype`, times its scaled-fp8 scale when it has one."""
+    if scale is None:
+        return value.to(dtype)
+    if scale.numel() == 1:
+        return value.to(dtype) * scale.reshape(()).to(dtype)
+    if scale.numel() == value.shape[0]:  # one scale per output row
+        return value.to(dtype) * scale.reshape(-1, *([1] * (value.dim() - 1))).to(dtype)
+    raise CheckpointFormatError(f"the scaled fp8 weight {key} has a scale of shape {tuple(scale.shape)}, "
+                                "which Easel does not read; use the fp16 or fp8_e4m3fn version")
+
+
+def unscaled(state_dict: dict, dtype) -> dict:
+    """A scaled fp8 state dict's weights multiplied back, in `dtype`, without the scale entries; other tensors
+    as they are (a state dict without scales is returned unchanged)."""
+    if SCALED_FP8_MARKER not in state_dict and not any(k.endswith(SCALE_SUFFIXES) for k in state_dict):
+        return state_dict
+    out = {}
+    for key, value in state_dict.items():
+        if key == SCALED_FP8_MARKER or key.endswith(SCALE_SUFFIXES):
+            continue
+        scale = state_dict.get(key.removesuffix("weight") + "scale_weight") if key.endswith(".weight") else None
+        out[key] = value if scale is None else dequantized(key, value, scale, dtype)
+    return out
 
 
 def saturate_fp8(tensor: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from backend import checkpoints, model_detection
+from backend import checkpoints, fp8_storage, model_detection
 from backend.model_detection import CheckpointFormatError, Shapes
 
 logger = logging.getLogger(__name__)
@@ -31,10 +31,7 @@ _T5_FINAL_NORM = "encoder.final_layer_norm.weight"
 _T5_EMBEDDINGS = ("shared.weight", "encoder.embed_tokens.weight")
 _T5_GATED = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight"
 _T5_UNGATED = "encoder.block.0.layer.1.DenseReluDense.wi.weight"
-# ComfyUI's scaled fp8: a `scaled_fp8` marker and, beside each fp8 weight, its per-tensor `scale_weight`
-# (the weight is `stored * scale_weight`); `scale_input` only scales activations for fp8 matmuls.
-_SCALED_FP8_MARKER = "scaled_fp8"
-_SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+_SCALED_FP8_MARKER, _SCALE_SUFFIXES = fp8_storage.SCALED_FP8_MARKER, fp8_storage.SCALE_SUFFIXES
 # bitsandbytes' NF4/FP4 and int8 layouts, which store packed bytes plus their quantisation state.
 _PACKED_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format")
 
@@ -150,18 +147,6 @@ def _refuse_packed(state_dict: Mapping[str, torch.Tensor], name: str) -> None:
         )
 
 
-def _dequantized(key: str, value: torch.Tensor, scale: torch.Tensor | None, dtype) -> torch.Tensor:
-    """One tensor cast straight to `dtype`, times its scaled-fp8 scale when it has one."""
-    if scale is None:
-        return value.to(dtype)
-    if scale.numel() == 1:
-        return value.to(dtype) * scale.reshape(()).to(dtype)
-    if scale.numel() == value.shape[0]:  # one scale per output row
-        return value.to(dtype) * scale.reshape(-1, *([1] * (value.dim() - 1))).to(dtype)
-    raise CheckpointFormatError(f"the scaled fp8 weight {key} has a scale of shape {tuple(scale.shape)}, "
-                                "which Easel does not read; use the fp16 or fp8_e4m3fn version")
-
-
 def _cast(state_dict: Mapping[str, torch.Tensor], dtype, keep_fp32: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The weights in `dtype` (those ending in `keep_fp32` in float32), scaled fp8 multiplied back,
     one tensor at a time, so no full float32 copy of a large encoder is ever made."""
@@ -171,7 +156,7 @@ def _cast(state_dict: Mapping[str, torch.Tensor], dtype, keep_fp32: tuple[str, .
             continue
         scale = state_dict.get(key.removesuffix("weight") + "scale_weight") if key.endswith(".weight") else None
         target = torch.float32 if keep_fp32 and key.endswith(keep_fp32) else dtype
-        cast[key] = _dequantized(key, value, scale, target)
+        cast[key] = fp8_storage.dequantized(key, value, scale, target)
     return cast
 
 

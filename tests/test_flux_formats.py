@@ -37,11 +37,28 @@ def root(tmp_path_factory, tokenizer_cache, flux):
                               {k: v.contiguous() for k, v in original.items()}, quant=quant)
     save_file(transformer_tensors(flux, torch.float8_e4m3fn),  # as flux1-dev-fp8.safetensors ships
               str(settings.model_dir("checkpoints") / "flux-dev-fp8.safetensors"))
+    save_file(scaled_fp8(transformer_tensors(flux, torch.float32)),  # as ComfyUI's "fp8_scaled" files
+              str(settings.model_dir("checkpoints") / "flux-dev-fp8-scaled.safetensors"))
     lora_dir = settings.model_dir("lora")
     lora_dir.mkdir(parents=True)
     save_file(kohya_flux_lora(flux.transformer.config), str(lora_dir / "flux-style.safetensors"))
     save_file(sdxl_lora(), str(lora_dir / "sdxl-style.safetensors"))
     return root
+
+
+def scaled_fp8(tensors: dict) -> dict:
+    """ComfyUI's scaled fp8 layout: each matrix stored as fp8 of weight / scale beside its `scale_weight`, under
+    the all-in-one prefix, and a root `scaled_fp8` marker."""
+    out = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
+    for key, value in tensors.items():
+        name = "model.diffusion_model." + key
+        if value.dim() == 2 and key.endswith(".weight"):
+            scale = value.abs().max() / 448
+            out[name] = (value / scale).to(torch.float8_e4m3fn)
+            out[name.removesuffix("weight") + "scale_weight"] = scale.reshape(())
+        else:
+            out[name] = value.to(torch.bfloat16)
+    return out
 
 
 def kohya_flux_lora(config, rank: int = 4) -> dict:
@@ -115,6 +132,13 @@ def test_an_fp8_file_loads_with_and_without_fp8_storage(root):
     assert manager.active.unet.x_embedder.weight.dtype == torch.float32  # layers kept in full precision
     assert np.abs(pixels(kept) - pixels(widened)).max() <= 1
     assert 0 < np.abs(pixels(widened) - reference).mean() < 4
+
+
+def test_a_scaled_fp8_file_loads_with_its_scales(root):
+    manager = ModelManager(Settings(data_dir=root))
+    reference = pixels(generate(manager))
+    scaled = generate(manager, checkpoint="flux-dev-fp8-scaled")
+    assert 0 < np.abs(pixels(scaled) - reference).mean() < 4  # fp8 with per-tensor scales: close
 
 
 @pytest.mark.parametrize("fp8", [False, True])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from backend import checkpoints, clip_tokenizer, model_detection, t5_tokenizer, text_encoder_files
+from backend import checkpoints, clip_tokenizer, fp8_storage, model_detection, t5_tokenizer, text_encoder_files
 from backend.families.parts import VAE_PREFIXES, Parts
 
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -71,6 +71,7 @@ def read_transformer(path: Path, layout, class_name: str, dtype: torch.dtype, ke
     """(the file's parts, the transformer's config, the transformer) of a checkpoint whose transformer is in
     `layout`'s original key layout (`flux_layout`, `sd3_layout`) or in diffusers'."""
     files = FileParts.read(path, layout.strip_prefix, layout.is_diffusers_layout)
+    files.transformer = fp8_storage.unscaled(files.transformer, dtype)  # ComfyUI's scaled fp8 files
     if files.diffusers:
         config = layout.transformer_config_from_diffusers(files.transformer_shapes)
         weights = files.transformer
