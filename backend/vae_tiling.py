@@ -26,17 +26,9 @@ class TileSizes:
     decode_overlap: int = 16
     encode_tile: int = 512  # image pixels
     encode_overlap: int = 128
-    limit_pixels: int = 2048 * 2048  # above this, work in tiles
 
 
 TILE_DEFAULTS = TileSizes()
-
-
-def should_tile(latent_hw: tuple[int, int], limit_pixels: int = TILE_DEFAULTS.limit_pixels,
-                scale_factor: int = 8) -> bool:
-    """Whether the image decoded from a latent of `latent_hw` would have more than `limit_pixels` pixels."""
-    height, width = latent_hw
-    return height * width * scale_factor * scale_factor > limit_pixels
 
 
 def vae_scale_factor(vae) -> int:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from backend import random_flow_models, random_models, vae_tiling
-from backend.vae_tiling import decode_tiled, encode_tiled, should_tile
+from backend.vae_tiling import decode_tiled, encode_tiled
 
 # A latent of 96 x 80 in tiles of 32 with 16 shared: 5 x 4 tiles (each decoded alone would shift colours).
 HEIGHT, WIDTH, TILE, OVERLAP = 96, 80, 32, 16
@@ -154,17 +154,6 @@ def test_blending_weights_sum_to_one(length, tile, overlap, scale):
     for index, (start, end) in enumerate(spans):
         total[start * scale:end * scale] += vae_tiling._axis_weights(spans, index, (end - start) * scale)
     assert torch.allclose(total, torch.ones_like(total), atol=1e-6)
-
-
-@pytest.mark.parametrize("latent_hw, limit, factor, expected", [
-    ((64, 64), 512 * 512, 8, False),
-    ((64, 65), 512 * 512, 8, True),
-    ((256, 256), 1536 * 1536, 8, True),
-    ((128, 128), 1536 * 1536, 8, False),
-    ((128, 128), 1536 * 1536, 16, True),
-])
-def test_should_tile(latent_hw, limit, factor, expected):
-    assert should_tile(latent_hw, limit, scale_factor=factor) is expected
 
 
 def test_defaults_fit_a_real_vae():
