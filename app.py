@@ -73,6 +73,11 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--lowvram", action="store_true", help="stream weights to the GPU layer by layer (slow)")
     model.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a busy machine)")
     model.add_argument("--checkpoint-cache", type=int, default=1, help="checkpoints kept loaded (default 1)")
+    model.add_argument("--workers", type=int, default=0, metavar="N",
+                       help="generate on N worker replicas on Ray Serve (one per GPU; on the CPU, a share of the "
+                            "cores each), routed by checkpoint; needs requirements-cluster.txt")
+    model.add_argument("--ray-address", metavar="ADDR",
+                       help="run the workers on an existing Ray cluster (auto, HOST:6379 or ray://HOST:10001)")
     model.add_argument("--no-download", action="store_true",
                        help="never download missing standard GFPGAN/CodeFormer/Real-ESRGAN weights on first use")
 
@@ -204,6 +209,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         checkpoint_cache_size=args.checkpoint_cache,
         default_checkpoint=args.ckpt,
         allow_downloads=not args.no_download,
+        workers=args.workers,
+        ray_address=args.ray_address,
     )
 
 
@@ -347,9 +354,11 @@ def run_webui(args: argparse.Namespace, settings: Settings) -> int:
                            enable_insecure_extension_access=args.enable_insecure_extension_access,
                            flags={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                   if k not in ("gradio_auth", "api_auth")})
+    from backend.errors import EaselError
+
     try:
         launch(settings, server)
-    except LaunchError as exc:
+    except (LaunchError, EaselError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

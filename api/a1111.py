@@ -133,7 +133,7 @@ async def set_options(body: dict[str, Any], who: Caller = Depends(caller), api: 
         await runtime.device.submit(lambda control: manager.set_vae(body["sd_vae"]), who.name, "load").wait_async()
     if "sd_model_checkpoint" in body:
         name = manager.index.resolve_checkpoint(body["sd_model_checkpoint"]).filename
-        await runtime.device.submit(lambda control: manager.select(name), who.name, "load").wait_async()
+        await runtime.device.submit(lambda control: runtime.select_checkpoint(name), who.name, "load").wait_async()
     return None
 
 
@@ -288,6 +288,7 @@ async def unload_checkpoint(who: Caller = Depends(caller), api: ApiContext = Dep
 @router.post("/sdapi/v1/reload-checkpoint", tags=["models"])
 async def reload_checkpoint(who: Caller = Depends(caller), api: ApiContext = Depends(api_context)):
     require_admin(who)
-    manager = api.runtime.manager
-    await api.runtime.device.submit(lambda control: manager.select(manager.selected), who.name, "load").wait_async()
+    runtime = api.runtime
+    await runtime.device.submit(lambda control: runtime.select_checkpoint(runtime.manager.selected), who.name,
+                                "load").wait_async()
     return {}

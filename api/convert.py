@@ -190,7 +190,8 @@ def job_status(job: Job, device: DeviceQueue) -> dict:
             "queue_length": device.queue_length, "progress": job.fraction, "eta_relative": job.eta,
             "step": progress.step if progress else None, "steps": progress.steps if progress else None,
             "error": str(job.error) if job.status == FAILED else None,
-            "images": len(result.images) if result else None, "warnings": list(result.warnings) if result else []}
+            "images": len(result.images) if result else None, "warnings": list(result.warnings) if result else [],
+            "worker": job.control.worker}
 
 
 def extras_request(body: m.ExtrasOptions) -> ExtrasRequest:

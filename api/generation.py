@@ -111,7 +111,7 @@ def submit(api: ApiContext, body: m.Txt2ImgRequest, mode: str, caller: Caller) -
         result.warnings.extend(planned.warnings)
         return result
 
-    job = runtime.device.submit(work, caller.name, mode, preview_every=0)
+    job = runtime.device.submit(work, caller.name, mode, preview_every=0, checkpoint=planned.request.checkpoint)
     job.request = body  # the result endpoint answers in the shape of the request that made it
     return job
 

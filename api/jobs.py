@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import convert, generation
 from api import models as m
-from api.access import Caller
+from api.access import Caller, require_admin
 from api.context import ApiContext, api_context, caller
 from api.errors import A1111Route
 from backend.job_queue import CANCELLED, Job
@@ -34,7 +34,7 @@ async def progress(skip_current_image: bool = False, id_task: str | None = None,
     if job is None:
         return body
     step = job.progress
-    state.update(job=job.kind, job_count=device.queue_length + (device.current is not None),
+    state.update(job=job.kind, job_count=device.queue_length + len(device.running),
                  job_timestamp=dt.datetime.fromtimestamp(job.created).strftime("%Y%m%d%H%M%S"),
                  interrupted=job.control.interrupted, job_no=step.batch if step else 0,
                  sampling_step=step.step if step else 0, sampling_steps=step.steps if step else 0)
@@ -69,7 +69,7 @@ async def skip(job_id: str | None = None, who: Caller = Depends(caller), api: Ap
 
 def _targets(api: ApiContext, job_id: str | None, who: Caller) -> list[Job]:
     """The jobs an interrupt or skip reaches: the given one (if the caller may), else the caller's
-    running job, else (for an admin) whatever is running."""
+    running jobs (one, unless `--workers` runs several at once), else (for an admin) whatever runs."""
     device = api.runtime.device
     if job_id:
         job = device.get(job_id)
@@ -78,8 +78,9 @@ def _targets(api: ApiContext, job_id: str | None, who: Caller) -> list[Job]:
         if not (who.admin or job.owner == who.name):
             raise HTTPException(403, f"job {job_id} belongs to another client; only it or an admin may stop it")
         return [job]
-    current = device.current
-    return [current] if current is not None and (who.admin or current.owner == who.name) else []
+    running = device.running
+    mine = [job for job in running if job.owner == who.name]
+    return mine or (running if who.admin else [])
 
 
 # -- Easel's job API -----------------------------------------------------------------------------------
@@ -128,3 +129,11 @@ async def cancel_job(job_id: str, who: Caller = Depends(caller), api: ApiContext
         raise HTTPException(403, f"job {job_id} belongs to another client; only it or an admin may cancel it")
     device.cancel(job)
     return convert.job_status(job, device)
+
+
+@router.get("/easel/v1/cluster", response_model=m.ClusterStatus, tags=["jobs"])
+async def cluster(who: Caller = Depends(caller), api: ApiContext = Depends(api_context)):
+    """What generates: each worker replica with `--workers` (else this process, as `local`)."""
+    require_admin(who, "see the workers")
+    runtime = api.runtime
+    return {"replicas": await run_in_threadpool(runtime.workers), "queued": runtime.device.queue_length}

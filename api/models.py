@@ -158,3 +158,20 @@ class JobStatus(BaseModel):
     error: str | None = None
     images: int | None = Field(None, description="images made, once finished")
     warnings: list[str] = Field(default_factory=list, description="what went differently than asked, once finished")
+    worker: str | None = Field(None, description="the worker replica that runs or ran it (--workers); else null")
+
+
+class WorkerStatus(BaseModel):
+    id: str = Field(description="the replica's id (\"local\" without --workers)")
+    pid: int | None
+    node: str | None = Field(description="host name (and address) of the machine it runs on")
+    device: str | None
+    loaded: list[str] = Field(description="A1111 titles of the checkpoints it holds")
+    loads: int | None = Field(description="checkpoint loads since it started")
+    running: str | None = Field(description="the id of the job it runs, or null")
+    queued: int = Field(description="waiting jobs for a checkpoint it holds")
+
+
+class ClusterStatus(BaseModel):
+    replicas: list[WorkerStatus]
+    queued: int = Field(description="jobs waiting for a free worker")

@@ -1,5 +1,6 @@
 """The one queue in front of the device: every generation (web UI, REST API, job API) waits here and
-runs in arrival order, one at a time, on a single worker thread.
+starts in arrival order, one at a time on a single worker thread; with `--workers N` (a Ray Serve
+cluster, `backend/cluster`) N jobs run at once, each on a thread that waits for its worker replica.
 
 A job has an id, an owner (who may cancel it), its own `JobControl` (interrupt and skip reach only
 that job), progress and an ETA while it runs, and its result or error when done. Finished jobs are
@@ -49,6 +50,7 @@ class Job:
     result: Any = field(default=None, repr=False)
     error: BaseException | None = None
     request: Any = field(default=None, repr=False)  # what the client sent (the job API answers in its shape)
+    checkpoint: str | None = None  # the checkpoint it runs on, when known (where it will go, with --workers)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _on_done: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
@@ -104,22 +106,26 @@ class Job:
 
 
 class DeviceQueue:
-    """First come, first served; one worker thread runs the jobs."""
+    """First come, first served; `slots` threads run the jobs (1: one device in this process)."""
 
-    def __init__(self, keep_finished: int = 200):
+    def __init__(self, keep_finished: int = 200, slots: int = 1):
+        if slots < 1:
+            raise ValueError("a device queue needs at least one slot")
         self.keep_finished = keep_finished
+        self.slots = slots
         self._pending: deque[Job] = deque()
         self._jobs: OrderedDict[str, Job] = OrderedDict()
-        self._current: Job | None = None
+        self._running: list[Job] = []
         self._numbers = itertools.count(1)
         self._condition = threading.Condition()
-        self._worker: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
         self._stopping = False
 
     # -- submitting and finding ------------------------------------------------------------------
     def submit(self, work: Callable[[JobControl], Any], owner: str, kind: str = "generation",
-               control: JobControl | None = None, preview_every: int = 0) -> Job:
-        job = Job(work, owner, kind, control or JobControl(preview_every=preview_every))
+               control: JobControl | None = None, preview_every: int = 0, checkpoint: str | None = None) -> Job:
+        job = Job(work, owner, kind, control or JobControl(preview_every=preview_every), checkpoint=checkpoint)
+        job.control.job_id = job.id
         listener = job.control.on_progress
 
         def on_progress(progress: Progress) -> None:
@@ -147,7 +153,14 @@ class DeviceQueue:
 
     @property
     def current(self) -> Job | None:
-        return self._current
+        """The job that has run longest of those running (the only one with one slot)."""
+        with self._condition:
+            return self._running[0] if self._running else None
+
+    @property
+    def running(self) -> list[Job]:
+        with self._condition:
+            return list(self._running)
 
     @property
     def queue_length(self) -> int:
@@ -156,13 +169,14 @@ class DeviceQueue:
             return len(self._pending)
 
     def position(self, job: Job) -> int:
-        """How many jobs run before this one: the running job and those queued ahead (0 once it runs)."""
+        """How many jobs start before this one: those queued ahead, plus one while every slot is busy
+        (with one slot: the running job and those queued ahead); 0 once it runs."""
         with self._condition:
             if job.status != QUEUED:
                 return 0
             for index, waiting in enumerate(self._pending):
                 if waiting is job:
-                    return index + (self._current is not None)
+                    return index + (len(self._running) >= self.slots)
         return 0
 
     # -- control ---------------------------------------------------------------------------------
@@ -176,24 +190,30 @@ class DeviceQueue:
         job.control.interrupt()
 
     def shutdown(self, timeout: float = 60.0) -> None:
-        """Cancel the waiting jobs, interrupt the running one and wait for the worker to end."""
+        """Cancel the waiting jobs, interrupt the running ones and wait for the workers to end."""
         with self._condition:
             self._stopping = True
             for job in list(self._pending):
                 self._finish(job, CANCELLED)
             self._pending.clear()
-            if self._current is not None:
-                self._current.control.interrupt()
+            for job in self._running:
+                job.control.interrupt()
             self._condition.notify_all()
-            worker = self._worker
-        if worker is not None and worker is not threading.current_thread():
-            worker.join(timeout)
+            workers = list(self._workers)
+        deadline = time.monotonic() + timeout
+        for worker in workers:
+            if worker is not threading.current_thread():
+                worker.join(max(0.0, deadline - time.monotonic()))
 
-    # -- the worker ------------------------------------------------------------------------------
+    # -- the workers -----------------------------------------------------------------------------
     def _start_worker(self) -> None:
-        if self._worker is None or not self._worker.is_alive():
-            self._worker = threading.Thread(target=self._run, name="easel-device-queue", daemon=True)
-            self._worker.start()
+        """Called with the condition held: a thread per slot, started on first use."""
+        self._workers = [worker for worker in self._workers if worker.is_alive()]
+        while len(self._workers) < self.slots:
+            name = "easel-device-queue" + (f"-{len(self._workers) + 1}" if self.slots > 1 else "")
+            worker = threading.Thread(target=self._run, name=name, daemon=True)
+            self._workers.append(worker)
+            worker.start()
 
     def _run(self) -> None:
         while True:
@@ -204,7 +224,7 @@ class DeviceQueue:
                     return
                 job = self._pending.popleft()
                 job.status, job.started = RUNNING, time.time()
-                self._current = job
+                self._running.append(job)
             try:
                 job.result = job.work(job.control)
                 status = DONE
@@ -212,7 +232,7 @@ class DeviceQueue:
                 job.error = error
                 status = FAILED
             with self._condition:
-                self._current = None
+                self._running.remove(job)
                 self._finish(job, status)
 
     def _finish(self, job: Job, status: str) -> None:

@@ -88,6 +88,7 @@ class ModelManager:
         self.speed = {"compiled": False, "channels_last": False}  # see set_speed
         self.lock = threading.RLock()
         self.load_count = 0
+        self.refreshes = 0  # folder rescans so far (worker replicas rescan when the front end has)
         # The server's current checkpoint (A1111's `sd_model_checkpoint` option): what a request that
         # names none runs on, even after another request switched to its own checkpoint.
         self.selected: str | None = None
@@ -100,6 +101,10 @@ class ModelManager:
     @property
     def loaded(self) -> list[str]:
         return [model.name for model in self._cache.values()]
+
+    @property
+    def loaded_files(self) -> list[ModelFile]:
+        return [model.file for model in list(self._cache.values())]
 
     @property
     def vae_choice(self) -> str:
@@ -130,6 +135,7 @@ class ModelManager:
 
     def refresh(self) -> None:
         """Rescan the model folders (new files appear without a restart)."""
+        self.refreshes += 1
         self.index.refresh()
         self.loras.refresh()
         self.embeddings.refresh()
@@ -282,6 +288,15 @@ class ModelManager:
                     break
                 if self._cache[key] is not self._active:
                     self._evict(key)
+
+    def release(self, name: str) -> bool:
+        """Free one loaded checkpoint (by any name `resolve_checkpoint` takes); False if it was not loaded."""
+        with self.lock:
+            path = self.index.resolve_checkpoint(name).path
+            if path not in self._cache:
+                return False
+            self._evict(path)
+            return True
 
     def unload(self) -> None:
         """Free every loaded checkpoint (A1111's unload-checkpoint)."""

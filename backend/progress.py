@@ -32,14 +32,25 @@ class JobControl:
     def __init__(self, on_progress: Callable[[Progress], None] | None = None, preview_every: int = 0):
         self.on_progress = on_progress
         self.preview_every = preview_every
+        # A job run elsewhere (a worker replica, `backend/cluster`): where it runs, and how an interrupt
+        # or skip reaches it ("interrupt" or "skip")
+        self.job_id: str | None = None
+        self.worker: str | None = None
+        self.on_signal: Callable[[str], None] | None = None
         self._interrupted = threading.Event()
         self._skipped = threading.Event()
 
     def interrupt(self) -> None:
         self._interrupted.set()
+        self._forward("interrupt")
 
     def skip(self) -> None:
         self._skipped.set()
+        self._forward("skip")
+
+    def _forward(self, signal: str) -> None:
+        if self.on_signal is not None:
+            self.on_signal(signal)
 
     @property
     def interrupted(self) -> bool:

@@ -9,7 +9,9 @@ the API and the CLI.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields, replace
+import os
+import socket
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,20 +57,64 @@ class Runtime:
     extensions: ExtensionRegistry
     styles: StyleDatabase
     device: DeviceQueue = field(default_factory=DeviceQueue)
+    cluster: Any = None  # backend.cluster.driver.Cluster with --workers / --ray-address: replicas generate
 
     def __post_init__(self) -> None:
         if self.extensions.extensions:  # (never the shared empty registry: it would keep this runtime alive)
             self.extensions.options = lambda: self.options  # what extensions read through `easel.option()`
 
     def generate(self, request: GenerationRequest, control: JobControl | None = None) -> GenerationResult:
-        """Run a request on this runtime's models with its extensions (on the caller's thread: front ends
-        queue this on `device`)."""
-        return generate(self.manager, request, control, extensions=self.extensions)
+        """Run a request on this runtime's models with its extensions, or on a worker replica with
+        `--workers` (on the caller's thread either way: front ends queue this on `device`)."""
+        if self.cluster is None:
+            return generate(self.manager, request, control, extensions=self.extensions)
+        request = replace(request, checkpoint=self.checkpoint_file(request.checkpoint))
+        return self.cluster.generate(request, control or JobControl(), self.server_state())
+
+    # -- the server's checkpoint -----------------------------------------------------------------
+    def checkpoint_file(self, name: str | None = None) -> str:
+        """The file name of checkpoint `name` (any name A1111 accepts), else of the server's current one,
+        else of the first found: with `--workers`, a job's model id."""
+        manager = self.manager
+        name = name or manager.selected
+        return (manager.index.resolve_checkpoint(name) if name else manager.default_checkpoint()).filename
+
+    def select_checkpoint(self, name: str | None = None):
+        """Make `name` (default: the current or first checkpoint) the server's current checkpoint. Loads
+        it here and returns the model; with `--workers` only records it (the replicas load it on use) and
+        returns None."""
+        if self.cluster is None:
+            return self.manager.select(name)
+        self.manager.selected = self.checkpoint_file(name)
+        return None
+
+    def server_state(self):
+        from backend.cluster.jobs import ServerState
+
+        manager = self.manager
+        return ServerState(asdict(self.options), manager.vae_choice, manager.text_encoder_choice, manager.refreshes)
+
+    def workers(self) -> list[dict]:
+        """What generates, for `/easel/v1/cluster`: each replica (or this process) with its pid, node,
+        device, loaded checkpoints, loads since start, running job and the waiting jobs for what it holds."""
+        waiting = [job.checkpoint for job in self.device.jobs_of() if job.status == "queued"]
+        if self.cluster is None:
+            manager, running = self.manager, self.device.current
+            rows = [{"id": "local", "pid": os.getpid(), "node": socket.gethostname(),
+                     "device": str(manager.placement.device), "loaded": [manager.index.title(f, compute=False)
+                                                                         for f in manager.loaded_files],
+                     "loaded_files": [f.filename for f in manager.loaded_files], "loads": manager.load_count,
+                     "running": running.id if running is not None else None}]
+        else:
+            rows = self.cluster.replicas()
+        return [{key: row.get(key) for key in ("id", "pid", "node", "device", "loaded", "loads", "running")}
+                | {"queued": sum(name in row.get("loaded_files", ()) for name in waiting)} for row in rows]
 
     @classmethod
     def create(cls, settings: Settings, config_path: Path | None = None,
                manager: ModelManager | None = None) -> Runtime:
-        """Read the options, build the model manager and load the extensions (no model is loaded)."""
+        """Read the options, build the model manager and load the extensions (no model is loaded); with
+        `settings.clustered`, start the worker replicas."""
         options_path = Path(config_path or Path(settings.data_dir) / CONFIG_NAME)
         clean_stale_temporaries(options_path.parent)
         options = load_options(options_path)
@@ -84,6 +130,11 @@ class Runtime:
         extensions = ExtensionRegistry(Path(settings.data_dir) / "extensions", set(options.disabled_extensions))
         runtime = cls(settings, options, options_path, manager, extensions, StyleDatabase(settings.styles_file))
         runtime._apply_to_parts(options)
+        if settings.clustered:
+            from backend import cluster
+
+            runtime.cluster = cluster.start(settings)
+            runtime.device = DeviceQueue(slots=runtime.cluster.workers)
         return runtime
 
     # -- options ---------------------------------------------------------------------------------
@@ -164,6 +215,9 @@ class Runtime:
 
     def shutdown(self) -> None:
         self.device.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+            self.cluster = None
 
 
 def _check_type(key: str, value: Any, current: Any) -> None:

@@ -56,12 +56,23 @@ class Settings:
     # Standard face restoration and upscaler weights missing on first use are downloaded from their
     # release URLs (A1111 does this); the command line turns it on unless --no-download.
     allow_downloads: bool = False
+    # Past one device (backend/cluster): N generation replicas on Ray Serve (0: this process generates),
+    # on a local Ray instance or on the cluster at `ray_address` ("auto", "ray://host:10001", "host:6379")
+    workers: int = 0
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.checkpoint_cache_size < 1:
             raise ValueError("checkpoint_cache_size must be at least 1")
+        if self.workers < 0:
+            raise ValueError("workers must be 0 (no cluster) or more")
+
+    @property
+    def clustered(self) -> bool:
+        """Generation runs on Ray Serve replicas, not in this process."""
+        return bool(self.workers or self.ray_address)
 
     @property
     def models_dir(self) -> Path:

@@ -92,8 +92,9 @@ class UIContext:
         return [file.filename for file in self.manager.index.checkpoints]
 
     def active_checkpoint(self) -> str | None:
+        """The loaded checkpoint; with --workers (nothing loads here) the server's current one."""
         active = self.manager.active
-        return active.file.filename if active is not None else None
+        return active.file.filename if active is not None else self.manager.selected
 
     def native_size(self) -> int:
         active = self.manager.active
@@ -101,6 +102,20 @@ class UIContext:
 
 
 # -- small pure helpers (tested without a browser) ---------------------------------------------------
+def workers_html(rows: list[dict], queued: int) -> str:
+    """The status line of `--workers`: each replica, its device, what it holds and what it runs."""
+    parts = []
+    for row in rows:
+        held = ", ".join(name.split(" [")[0] for name in row.get("loaded") or []) or "nothing loaded"
+        doing = f"running job {row['running'][:8]}" if row.get("running") else "idle"
+        parts.append(f"<b>{html.escape(str(row['id']))}</b> ({html.escape(str(row.get('device')))}; "
+                     f"{html.escape(held)}): {doing}")
+    if not parts:
+        return "<div>Workers: none running yet (starting, or restarting after a failure)</div>"
+    return (f"<div>{len(parts)} worker{'s' if len(parts) != 1 else ''} · " + " · ".join(parts)
+            + f" · {queued} waiting</div>")
+
+
 def token_counter(tokenizer, text: str, vocabulary: EncoderVocabulary = NO_EMBEDDINGS) -> str:
     """A1111's counter: tokens used / the capacity of the 75-token chunks they take. Extra network
     tags do not count; an embedding counts as its vectors."""

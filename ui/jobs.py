@@ -96,12 +96,12 @@ class JobRegistry:
 
 
 def run(work: Callable[[JobControl], Any], job: SessionJob, device: DeviceQueue, owner: str = "ui",
-        kind: str = "generation", poll: float = 0.2) -> Iterator[Running | Finished]:
+        kind: str = "generation", poll: float = 0.2, checkpoint: str | None = None) -> Iterator[Running | Finished]:
     """Queue `work(job.control)` on the device queue; yield `Running` as progress arrives (and every
     `poll` seconds, with the queue position while waiting), then one `Finished` with the result or
     the exception."""
     started = time.perf_counter()
-    queued = device.submit(work, owner, kind, control=job.control)
+    queued = device.submit(work, owner, kind, control=job.control, checkpoint=checkpoint)
     latest: Progress | None = None
     updates = job.updates
     while not queued.done:

@@ -104,8 +104,12 @@ def launch(settings, server: ServerOptions, config_path: Path | None = None, blo
 
     runtime = Runtime.create(settings, config_path)
     try:
-        model = runtime.manager.select()
-        logger.info("Loaded %s", model.label)
+        model = runtime.select_checkpoint()
+        if model is None:
+            logger.info("Checkpoint %s: the %d workers load it on first use", runtime.manager.selected,
+                        runtime.cluster.workers)
+        else:
+            logger.info("Loaded %s", model.label)
     except Exception as exc:  # the UI still starts; the top bar shows the error and lets the user pick
         logger.error("No model loaded at start: %s", exc)
     atexit.register(runtime.shutdown)  # never leave the process while the device thread runs torch

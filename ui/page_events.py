@@ -96,7 +96,7 @@ def wire_generation(ui, mode: str, top: dict[str, Any]) -> None:
             return
         try:
             for event in jobs.run(lambda control: ctx.runtime.generate(generation, control), job, ctx.device,
-                                  owner=f"ui:{session}", kind=mode):
+                                  owner=f"ui:{session}", kind=mode, checkpoint=generation.checkpoint):
                 if isinstance(event, jobs.Running):
                     update = {c["_progress"]: progress_html(event)}
                     if event.progress is not None and event.progress.preview is not None:

@@ -1,0 +1,36 @@
+"""The registry: one small named actor (`easel_registry` in namespace `easel`) that every replica and
+the front end reach by name. It carries interrupt and skip to the replica running a job (a Serve
+handle cannot address one replica) and keeps each replica's latest heartbeat for `/easel/v1/cluster`."""
+
+from __future__ import annotations
+
+import time
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.signals: dict[str, dict] = {}
+        self.replicas: dict[str, dict] = {}
+
+    def signal(self, job_id: str, name: str) -> None:
+        """"interrupt" (stop, keep finished images) or "skip" (counted: each skip ends one batch)."""
+        flags = self.signals.setdefault(job_id, {"interrupt": False, "skips": 0})
+        if name == "skip":
+            flags["skips"] += 1
+        else:
+            flags["interrupt"] = True
+
+    def poll(self, job_id: str) -> dict:
+        return dict(self.signals.get(job_id, {"interrupt": False, "skips": 0}))
+
+    def clear(self, job_id: str) -> None:
+        self.signals.pop(job_id, None)
+
+    def heartbeat(self, replica_id: str, info: dict) -> None:
+        self.replicas[replica_id] = {**info, "seen": time.time()}
+
+    def forget(self, replica_id: str) -> None:
+        self.replicas.pop(replica_id, None)
+
+    def list(self) -> dict[str, dict]:
+        return dict(self.replicas)
