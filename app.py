@@ -346,14 +346,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_webui(args: argparse.Namespace, settings: Settings) -> int:
-    from ui.launch import LaunchError, ServerOptions, launch
+    from ui.launch import LaunchError, launch
 
-    server = ServerOptions(listen=args.listen, port=args.port, share=args.share, auth=args.gradio_auth,
-                           auth_path=args.gradio_auth_path, insecure=args.insecure, api=args.api or args.nowebui,
-                           nowebui=args.nowebui, api_auth=args.api_auth, api_admin=args.api_admin,
-                           enable_insecure_extension_access=args.enable_insecure_extension_access,
-                           flags={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                                  if k not in ("gradio_auth", "api_auth")})
+    server = server_options(args)
     from backend.errors import EaselError
 
     try:
@@ -362,6 +357,17 @@ def run_webui(args: argparse.Namespace, settings: Settings) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def server_options(args: argparse.Namespace):
+    from ui.launch import ServerOptions
+
+    return ServerOptions(listen=args.listen, port=args.port, share=args.share, auth=args.gradio_auth,
+                         auth_path=args.gradio_auth_path, insecure=args.insecure, api=args.api or args.nowebui,
+                         nowebui=args.nowebui, api_auth=args.api_auth, api_admin=args.api_admin,
+                         enable_insecure_extension_access=args.enable_insecure_extension_access,
+                         flags={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                if k not in ("gradio_auth", "api_auth")})
 
 
 def _run_reporting_errors(command, args, settings) -> int:

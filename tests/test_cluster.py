@@ -274,9 +274,12 @@ def test_the_kuberay_manifest_is_a_valid_rayservice():
     worker = deployments["EaselWorker"]
     assert worker.num_replicas >= 2 and worker.max_ongoing_requests == 1
     assert worker.ray_actor_options.num_gpus == 1
-    module, attribute = app.import_path.split(":")
-    assert module == "backend.cluster.serve_app" and attribute == "app"
-    assert "--workers" in app.args.get("command", "") or app.args
+    assert app.import_path == "serve_app:app" and app.args["workers"] == worker.num_replicas
+    assert "--api" in app.args["flags"] and "--listen" in app.args["flags"]
+    import serve_app  # the import path resolves, and its args build the application
+
+    built = serve_app.app({**app.args, "flags": app.args["flags"].replace("/data", "/tmp") + " --insecure"})
+    assert type(built).__name__ == "Application"
     cluster = spec["rayClusterConfig"]
     assert cluster["rayVersion"] == ray.__version__
     images = [cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]]

@@ -181,6 +181,39 @@ def _serve_ui(runtime, server: ServerOptions, pairs, api, block: bool):
     return demo, local_url, share_url
 
 
+def asgi_app(runtime, server: ServerOptions):
+    """The UI and the API as one ASGI app for another server to run (Ray Serve's ingress deployment in a
+    KubeRay RayService, `serve_app.py`), under the same access rules as `launch`."""
+    import gradio as gr
+    from fastapi import FastAPI
+
+    from api import mount
+    from api.access import FailedLogins, LocalHostOnly
+    from ui.webui import CSS, UIContext, build_ui
+
+    pairs = credentials(server)
+    api_pairs = parse_auth(server.api_auth) if server.api_auth else []
+    check_public(server, pairs, api_pairs)
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, title="Easel")
+    if pairs:
+        app.add_middleware(SlowFailedLogins, failures=FailedLogins())
+    if not server.public:
+        app.add_middleware(LocalHostOnly)
+    if server.api:
+        mount(app, _api_context(runtime, server, api_pairs))
+    if server.nowebui:
+        return app
+    context = UIContext(runtime, public=server.public, authenticated=bool(pairs),
+                        allow_extension_install=not server.public or server.enable_insecure_extension_access)
+    demo = build_ui(context)
+    demo.queue(default_concurrency_limit=1)
+    demo.easel_context = context
+    return gr.mount_gradio_app(app, demo, path="/", auth=pairs or None, css=CSS, footer_links=["settings"],
+                               auth_message="Easel: sign in with the credentials given to --gradio-auth" if pairs
+                               else None, allowed_paths=served_folders(runtime.settings),
+                               blocked_paths=[str(runtime.settings.models_dir)])
+
+
 class SlowFailedLogins:
     """ASGI middleware: a failed sign-in on gradio's login route waits before its answer, longer after
     each failure from the same address (see `api.access.FailedLogins`)."""

@@ -23,13 +23,12 @@ from backend.cluster.jobs import (
     ERROR,
     NAMESPACE,
     PROGRESS,
-    REGISTRY_NAME,
     RESULT,
     STARTED,
     RemoteJob,
     ServerState,
 )
-from backend.cluster.registry import Registry
+from backend.cluster.registry import connect
 from backend.errors import EaselError, InputError, UnavailableError
 from backend.progress import JobControl
 from backend.request import GenerationRequest, GenerationResult
@@ -70,9 +69,7 @@ class Cluster:
             except (ConnectionError, RuntimeError, ValueError) as error:
                 raise UnavailableError(f"cannot join the Ray cluster at {settings.ray_address}: {error}") from None
         options, threads = actor_options(ray.cluster_resources(), workers)
-        registry = ray.remote(num_cpus=0)(Registry).options(
-            name=REGISTRY_NAME, namespace=NAMESPACE, get_if_exists=True,
-            lifetime=None if owns_ray else "detached").remote()
+        registry = connect(detached=not owns_ray)
         if owns_ray:  # Easel's own server is the front door: no Serve HTTP proxy
             serve.start(proxy_location="Disabled")
         replica_settings = replace(settings, threads=threads or settings.threads, workers=0, ray_address=None)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 
+from backend.cluster.jobs import NAMESPACE, REGISTRY_NAME
+
 
 class Registry:
     def __init__(self) -> None:
@@ -34,3 +36,13 @@ class Registry:
 
     def list(self) -> dict[str, dict]:
         return dict(self.replicas)
+
+
+def connect(detached: bool):
+    """The registry actor, created by whoever comes first (a front end, or a replica deployed before its
+    front end, as in a RayService); `detached` keeps it past its creator (a cluster, not a local run)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(Registry).options(
+        name=REGISTRY_NAME, namespace=NAMESPACE, get_if_exists=True,
+        lifetime="detached" if detached else None).remote()

@@ -18,12 +18,11 @@ import ray
 from ray import serve
 
 from backend import devices
+from backend.cluster import registry
 from backend.cluster.jobs import (
     DEPLOYMENT_NAME,
     ERROR,
-    NAMESPACE,
     PROGRESS,
-    REGISTRY_NAME,
     RESULT,
     STARTED,
     Event,
@@ -59,10 +58,7 @@ class GenerationWorker:
 
         self._checkpoint = serve.multiplexed(max_num_models_per_replica=cache_size)(checkpoint)
         self.info = replica_info(self.manager)
-        try:
-            self._registry = ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)
-        except ValueError:  # deployed without a front end: no interrupt or skip, no heartbeats
-            self._registry = None
+        self._registry = registry.connect(detached=True)  # the front end's, when it started first
         self._beats = asyncio.get_running_loop().create_task(self._beat_forever())
         logger.info("Worker %s ready on %s", self.info["id"], self.info["device"])
 
