@@ -72,7 +72,7 @@ class Cluster:
         registry = connect(detached=not owns_ray)
         if owns_ray:  # Easel's own server is the front door: no Serve HTTP proxy
             serve.start(proxy_location="Disabled")
-        replica_settings = replace(settings, threads=threads or settings.threads, workers=0, ray_address=None)
+        replica_settings = replace(settings, threads=settings.threads or threads, workers=0, ray_address=None)
         app = worker.deployment(workers, options).bind(replica_settings, settings.checkpoint_cache_size)
         logger.info("Starting %d generation worker(s) on Ray Serve (%s each)", workers, options)
         handle = serve.run(app, name=APP_NAME, route_prefix=None)
@@ -110,21 +110,24 @@ class Cluster:
     def _run_once(self, job: RemoteJob, control: JobControl, batches: list[int]) -> GenerationResult:
         """One attempt; `batches[0]` counts the batches the replica finished (saved images)."""
         stream = self.handle.options(stream=True, multiplexed_model_id=job.request.checkpoint).run.remote(job)
+        final = None
         try:
-            for event in stream:
+            for event in stream:  # to its end: the replica is free again before the next job is sent
                 if event.kind == STARTED:
                     control.worker = event.replica["id"]
                 elif event.kind == PROGRESS:
                     batches[0] = max(batches[0], event.value.batch)
                     control.report(event.value)
-                elif event.kind == RESULT:
-                    return event.value
-                elif event.kind == ERROR:
-                    raise event.value
+                elif event.kind in (RESULT, ERROR):
+                    final = event
         except RayTaskError as error:  # raised in the replica outside the job's own handling
             cause = error.cause if isinstance(getattr(error, "cause", None), Exception) else None
             raise (cause if isinstance(cause, EaselError) else RuntimeError(str(error))) from None
-        raise RayActorError(f"worker {control.worker} ended job {job.id} without a result")
+        if final is None:
+            raise RayActorError(f"worker {control.worker} ended job {job.id} without a result")
+        if final.kind == ERROR:
+            raise final.value
+        return final.value
 
     # -- what the replicas report ----------------------------------------------------------------
     def replicas(self) -> list[dict]:

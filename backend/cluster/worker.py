@@ -37,7 +37,7 @@ from backend.settings import Settings
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0  # how often an idle replica tells the registry it is alive
-POLL_S = 0.1  # how often a running job looks for an interrupt or skip
+POLL_S = 0.2  # how often a running job looks for an interrupt or skip
 NOT_SYNCED = ("checkpoint_cache",)  # options a replica keeps as it was started
 
 
