@@ -58,11 +58,21 @@ def page(server):
 
 
 def pick(page, selector: str, name: str) -> None:
-    """Choose `name` in a dropdown and wait until the server's answer has re-rendered it with the choice."""
-    page.fill(f"{selector} input", name)  # typing filters the list; Enter takes the match
-    page.keyboard.press("Enter")
-    page.keyboard.press("Escape")
-    wait_for_text(page, "#model_status", name)  # the server took the pick (the status line names it)
+    """Choose `name` in a dropdown and wait until the server's answer has re-rendered it with the choice.
+    The answer to the previous pick can re-render the dropdown while this one is typed (the typed text is
+    then lost), so type again when the status line does not name it."""
+    for attempt in range(3):
+        page.fill(f"{selector} input", name)  # typing filters the list; Enter takes the match
+        page.keyboard.press("Enter")
+        page.keyboard.press("Escape")
+        try:  # the server took the pick (the status line names it)
+            page.wait_for_function(
+                "([sel, text]) => { const e = document.querySelector(sel); return e && e.innerText.includes(text); }",
+                arg=["#model_status", name], timeout=20_000)
+            return
+        except playwright.TimeoutError:
+            if attempt == 2:
+                raise
 
 
 def test_pick_a_flux_file_its_text_encoders_and_vae_and_generate(page):

@@ -164,7 +164,7 @@ def test_eight_clients_alternating_checkpoints_load_each_once_per_replica(cluste
 def test_progress_interrupt_and_cancel_reach_the_replica_running_the_job(cluster):
     url, _ = cluster
     long = {"prompt": "x", **SMALL, "steps": 400, "save_images": False}
-    mine, theirs = submit(url, {**long, "seed": 1}), submit(url, {**long, "seed": 2}, user="bob")
+    mine, theirs = submit(url, {**long, "seed": 1}), submit(url, {**long, "seed": 2, "n_iter": 2}, user="bob")
     a, b = running_on(url, mine["id"], "alice"), running_on(url, theirs["id"], "bob")
     assert a["worker"] and b["worker"] and a["worker"] != b["worker"]  # one job per replica, both running
     assert a["replica"]["running"] == mine["id"] and b["replica"]["running"] == theirs["id"]
@@ -175,6 +175,12 @@ def test_progress_interrupt_and_cancel_reach_the_replica_running_the_job(cluster
     assert call(url, "POST", "/sdapi/v1/interrupt", "alice").status_code == 200
     done = wait_for(url, mine["id"], "alice", lambda s: s["status"] == "done")
     assert done["step"] < 400 and call(url, "GET", f"/easel/v1/jobs/{theirs['id']}", "bob").json()["status"] == "running"
+    # bob's skip abandons his first batch only: his job goes on with the second
+    assert call(url, "POST", "/sdapi/v1/skip", "bob").status_code == 200
+    deadline = time.monotonic() + 60
+    while (state := call(url, "GET", "/sdapi/v1/progress", "bob").json())["state"]["job_no"] < 1:
+        assert state["current_task"] == theirs["id"] and time.monotonic() < deadline
+    assert call(url, "GET", f"/easel/v1/jobs/{theirs['id']}", "bob").json()["status"] == "running"
     # the admin cancels bob's running job: it stops on its replica too
     assert call(url, "DELETE", f"/easel/v1/jobs/{theirs['id']}", "root").status_code == 200
     stopped = wait_for(url, theirs["id"], "bob", lambda s: s["status"] == "done")

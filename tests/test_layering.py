@@ -38,3 +38,14 @@ def test_backend_has_no_import_time_side_effects():
             if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
                 pytest.fail(f"{path.relative_to(ROOT)}:{node.lineno} calls something at import time")
         assert "argparse" not in imported_modules(path), path
+
+
+def test_only_the_cluster_code_imports_ray():
+    """Without --workers Easel never imports Ray: only backend/cluster's worker, driver and registry
+    (imported or called once a cluster starts) and serve_app.py do."""
+    allowed = {ROOT / "backend" / "cluster" / name for name in ("worker.py", "driver.py", "registry.py")}
+    allowed.add(ROOT / "serve_app.py")
+    files = [ROOT / "app.py"] + [p for package in ("backend", "api", "ui") for p in (ROOT / package).rglob("*.py")]
+    for path in files:
+        if path not in allowed:
+            assert "ray" not in imported_modules(path), f"{path.relative_to(ROOT)} imports ray"

@@ -54,6 +54,7 @@ class Cluster:
         """Start a local Ray instance (or join `settings.ray_address`) and deploy `settings.workers`
         replicas (one per GPU when the cluster has GPUs, else an equal share of the CPUs each)."""
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")  # keep this process's own print()
         workers, owns_ray = max(1, settings.workers), not settings.ray_address
         # Replicas import Easel from where this one runs (on a cluster: the same path on every node)
         paths = os.pathsep.join(filter(None, [EASEL_ROOT, os.environ.get("PYTHONPATH")]))
