@@ -149,7 +149,7 @@ def read_metadata(path: Path) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
-def _modelspec(metadata: dict[str, str]) -> tuple[str | None, int | None]:
+def modelspec(metadata: dict[str, str]) -> tuple[str | None, int | None]:
     """(prediction type, native size) from Stability's ModelSpec keys, when the file carries them."""
     prediction = {"v": "v_prediction", "epsilon": "epsilon"}.get(metadata.get("modelspec.prediction_type", ""))
     size = None
@@ -324,7 +324,7 @@ def load_single_file(path: Path, cache_dir: Path, dtype=torch.float32) -> Compon
         for config, weights in zip(spec.text_encoders, _text_encoder_weights(spec, checkpoint))
     ]
     del checkpoint
-    spec_prediction, native_size = _modelspec(read_metadata(path))
+    spec_prediction, native_size = modelspec(read_metadata(path))
     prediction_type = _sidecar_prediction_type(path) or spec_prediction or spec.prediction_type
     if prediction_type is None:
         prediction_type = "v_prediction" if probe_v_prediction(unet) else "epsilon"

@@ -115,6 +115,15 @@ class ModelManager:
         """Forge's text encoder picks (file names in models/text_encoder) for FLUX.1 and SD 3.5 files."""
         return self._text_encoder_choice
 
+    def file_native_size(self, name: str) -> int:
+        """A checkpoint's native size from its file's header, without loading it (what the UI starts at
+        with --workers, where nothing loads here): its ModelSpec resolution, else its family's size."""
+        file = self.index.resolve_checkpoint(name)
+        if file.is_diffusers_folder or file.path.suffix.lower() not in (".safetensors", ".gguf"):
+            return 512
+        _, size = checkpoints.modelspec(checkpoints.read_metadata(file.path))
+        return size or families.identify(file_shapes(file.path)).native_size
+
     def text_encoder_options(self) -> list[str]:
         return [file.filename for file in self.index.text_encoders]
 

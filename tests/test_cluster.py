@@ -150,6 +150,8 @@ def test_eight_clients_alternating_checkpoints_load_each_once_per_replica(cluste
         assert np.array_equal(pixels(response["images"][0]), pixels(txt2img(single, body)["images"][0]))
     rows = workers(url)
     assert len(rows) == 2 and {row["device"] for row in rows} == {"cpu"}
+    runtime = cluster[1]  # the front end loaded nothing; the UI reads the native size from the file
+    assert runtime.manager.active is None and runtime.manager.file_native_size(SHAPES) == 64
     for row in rows:  # two checkpoints, a cache of two: no replica ever loaded one twice
         assert 1 <= row["loads"] <= 2 and len(row["loaded"]) == row["loads"], rows
         assert row["pid"] != os.getpid() and row["running"] is None

@@ -97,8 +97,15 @@ class UIContext:
         return active.file.filename if active is not None else self.manager.selected
 
     def native_size(self) -> int:
-        active = self.manager.active
-        return active.native_size if active is not None else 512
+        """The loaded model's native size; with --workers (nothing loads here) read from the current
+        checkpoint's file."""
+        active, selected = self.manager.active, self.manager.selected
+        if active is not None:
+            return active.native_size
+        try:
+            return self.manager.file_native_size(selected) if selected else 512
+        except Exception:  # a file that went away or is not a checkpoint: the UI still opens
+            return 512
 
 
 # -- small pure helpers (tested without a browser) ---------------------------------------------------
