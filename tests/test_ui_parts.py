@@ -173,6 +173,30 @@ def test_device_queue_runs_jobs_in_arrival_order_and_reports_positions():
         cancelled.wait(1)
 
 
+def test_a_queue_with_two_slots_runs_two_jobs_at_once_and_starts_the_rest_in_order():
+    """--workers 2: the queue hands out two jobs at a time; positions count the waiting ones ahead."""
+    device = DeviceQueue(slots=2)
+    gate, started, order = threading.Event(), threading.Semaphore(0), []
+
+    def work(name):
+        def run(control):
+            order.append(name)
+            started.release()
+            gate.wait(5)
+            return name
+        return run
+
+    first, second = device.submit(work("first"), owner="a"), device.submit(work("second"), owner="b")
+    assert started.acquire(timeout=5) and started.acquire(timeout=5)
+    assert {job.status for job in (first, second)} == {"running"} and set(device.running) == {first, second}
+    waiting = [device.submit(work(f"job{i}"), owner="c") for i in range(3)]
+    assert [device.position(j) for j in waiting] == [1, 2, 3] and device.queue_length == 3
+    gate.set()
+    assert [j.wait(5) for j in waiting] == ["job0", "job1", "job2"]
+    assert sorted(order[:2]) == ["first", "second"] and sorted(order[2:]) == ["job0", "job1", "job2"]
+    assert device.running == [] and first.control.job_id == first.id
+
+
 # -- small helpers ---------------------------------------------------------------------------------------
 def test_token_counter_grows_in_chunks_of_75(tokenizer_cache):
     from backend.clip_tokenizer import load_clip_tokenizer
