@@ -192,8 +192,8 @@ def test_a_queue_with_two_slots_runs_two_jobs_at_once_and_starts_the_rest_in_ord
     waiting = [device.submit(work(f"job{i}"), owner="c") for i in range(3)]
     assert [device.position(j) for j in waiting] == [1, 2, 3] and device.queue_length == 3
     gate.set()
-    assert [j.wait(5) for j in waiting] == ["job0", "job1", "job2"]
-    assert sorted(order[:2]) == ["first", "second"] and sorted(order[2:]) == ["job0", "job1", "job2"]
+    assert [j.wait(5) for j in waiting] == ["job0", "job1", "job2"] and first.wait(5) == "first"
+    assert second.wait(5) == "second" and sorted(order[:2]) == ["first", "second"] and sorted(order[2:]) == ["job0", "job1", "job2"]
     assert device.running == [] and first.control.job_id == first.id
 
 

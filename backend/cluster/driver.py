@@ -56,27 +56,24 @@ class Cluster:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")  # keep this process's own print()
         workers, owns_ray = max(1, settings.workers), not settings.ray_address
-        # Replicas import Easel from where this one runs (on a cluster: the same path on every node)
-        paths = os.pathsep.join(filter(None, [EASEL_ROOT, os.environ.get("PYTHONPATH")]))
-        runtime_env = {"env_vars": {"PYTHONPATH": paths}}
-        if owns_ray:
-            ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-                     object_store_memory=OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1", namespace=NAMESPACE,
-                     runtime_env=runtime_env)
-        else:
+        _init_ray(settings, workers)
+        try:
+            options, threads = actor_options(ray.cluster_resources(), workers)
+            registry = connect(detached=not owns_ray)
+            if owns_ray:  # Easel's own server is the front door: no Serve HTTP proxy
+                serve.start(proxy_location="Disabled")
+            replica_settings = replace(settings, threads=settings.threads or threads, workers=0, ray_address=None)
+            app = worker.deployment(workers, options).bind(replica_settings, settings.checkpoint_cache_size)
+            logger.info("Starting %d generation worker(s) on Ray Serve (%s each)", workers, options)
             try:
-                ray.init(address=settings.ray_address, namespace=NAMESPACE, log_to_driver=False,
-                         runtime_env=runtime_env)
-            except (ConnectionError, RuntimeError, ValueError) as error:
-                raise UnavailableError(f"cannot join the Ray cluster at {settings.ray_address}: {error}") from None
-        options, threads = actor_options(ray.cluster_resources(), workers)
-        registry = connect(detached=not owns_ray)
-        if owns_ray:  # Easel's own server is the front door: no Serve HTTP proxy
-            serve.start(proxy_location="Disabled")
-        replica_settings = replace(settings, threads=settings.threads or threads, workers=0, ray_address=None)
-        app = worker.deployment(workers, options).bind(replica_settings, settings.checkpoint_cache_size)
-        logger.info("Starting %d generation worker(s) on Ray Serve (%s each)", workers, options)
-        handle = serve.run(app, name=APP_NAME, route_prefix=None)
+                handle = serve.run(app, name=APP_NAME, route_prefix=None)
+            except RuntimeError as error:  # a replica failed to start: its traceback is in Serve's logs
+                raise UnavailableError(f"the generation workers did not start ({error}); see the replica logs "
+                                       "under /tmp/ray/session_latest/logs/serve/") from None
+        except BaseException:
+            if owns_ray:
+                ray.shutdown()
+            raise
         return cls(handle, registry, workers, owns_ray)
 
     # -- jobs ------------------------------------------------------------------------------------
@@ -147,6 +144,21 @@ class Cluster:
                 serve.shutdown()
             finally:
                 ray.shutdown()
+
+
+def _init_ray(settings: Settings, workers: int) -> None:
+    # Replicas import Easel from where this one runs (on a cluster: the same path on every node)
+    paths = os.pathsep.join(filter(None, [EASEL_ROOT, os.environ.get("PYTHONPATH")]))
+    runtime_env = {"env_vars": {"PYTHONPATH": paths}}
+    if not settings.ray_address:
+        ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+                 object_store_memory=OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1", namespace=NAMESPACE,
+                 runtime_env=runtime_env)
+        return
+    try:
+        ray.init(address=settings.ray_address, namespace=NAMESPACE, log_to_driver=False, runtime_env=runtime_env)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise UnavailableError(f"cannot join the Ray cluster at {settings.ray_address}: {error}") from None
 
 
 def actor_options(resources: dict, workers: int) -> tuple[dict, int | None]:
