@@ -257,6 +257,15 @@ def test_without_workers_nothing_imports_ray(tmp_path):
     assert out.stdout.split() == ["None", "1", "local", "False"]
 
 
+def test_an_address_where_no_cluster_runs_fails_at_once_naming_the_fix(tmp_path):
+    from backend.errors import UnavailableError
+    from backend.runtime import Runtime
+
+    address = f"127.0.0.1:{free_port()}"
+    with pytest.raises(UnavailableError, match=rf"cannot reach the Ray cluster at {address} .*ray start --head"):
+        Runtime.create(Settings(data_dir=tmp_path, workers=2, ray_address=address))
+
+
 def test_the_status_line_names_each_replica_and_what_it_runs():
     from ui.context import workers_html
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 import uuid
 from dataclasses import replace
@@ -155,10 +156,24 @@ def _init_ray(settings: Settings, workers: int) -> None:
                  object_store_memory=OBJECT_STORE_BYTES, _node_ip_address="127.0.0.1", namespace=NAMESPACE,
                  runtime_env=runtime_env)
         return
+    _check_reachable(settings.ray_address)
     try:
         ray.init(address=settings.ray_address, namespace=NAMESPACE, log_to_driver=False, runtime_env=runtime_env)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise UnavailableError(f"cannot join the Ray cluster at {settings.ray_address}: {error}") from None
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once, naming the fix, for a HOST:PORT (or ray://HOST:PORT) nothing listens on: Ray itself
+    retries such an address for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as error:
+        raise UnavailableError(f"cannot reach the Ray cluster at {address} ({error}): start it there with "
+                               "`ray start --head`, or check the address (auto, HOST:6379, ray://HOST:10001)") from None
 
 
 def actor_options(resources: dict, workers: int) -> tuple[dict, int | None]:
