@@ -266,6 +266,16 @@ def test_an_address_where_no_cluster_runs_fails_at_once_naming_the_fix(tmp_path)
         Runtime.create(Settings(data_dir=tmp_path, workers=2, ray_address=address))
 
 
+def test_without_ray_installed_the_flags_name_what_to_install(tmp_path, monkeypatch):
+    from backend.errors import UnavailableError
+    from backend.runtime import Runtime
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    monkeypatch.delitem(sys.modules, "backend.cluster.driver", raising=False)
+    with pytest.raises(UnavailableError, match=r"not installed: pip install -r requirements-cluster.txt"):
+        Runtime.create(Settings(data_dir=tmp_path, workers=2))
+
+
 def test_the_status_line_names_each_replica_and_what_it_runs():
     from ui.context import workers_html
 
