@@ -280,8 +280,8 @@ def refresh(api: ApiContext = Depends(api_context)):
 @router.post("/sdapi/v1/unload-checkpoint", tags=["models"])
 async def unload_checkpoint(who: Caller = Depends(caller), api: ApiContext = Depends(api_context)):
     require_admin(who)
-    manager = api.runtime.manager
-    await api.runtime.device.submit(lambda control: manager.unload(), who.name, "unload").wait_async()
+    runtime = api.runtime
+    await runtime.device.submit(lambda control: runtime.unload_checkpoints(), who.name, "unload").wait_async()
     return {}
 
 

@@ -88,6 +88,13 @@ class Runtime:
         self.manager.selected = self.checkpoint_file(name)
         return None
 
+    def unload_checkpoints(self) -> None:
+        """A1111's unload-checkpoint: free every loaded checkpoint here and, with `--workers`, on every
+        replica (each within a heartbeat, after the job it runs)."""
+        self.manager.unload()
+        if self.cluster is not None:
+            self.cluster.unload()
+
     def server_state(self):
         from backend.cluster.jobs import ServerState
 

@@ -374,3 +374,13 @@ def test_nowebui_serves_the_api_alone(tmp_path, tokenizer_cache):
         assert "/sdapi/v1/txt2img" in requests.get(f"{url}openapi.json").json()["paths"]
     finally:
         handle.close()
+
+
+def test_unload_checkpoint_is_for_admins_and_the_next_request_loads_the_model_again(server):
+    runtime = server[2].easel_context.runtime
+    assert post(server, "/sdapi/v1/unload-checkpoint", user="alice").status_code == 403
+    assert post(server, "/sdapi/v1/unload-checkpoint", user="root").status_code == 200
+    assert runtime.manager.loaded == [] and runtime.manager.active is None
+    response = post(server, "/sdapi/v1/txt2img", {"prompt": "a red circle", **SMALL, "seed": 3})
+    assert response.status_code == 200 and len(response.json()["images"]) == 1
+    assert runtime.manager.loaded == ["easel-shapes"]

@@ -155,6 +155,11 @@ def test_eight_clients_alternating_checkpoints_load_each_once_per_replica(cluste
     for row in rows:  # two checkpoints, a cache of two: no replica ever loaded one twice
         assert 1 <= row["loads"] <= 2 and len(row["loaded"]) == row["loads"], rows
         assert row["pid"] != os.getpid() and row["running"] is None
+    # A1111's unload-checkpoint reaches every replica (each within a heartbeat)
+    assert call(url, "POST", "/sdapi/v1/unload-checkpoint", "root").status_code == 200
+    deadline = time.monotonic() + 30
+    while any(row["loaded"] for row in workers(url)):
+        assert time.monotonic() < deadline, workers(url)
     # each user sees only their own jobs
     seen = {job["id"] for job in call(url, "GET", "/easel/v1/jobs", "bob").json()}
     everyone = {job["id"] for job in call(url, "GET", "/easel/v1/jobs", "root").json()}

@@ -138,6 +138,10 @@ class Cluster:
                 if now - info["seen"] < STALE_S and (alive is None or replica_id in alive)]
         return sorted(rows, key=lambda row: row["id"])
 
+    def unload(self) -> None:
+        """Every replica frees its checkpoints at its next heartbeat (after the job it runs)."""
+        self.registry.request_unload.remote()
+
     def shutdown(self) -> None:
         """A local instance ends with the front end; on a cluster the replicas stay for the next one."""
         if self.owns_ray:

@@ -13,6 +13,7 @@ class Registry:
     def __init__(self) -> None:
         self.signals: dict[str, dict] = {}
         self.replicas: dict[str, dict] = {}
+        self.unloads = 0  # A1111's unload-checkpoint calls so far: a replica frees its checkpoints on each
 
     def signal(self, job_id: str, name: str) -> None:
         """"interrupt" (stop, keep finished images) or "skip" (counted: each skip ends one batch)."""
@@ -28,8 +29,13 @@ class Registry:
     def clear(self, job_id: str) -> None:
         self.signals.pop(job_id, None)
 
-    def heartbeat(self, replica_id: str, info: dict) -> None:
+    def heartbeat(self, replica_id: str, info: dict) -> int:
+        """Record a replica's state; answers the unload count, which the replica compares with its own."""
         self.replicas[replica_id] = {**info, "seen": time.time()}
+        return self.unloads
+
+    def request_unload(self) -> None:
+        self.unloads += 1
 
     def forget(self, replica_id: str) -> None:
         self.replicas.pop(replica_id, None)

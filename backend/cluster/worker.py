@@ -159,20 +159,30 @@ class GenerationWorker:
         return {**self.info, "loaded": [index.title(file) for file in files], "loads": self.manager.load_count,
                 "loaded_files": [file.filename for file in files], "running": self.running}
 
-    async def _beat(self) -> None:
+    async def _beat(self) -> int | None:
+        """Tell the registry this replica's state; returns its unload count (None without a registry)."""
         if self._registry is not None:
             try:
-                await self._registry.heartbeat.remote(self.info["id"], self.describe())
+                return await self._registry.heartbeat.remote(self.info["id"], self.describe())
             except ray.exceptions.RayActorError:
                 self._registry = None
+        return None
 
     def _send_beat(self) -> None:
         if self._registry is not None:
             self._registry.heartbeat.remote(self.info["id"], self.describe())
 
     async def _beat_forever(self) -> None:
+        """Heartbeats; an unload asked for since the last one frees this replica's checkpoints (after the job
+        it runs: that holds the model manager's lock)."""
+        seen = None
         while True:
-            await self._beat()
+            unloads = await self._beat()
+            if unloads is not None and seen is not None and unloads > seen:
+                await asyncio.to_thread(self.manager.unload)
+                logger.info("Worker %s unloaded its checkpoints", self.info["id"])
+                await self._beat()
+            seen = unloads if unloads is not None else seen
             await asyncio.sleep(HEARTBEAT_S)
 
 
