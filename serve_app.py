@@ -24,7 +24,6 @@ from ray import serve
 import app as easel
 from backend.cluster import registry, worker
 from backend.cluster.driver import Cluster
-from backend.job_queue import DeviceQueue
 from backend.runtime import Runtime
 
 
@@ -36,8 +35,7 @@ class EaselFrontend:
 
     def __init__(self, workers, settings, server, slots: int):
         runtime = Runtime.create(settings)
-        runtime.cluster = Cluster(workers, registry.connect(detached=True), slots, owns_ray=False)
-        runtime.device = DeviceQueue(slots=slots)
+        runtime.use_cluster(Cluster(workers, registry.connect(detached=True), slots, owns_ray=False))
         try:
             runtime.select_checkpoint()
         except Exception as error:  # no checkpoint yet: the UI says so and lets the user pick one

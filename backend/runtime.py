@@ -18,7 +18,7 @@ from typing import Any
 from backend.errors import InputError
 from backend.extensions import ExtensionRegistry
 from backend.generation import generate
-from backend.job_queue import DeviceQueue
+from backend.job_queue import QUEUED, DeviceQueue
 from backend.model_manager import ModelManager
 from backend.options import (
     CONFIG_NAME,
@@ -71,6 +71,11 @@ class Runtime:
         request = replace(request, checkpoint=self.checkpoint_file(request.checkpoint))
         return self.cluster.generate(request, control or JobControl(), self.server_state())
 
+    def use_cluster(self, cluster) -> None:
+        """Generate on `cluster`'s replicas from now on, as many jobs at once as it has replicas."""
+        self.cluster = cluster
+        self.device = DeviceQueue(slots=cluster.workers)
+
     # -- the server's checkpoint -----------------------------------------------------------------
     def checkpoint_file(self, name: str | None = None) -> str:
         """The file name of checkpoint `name` (any name A1111 accepts), else of the server's current one,
@@ -104,7 +109,7 @@ class Runtime:
     def workers(self) -> list[dict]:
         """What generates, for `/easel/v1/cluster`: each replica (or this process) with its pid, node,
         device, loaded checkpoints, loads since start, running job and the waiting jobs for what it holds."""
-        waiting = [job.checkpoint for job in self.device.jobs_of() if job.status == "queued"]
+        waiting = [job.checkpoint for job in self.device.jobs_of() if job.status == QUEUED]
         if self.cluster is None:
             manager, running = self.manager, self.device.current
             rows = [{"id": "local", "pid": os.getpid(), "node": socket.gethostname(),
@@ -140,8 +145,7 @@ class Runtime:
         if settings.clustered:
             from backend import cluster
 
-            runtime.cluster = cluster.start(settings)
-            runtime.device = DeviceQueue(slots=runtime.cluster.workers)
+            runtime.use_cluster(cluster.start(settings))
         return runtime
 
     # -- options ---------------------------------------------------------------------------------
